@@ -1,0 +1,53 @@
+# bluestream: two commands do everything on a fresh machine.
+#   make demo   - set up, start a local Kafka broker, run the daemon on the embedded store,
+#                 publish a few runs and read them back through the catalog
+#   make test   - set up, start Kafka + the MongoDB-wire server, lint, type-check, run pytest
+
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck bench bench-quick services-up services-down clean lock
+
+$(STAMP): pyproject.toml requirements.lock
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	scripts/demo
+
+test: $(STAMP)
+	scripts/run-tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy --strict src/
+
+bench: $(STAMP)
+	scripts/run-bench
+
+bench-quick: $(STAMP)
+	scripts/run-bench --quick
+
+services-up:
+	scripts/services up
+
+services-down:
+	scripts/services down
+
+# Regenerate the lock after changing dependencies in pyproject.toml.
+lock: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip freeze --exclude-editable | grep -v '^bluestream' > requirements.lock
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

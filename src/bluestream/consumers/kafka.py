@@ -1,0 +1,341 @@
+"""The Kafka side: the consumer loop that feeds the ingestor, and the dead-letter producer.
+
+One loop fetches a batch, has the ingestor store it, then commits per partition up to
+(not past) the oldest parked message. Fetching waits while a batch is written, so a slow
+store pauses consumption instead of filling memory (DESIGN I5). A rebalance waits for
+the batch in hand to be stored and committed before partitions are let go (I6).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+
+from bluestream.consumers.envelope import Envelope
+from bluestream.consumers.pipeline import Ingestor
+from bluestream.counters import Counters
+from bluestream.daemon.config import KafkaSettings, Settings, tenant_for_topic
+from bluestream.errors import DocumentError, StorageError
+
+__all__ = ["KafkaDeadLetters", "KafkaSource", "SourceState", "kafka_client_options"]
+
+log = structlog.get_logger("bluestream.kafka")
+
+
+def kafka_client_options(k: KafkaSettings) -> dict[str, Any]:
+    """Connection and security options shared by every client we create."""
+    opts: dict[str, Any] = {"bootstrap_servers": k.bootstrap,
+                            "security_protocol": k.security_protocol}
+    if k.security_protocol in ("SSL", "SASL_SSL"):
+        from aiokafka.helpers import create_ssl_context
+
+        opts["ssl_context"] = create_ssl_context(
+            cafile=str(k.ssl_cafile) if k.ssl_cafile else None,
+            certfile=str(k.ssl_certfile) if k.ssl_certfile else None,
+            keyfile=str(k.ssl_keyfile) if k.ssl_keyfile else None,
+        )
+    if k.security_protocol.startswith("SASL"):
+        opts["sasl_mechanism"] = k.sasl_mechanism
+        opts["sasl_plain_username"] = k.sasl_username
+        opts["sasl_plain_password"] = (k.sasl_password.get_secret_value()
+                                       if k.sasl_password else None)
+    return opts
+
+
+class KafkaDeadLetters:
+    """Sends dead letters to ``<topic><suffix>`` with the original key, value and headers
+    plus ``error``, ``reason``, ``source-topic``, ``source-partition``, ``source-offset``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._suffix = settings.kafka.dlq_suffix
+        self._producer = AIOKafkaProducer(
+            **kafka_client_options(settings.kafka),
+            client_id=f"{settings.kafka.client_id}-dlq",
+            acks="all",
+            enable_idempotence=True,
+            max_request_size=settings.limits.max_message_bytes + 1024 * 1024,
+            request_timeout_ms=30_000,
+        )
+        self._pending: list[asyncio.Future[Any]] = []
+
+    async def start(self) -> None:
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        await self._producer.stop()
+
+    async def send(self, env: Envelope, error: DocumentError) -> None:
+        headers = [(k, v) for k, v in env.headers if k not in _DLQ_HEADERS]
+        headers += [
+            ("error", str(error).encode()[:4000]),
+            ("reason", error.reason.encode()),
+            ("source-topic", env.topic.encode()),
+            ("source-partition", str(env.partition).encode()),
+            ("source-offset", str(env.offset).encode()),
+        ]
+        fut = await self._producer.send(env.topic + self._suffix, value=env.value,
+                                        key=env.key, headers=headers)
+        self._pending.append(fut)
+
+    async def flush(self) -> None:
+        """Wait until every dead letter sent so far is acknowledged by the broker."""
+        pending, self._pending = self._pending, []
+        if pending:
+            await asyncio.gather(*pending)
+
+
+_DLQ_HEADERS = {"error", "reason", "source-topic", "source-partition", "source-offset"}
+
+
+@dataclass
+class SourceState:
+    """What health checks and ``status`` report about the consumer."""
+
+    assigned: set[tuple[str, int]] = field(default_factory=set)
+    ever_assigned: bool = False
+    stores_ok: bool = True
+    kafka_ok: bool = True
+    last_error: str = ""
+    committed: dict[tuple[str, int], int] = field(default_factory=dict)
+    positions: dict[tuple[str, int], int] = field(default_factory=dict)
+    highwater: dict[tuple[str, int], int] = field(default_factory=dict)
+    last_batch_at: float = 0.0
+
+    @property
+    def ready(self) -> bool:
+        return self.ever_assigned and self.stores_ok and self.kafka_ok
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        return {tp: max(0, hw - self.committed.get(tp, 0)) for tp, hw in self.highwater.items()
+                if tp in self.assigned}
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, source: KafkaSource) -> None:
+        self.source = source
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self.source._on_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        await self.source._on_assigned(assigned)
+
+
+class KafkaSource:
+    """Consumes the configured topics in a consumer group and drives the ingestor."""
+
+    def __init__(self, settings: Settings, ingestor: Ingestor,
+                 counters: Counters | None = None,
+                 on_ready: Callable[[], None] | None = None) -> None:
+        self.settings = settings
+        self.ingestor = ingestor
+        self.counters = counters or ingestor.counters
+        self.state = SourceState()
+        self._on_ready = on_ready
+        self._busy = anyio.Lock()
+        k = settings.kafka
+        lim = settings.limits
+        self.consumer = AIOKafkaConsumer(
+            **kafka_client_options(k),
+            group_id=k.group_id,
+            client_id=k.client_id,
+            enable_auto_commit=False,
+            auto_offset_reset=k.auto_offset_reset,
+            fetch_max_bytes=lim.batch_max_bytes,
+            max_partition_fetch_bytes=max(1024 * 1024, min(lim.batch_max_bytes,
+                                                           lim.max_message_bytes)),
+            session_timeout_ms=k.session_timeout_ms,
+            max_poll_interval_ms=k.max_poll_interval_ms,
+            isolation_level="read_committed",
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def run(self, stop: anyio.Event) -> None:
+        """Consume until ``stop`` is set; then flush, commit and leave the group."""
+        await self._start_consumer(stop)
+        backoff = _Backoff()
+        try:
+            while not stop.is_set():
+                try:
+                    await self._step()
+                    backoff.reset()
+                except StorageError as exc:
+                    self.state.stores_ok = False
+                    self.state.last_error = str(exc)
+                    log.error("store failed; rewinding to committed offsets", error=str(exc))
+                    await self._rewind()
+                    await _sleep_or_stop(stop, backoff.next())
+                except KafkaError as exc:
+                    self.state.kafka_ok = False
+                    self.state.last_error = f"Kafka: {exc}"
+                    log.error("Kafka error; retrying", error=repr(exc))
+                    await self._rewind()
+                    await _sleep_or_stop(stop, backoff.next())
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._shutdown()
+
+    async def _start_consumer(self, stop: anyio.Event) -> None:
+        k = self.settings.kafka
+        backoff = _Backoff()
+        while True:
+            try:
+                await self.consumer.start()
+                break
+            except KafkaError as exc:
+                self.state.kafka_ok = False
+                self.state.last_error = f"Kafka at {k.bootstrap} unreachable: {exc}"
+                log.error("cannot reach Kafka; retrying", bootstrap=k.bootstrap, error=repr(exc))
+                await _sleep_or_stop(stop, backoff.next())
+                if stop.is_set():
+                    return
+        pattern = k.effective_pattern()
+        if pattern is not None:
+            self.consumer.subscribe(pattern=pattern, listener=_Listener(self))
+        else:
+            self.consumer.subscribe(topics=list(k.topics), listener=_Listener(self))
+        log.info("subscribed", topics=k.topics or None, pattern=pattern, group=k.group_id)
+
+    async def _shutdown(self) -> None:
+        async with self._busy:
+            try:
+                await self._commit()
+            except Exception as exc:  # best effort: uncommitted records are re-read
+                log.warning("final commit failed", error=repr(exc))
+        try:
+            await self.consumer.stop()
+        except Exception as exc:
+            log.warning("consumer stop failed", error=repr(exc))
+
+    # -- one batch ----------------------------------------------------------------------
+    async def _step(self) -> None:
+        lim = self.settings.limits
+        records = await self.consumer.getmany(timeout_ms=500, max_records=lim.batch_max_records)
+        self.state.kafka_ok = True
+        async with self._busy:
+            if not records:
+                await self.ingestor.expire_parked()
+                await self._commit()
+                return
+            envelopes = []
+            for tp, recs in records.items():
+                if (tp.topic, tp.partition) not in self.state.assigned:
+                    continue  # revoked while we waited for the lock: the new owner has it
+                tenant = tenant_for_topic(tp.topic, self.settings.tenants)
+                for r in recs:
+                    envelopes.append(Envelope(
+                        tp.topic, tp.partition, r.offset, r.value, r.key,
+                        list(r.headers or ()), tenant))
+                    self.state.positions[(tp.topic, tp.partition)] = r.offset + 1
+            started = time.perf_counter()
+            await self.ingestor.process(envelopes)
+            self.counters.inc("write_seconds", "", time.perf_counter() - started)
+            self.state.stores_ok = True
+            self.state.last_batch_at = time.time()
+            await self._commit()
+            self._update_highwater()
+
+    async def _commit(self) -> None:
+        held = self.ingestor.held_offsets()
+        offsets: dict[TopicPartition, int] = {}
+        for tp, pos in self.state.positions.items():
+            if tp not in self.state.assigned:
+                continue
+            target = min(pos, held.get(tp, pos))
+            if target > self.state.committed.get(tp, -1):
+                offsets[TopicPartition(*tp)] = target
+        if not offsets:
+            return
+        started = time.perf_counter()
+        await self.consumer.commit(offsets)
+        self.counters.inc("commit_seconds", "", time.perf_counter() - started)
+        self.counters.inc("commits", "")
+        for tp, off in offsets.items():
+            self.state.committed[(tp.topic, tp.partition)] = off
+
+    def _update_highwater(self) -> None:
+        for tp in list(self.state.assigned):
+            hw = self.consumer.highwater(TopicPartition(*tp))
+            if hw is not None:
+                self.state.highwater[tp] = hw
+                self.counters.set("lag", f"{tp[0]}:{tp[1]}",
+                                  float(max(0, hw - self.state.committed.get(tp, 0))))
+
+    async def _rewind(self) -> None:
+        """After a failed batch: forget in-memory state, re-read from committed offsets."""
+        self.ingestor.reset()
+        for tp in list(self.state.assigned):
+            committed = self.state.committed.get(tp)
+            try:
+                if committed is not None:
+                    self.consumer.seek(TopicPartition(*tp), committed)
+                else:
+                    await self.consumer.seek_to_committed(TopicPartition(*tp))
+            except Exception as exc:  # partition gone meanwhile: the next rebalance fixes it
+                log.warning("seek failed", partition=f"{tp[0]}:{tp[1]}", error=repr(exc))
+        self.state.positions = {tp: off for tp, off in self.state.committed.items()
+                                if tp in self.state.assigned}
+
+    # -- rebalance ------------------------------------------------------------------------
+    async def _on_revoked(self, revoked: list[TopicPartition]) -> None:
+        gone = {(tp.topic, tp.partition) for tp in revoked}
+        async with self._busy:  # wait for the batch in hand to be stored
+            try:
+                await self._commit()
+            except Exception as exc:
+                log.warning("commit on revocation failed; records will be re-read",
+                            error=repr(exc))
+            self.ingestor.drop_partitions(gone)
+            self.state.assigned -= gone
+            for tp in gone:
+                self.state.positions.pop(tp, None)
+                self.state.committed.pop(tp, None)
+                self.state.highwater.pop(tp, None)
+        if gone:
+            log.info("partitions revoked", partitions=sorted(f"{t}:{p}" for t, p in gone))
+
+    async def _on_assigned(self, assigned: list[TopicPartition]) -> None:
+        dlq = self.settings.kafka.dlq_suffix
+        mine = {(tp.topic, tp.partition) for tp in assigned}
+        for tp in assigned:
+            if tp.topic.endswith(dlq):
+                log.warning("subscribed to a dead-letter topic; it is not ingested",
+                            topic=tp.topic)
+            committed = await self.consumer.committed(tp)
+            if committed is not None:
+                self.state.committed[(tp.topic, tp.partition)] = committed
+        self.state.assigned = mine
+        if mine and not self.state.ever_assigned:
+            self.state.ever_assigned = True
+            if self._on_ready is not None:
+                self._on_ready()
+        log.info("partitions assigned", partitions=sorted(f"{t}:{p}" for t, p in mine))
+
+
+class _Backoff:
+    """Capped exponential backoff: 0.5 s, 1 s, 2 s ... 30 s."""
+
+    def __init__(self, first: float = 0.5, cap: float = 30.0) -> None:
+        self.first, self.cap, self.n = first, cap, 0
+
+    def next(self) -> float:
+        delay = min(self.cap, self.first * math.pow(2, self.n))
+        self.n += 1
+        return delay
+
+    def reset(self) -> None:
+        self.n = 0
+
+
+async def _sleep_or_stop(stop: anyio.Event, seconds: float) -> None:
+    with anyio.move_on_after(seconds):
+        await stop.wait()

@@ -1,0 +1,387 @@
+"""Decode -> validate -> route -> write, one batch of messages at a time.
+
+The batch is the unit of durability: when :meth:`Ingestor.process` returns, every
+message of the batch is stored (Zarr, then metadata), dead-lettered (and the dead letter
+acknowledged), or parked. The source commits offsets only after that, and never past a
+parked message (DESIGN I1, I3, I4). The same code serves Kafka and file ingestion.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import numpy as np
+import structlog
+
+from bluestream._version import __version__
+from bluestream.consumers.decode import decode_message
+from bluestream.consumers.envelope import DeadLetterSink, Envelope, Routed
+from bluestream.consumers.router import PARENT_FIELD, DescriptorInfo, ParkingLot, RunIndex
+from bluestream.counters import Counters
+from bluestream.errors import ConflictError, DocumentError, RoutingError, ValidationError
+from bluestream.limits import Limits
+from bluestream.schemas.normalise import (
+    Page,
+    datum_page_to_datums,
+    field_specs,
+    page_from_event_page,
+    page_from_events,
+    to_jsonable,
+)
+from bluestream.schemas.validate import validate
+from bluestream.storage.base import IngestLogEntry, MetadataStore, PutOutcome, StreamUpdate, key_of
+from bluestream.storage.zarr_store import ZarrEventStore
+
+__all__ = ["Ingestor", "concat_pages"]
+
+log = structlog.get_logger("bluestream.pipeline")
+
+#: Order in which metadata kinds are written at the end of a batch (parents first,
+#: stop last so a reader that sees the stop sees the whole run).
+WRITE_ORDER = ("start", "descriptor", "resource", "stream_resource", "datum", "stream_datum")
+#: Kinds whose uid may be replayed: checked against what is stored when routed.
+CHECKED_KINDS = ("start", "descriptor", "resource", "stream_resource")
+
+StoreFor = Callable[[str], Awaitable[MetadataStore]]
+
+
+@dataclass
+class _Batch:
+    metadata: dict[str, dict[str, list[tuple[Routed, dict[str, Any]]]]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+    stops: dict[str, list[tuple[Routed, dict[str, Any]]]] = field(
+        default_factory=lambda: defaultdict(list))
+    events: dict[tuple[str, str], list[Routed]] = field(default_factory=dict)
+    provenance: dict[tuple[str, str, str, int], list[int]] = field(default_factory=dict)
+
+    def note(self, tenant: str, run_start: str, env: Envelope) -> None:
+        if not run_start:
+            return
+        key = (tenant, run_start, env.topic, env.partition)
+        span = self.provenance.get(key)
+        if span is None:
+            self.provenance[key] = [env.offset, env.offset]
+        else:
+            span[0] = min(span[0], env.offset)
+            span[1] = max(span[1], env.offset)
+
+
+class Ingestor:
+    """Processes batches of envelopes into storage. One per daemon (or file import)."""
+
+    def __init__(self, *, store_for: StoreFor, arrays: ZarrEventStore, dlq: DeadLetterSink,
+                 limits: Limits, park_max_count: int = 10_000, park_max_age_s: float = 60.0,
+                 counters: Counters | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._store_for = store_for
+        self.arrays = arrays
+        self.dlq = dlq
+        self.limits = limits
+        self.counters = counters or Counters()
+        self.parked = ParkingLot(park_max_count, park_max_age_s, clock)
+        self.index = RunIndex(self._load, limits)
+        self._clock = clock
+        self._host = socket.gethostname()
+        self.open_runs: dict[tuple[str, str], float] = {}  # (tenant, uid) -> last seen
+
+    # -- public -----------------------------------------------------------------------
+    async def process(self, envelopes: Iterable[Envelope]) -> None:
+        """Store, dead-letter or park every envelope; return when that is durable."""
+        batch = _Batch()
+        for env in envelopes:
+            routed = await self._decode(env)
+            if routed is not None:
+                await self._route(routed, batch)
+        for item in self.parked.evict():
+            await self._dead(item.env, self._orphan_error(item))
+        self.counters.set("parked", "", float(len(self.parked)))
+        try:
+            await self._flush(batch)
+        except BaseException:
+            # Nothing of this batch may be taken as stored: forget what routing learnt,
+            # so a retry of the same messages writes them again.
+            self.reset()
+            raise
+
+    def reset(self) -> None:
+        """Forget cached routing state and parked documents (after a failed batch the
+        source rewinds to its committed offsets and everything is read again)."""
+        self.index = RunIndex(self._load, self.limits)
+        self.parked.drop(lambda r: False)
+        self.counters.set("parked", "", 0.0)
+
+    async def expire_parked(self) -> None:
+        """Dead-letter parked documents that waited too long (called when idle too)."""
+        for item in self.parked.evict():
+            await self._dead(item.env, self._orphan_error(item))
+        await self.dlq.flush()
+        self.counters.set("parked", "", float(len(self.parked)))
+
+    def held_offsets(self) -> dict[tuple[str, int], int]:
+        return self.parked.held_offsets()
+
+    def drop_partitions(self, partitions: set[tuple[str, int]]) -> None:
+        """Forget parked documents of revoked partitions; their new owner re-reads them."""
+        n = self.parked.drop(lambda r: (r.env.topic, r.env.partition) not in partitions)
+        if n:
+            log.info("dropped parked documents of revoked partitions", count=n)
+        self.counters.set("parked", "", float(len(self.parked)))
+
+    # -- decode and validate ------------------------------------------------------------
+    async def _decode(self, env: Envelope) -> Routed | None:
+        env.received = env.received or self._clock()
+        self.counters.inc("bytes", env.topic, len(env.value or b""))
+        try:
+            name, doc = decode_message(env.value, max_bytes=self.limits.max_message_bytes)
+            validate(name, doc)
+        except DocumentError as exc:
+            await self._dead(env, exc)
+            return None
+        self.counters.inc("documents", name)
+        return Routed(name, doc, env)
+
+    async def _dead(self, env: Envelope, error: DocumentError) -> None:
+        self.counters.inc("dead_lettered", error.reason)
+        log.warning("dead-lettered", reason=error.reason, error=str(error)[:500],
+                    source=env.where(), tenant=env.tenant)
+        await self.dlq.send(env, error)
+
+    def _orphan_error(self, item: Routed) -> RoutingError:
+        tenant, kind, key = item.extra["waiting_for"]
+        waited = self._clock() - item.extra["parked_at"]
+        return RoutingError(
+            f"{item.name} refers to {kind} {key!r}, which did not arrive within "
+            f"{waited:.0f} s (or the parking lot overflowed)",
+            reason=f"unknown-{kind.replace('_', '-')}")
+
+    # -- routing ------------------------------------------------------------------------
+    async def _route(self, item: Routed, batch: _Batch) -> None:
+        try:
+            await self._route_one(item, batch)
+        except DocumentError as exc:
+            await self._dead(item.env, exc)
+
+    async def _route_one(self, item: Routed, batch: _Batch) -> None:
+        tenant, name, doc = item.env.tenant, item.name, item.doc
+        if name == "datum_page":
+            for datum in datum_page_to_datums(doc):
+                await self._route(Routed("datum", datum, item.env, dict(item.extra)), batch)
+            return
+        run_start = ""
+        if name in PARENT_FIELD:
+            kind, fld = PARENT_FIELD[name]
+            parent_key = doc.get(fld)
+            if parent_key is None and name == "resource":
+                pass  # old-style resource without run_start: nothing to wait for
+            elif not isinstance(parent_key, str):
+                raise ValidationError(f"{name} has no {fld}", reason="schema-violation")
+            else:
+                parent = await self._parent(tenant, kind, parent_key)
+                if parent is None:
+                    self.parked.park((tenant, kind, parent_key), item)
+                    self.counters.inc("parked_total", name)
+                    return
+                run_start = parent_key if kind == "start" else parent
+        if name == "start":
+            run_start = str(doc["uid"])
+        if name in ("event", "event_page"):
+            batch.events.setdefault((tenant, str(doc["descriptor"])), []).append(item)
+        elif name == "stop":
+            batch.stops[tenant].append((item, to_jsonable(doc)))
+            self.open_runs.pop((tenant, run_start), None)
+        else:
+            clean = to_jsonable(doc)
+            key = key_of(name, clean)
+            if name in CHECKED_KINDS and not await self._accept(tenant, name, key, clean):
+                batch.note(tenant, run_start, item.env)
+                return  # an identical replay: already stored
+            if name == "descriptor":
+                field_specs(clean, self.limits)  # refuse bad data keys before storing
+            batch.metadata[tenant][name].append((item, clean))
+            if name == "start":
+                self.open_runs[(tenant, key)] = self._clock()
+            await self._release(tenant, name, key, batch)
+        batch.note(tenant, run_start, item.env)
+
+    async def _parent(self, tenant: str, kind: str, key: str) -> str | None:
+        """The parent's run uid ("" if unknown but present), or None if absent."""
+        if kind == "descriptor":
+            info = await self.index.descriptor(tenant, key)
+            return None if info is None else info.run_start
+        doc = await self.index.lookup(tenant, kind, key)
+        if doc is None:
+            return None
+        if kind == "start":
+            return key
+        return str(doc.get("run_start") or "")
+
+    async def _accept(self, tenant: str, kind: str, key: str, doc: dict[str, Any]) -> bool:
+        """True for a new document; False for an identical replay; raise on conflict."""
+        known = await self.index.lookup(tenant, kind, key)
+        if known is None:
+            self.index.remember(tenant, kind, key, doc)
+            return True
+        if _same(known, doc):
+            return False
+        raise ConflictError(
+            f"{kind} {key!r} was already stored with different content "
+            f"(differing fields: {', '.join(_diff_keys(known, doc)) or '?'})",
+            reason=f"conflicting-{kind.replace('_', '-')}")
+
+    async def _release(self, tenant: str, kind: str, key: str, batch: _Batch) -> None:
+        for child in self.parked.release((tenant, kind, key)):
+            await self._route(child, batch)
+
+    async def _load(self, tenant: str, kind: str, key: str) -> dict[str, Any] | None:
+        store = await self._store_for(tenant)
+        return await store.get(kind, key)
+
+    # -- writing ------------------------------------------------------------------------
+    async def _flush(self, batch: _Batch) -> None:
+        updates: dict[str, list[StreamUpdate]] = defaultdict(list)
+        results: list[tuple[str, StreamUpdate | None]] = []
+
+        async def write(tenant: str, desc_uid: str, items: list[Routed]) -> None:
+            update = await self._write_events(tenant, desc_uid, items)
+            results.append((tenant, update))
+
+        async with anyio.create_task_group() as tg:
+            for (tenant, desc_uid), items in batch.events.items():
+                tg.start_soon(write, tenant, desc_uid, items)
+        for tenant, update in results:
+            if update is not None:
+                updates[tenant].append(update)
+        tenants = set(batch.metadata) | set(updates) | set(batch.stops) | \
+            {t for t, *_ in batch.provenance}
+        for tenant in sorted(tenants):
+            store = await self._store_for(tenant)
+            for kind in WRITE_ORDER:
+                await self._put(store, kind, batch.metadata[tenant].get(kind, []))
+            if updates.get(tenant):
+                await store.update_streams(updates[tenant])
+            entries = [IngestLogEntry(run, topic, part, lo, hi, __version__, self._host)
+                       for (t, run, topic, part), (lo, hi) in batch.provenance.items()
+                       if t == tenant]
+            if entries:
+                await store.log_ingest(entries)
+            await self._put(store, "stop", batch.stops.get(tenant, []))
+            for item, _ in batch.stops.get(tenant, []):
+                self.index.forget_run(tenant, str(item.doc["run_start"]))
+                self.arrays.forget(tenant, str(item.doc["run_start"]))
+        await self.dlq.flush()
+
+    async def _put(self, store: MetadataStore, kind: str,
+                   items: list[tuple[Routed, dict[str, Any]]]) -> None:
+        if not items:
+            return
+        outcomes = await store.put_documents(kind, [doc for _, doc in items])
+        for (item, doc), outcome in zip(items, outcomes, strict=True):
+            if outcome is PutOutcome.CONFLICT:
+                if kind in CHECKED_KINDS:
+                    self.index.remember(item.env.tenant, kind, key_of(kind, doc),
+                                        await store.get(kind, key_of(kind, doc)) or doc)
+                await self._dead(item.env, ConflictError(
+                    f"{kind} {key_of(kind, doc)!r} was already stored with different "
+                    "content", reason=f"conflicting-{kind.replace('_', '-')}"))
+
+    async def _write_events(self, tenant: str, desc_uid: str,
+                            items: list[Routed]) -> StreamUpdate | None:
+        info = await self.index.descriptor(tenant, desc_uid)
+        if info is None:  # cannot happen: routing checked it; keep the promise anyway
+            for item in items:
+                await self._dead(item.env, RoutingError(f"descriptor {desc_uid!r} vanished"))
+            return None
+        pages: list[Page] = []
+        for group in _runs_of_kind(items):
+            pages.extend(await self._pages(info, group))
+        if not pages:
+            return None
+        page = concat_pages(pages)
+        try:
+            update = await self.arrays.write_page(tenant, info.run_start, info.doc,
+                                                  info.specs, page)
+        except ValidationError as exc:  # e.g. dtype differs from the stored array
+            for item in items:
+                await self._dead(item.env, exc)
+            return None
+        self.counters.inc("events", tenant, len(page))
+        return update
+
+    async def _pages(self, info: DescriptorInfo, items: list[Routed]) -> list[Page]:
+        """Events batch into one page; a bad event is isolated and dead-lettered alone."""
+        if items[0].name == "event_page":
+            out = []
+            for item in items:
+                try:
+                    out.append(page_from_event_page(item.doc, info.specs, self.limits))
+                except DocumentError as exc:
+                    await self._dead(item.env, exc)
+            return out
+        try:
+            return [page_from_events([i.doc for i in items], info.specs)]
+        except DocumentError:
+            pass
+        good: list[dict[str, Any]] = []
+        for item in items:
+            try:
+                page_from_events([item.doc], info.specs)
+                good.append(item.doc)
+            except DocumentError as exc:
+                await self._dead(item.env, exc)
+        return [page_from_events(good, info.specs)] if good else []
+
+
+def _runs_of_kind(items: list[Routed]) -> list[list[Routed]]:
+    """Split into consecutive groups of the same kind (events vs event pages)."""
+    groups: list[list[Routed]] = []
+    for item in items:
+        if groups and groups[-1][0].name == item.name:
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    return groups
+
+
+def concat_pages(pages: list[Page]) -> Page:
+    """One page from several of the same descriptor, in order (later rows win later)."""
+    if len(pages) == 1:
+        return pages[0]
+    first = pages[0]
+    return Page(
+        descriptor=first.descriptor,
+        uid=np.concatenate([p.uid for p in pages]),
+        seq_num=np.concatenate([p.seq_num for p in pages]),
+        time=np.concatenate([p.time for p in pages]),
+        data={k: _concat([p.data[k] for p in pages]) for k in first.data},
+        timestamps={k: np.concatenate([p.timestamps[k] for p in pages])
+                    for k in first.timestamps},
+        filled={k: np.concatenate([p.filled[k] for p in pages]) for k in first.filled},
+    )
+
+
+def _concat(arrays: list[np.ndarray]) -> np.ndarray:
+    dtypes = {a.dtype for a in arrays}
+    if len(dtypes) > 1:
+        return np.concatenate([a.astype(np.result_type(*arrays)) for a in arrays])
+    return np.concatenate(arrays)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Content equality that treats NaN as equal to NaN (replays of NaN-bearing docs)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
+        return True
+    return isinstance(a, bool) == isinstance(b, bool) and bool(a == b)
+
+
+def _diff_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    return sorted(k for k in set(a) | set(b) if k not in a or k not in b or not _same(a[k], b[k]))

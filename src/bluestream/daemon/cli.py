@@ -1,0 +1,66 @@
+"""The ``bluestream`` command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import anyio
+import typer
+
+from bluestream._version import __version__
+from bluestream.daemon.config import load_settings
+from bluestream.daemon.logs import configure_logging
+from bluestream.errors import ConfigError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    help="bluestream: ingest Bluesky documents from Kafka into MongoDB/SQLite + Zarr, "
+    "and read them back.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML configuration file; BLUESTREAM_* environment "
+                 "variables override it.", envvar="BLUESTREAM_CONFIG"),
+]
+
+
+def _settings_or_exit(config: Path | None):  # type: ignore[no-untyped-def]
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def version() -> None:
+    """Print the bluestream version."""
+    typer.echo(__version__)
+
+
+@app.command()
+def serve(config: ConfigOpt = None) -> None:
+    """Run the ingestion daemon until SIGTERM/SIGINT."""
+    from bluestream.daemon.service import serve as _serve
+
+    settings = _settings_or_exit(config)
+    configure_logging(settings.log.format, settings.log.level)
+    anyio.run(_serve, settings)
+
+
+@app.command("check-config")
+def check_config(config: ConfigOpt = None) -> None:
+    """Validate the configuration and print the effective settings (secrets masked)."""
+    settings = _settings_or_exit(config)
+    typer.echo(json.dumps(settings.masked(), indent=2, default=str))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,248 @@
+"""One typed settings model: a TOML file, then ``BLUESTREAM_*`` environment overrides.
+
+Errors name the key (``kafka.bootstrap``) and the problem, so an operator can fix the
+file without reading code. Environment variables are flat aliases for the settings an
+operator most often changes per host (see :data:`ENV_KEYS`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import ValidationError as PydanticValidationError
+
+from bluestream.errors import ConfigError
+from bluestream.limits import Limits
+
+__all__ = ["ENV_KEYS", "Settings", "load_settings"]
+
+DEFAULT_TOPIC_PATTERN = r"^.*bluesky\.runengine\.documents$"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaSettings(_Section):
+    bootstrap: str = "127.0.0.1:9092"
+    topics: list[str] = Field(default_factory=list)
+    topic_pattern: str | None = None
+    group_id: str = "bluestream"
+    client_id: str = "bluestream"
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    dlq_suffix: str = ".dlq"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    session_timeout_ms: int = Field(default=30_000, ge=6_000)
+    max_poll_interval_ms: int = Field(default=300_000, ge=10_000)
+
+    @field_validator("topic_pattern")
+    @classmethod
+    def _pattern_compiles(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from exc
+        return v
+
+    @model_validator(mode="after")
+    def _sasl_complete(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL") and (
+            self.sasl_mechanism is None or not self.sasl_username or self.sasl_password is None
+        ):
+            raise ValueError(
+                "security_protocol SASL_* needs sasl_mechanism, sasl_username and sasl_password"
+            )
+        return self
+
+    def effective_pattern(self) -> str | None:
+        """The regex to subscribe with, or None when an explicit topic list is given."""
+        if self.topics:
+            return None
+        return self.topic_pattern or DEFAULT_TOPIC_PATTERN
+
+
+class StorageSettings(_Section):
+    #: ``mongodb://...`` or ``sqlite:///path``; the embedded SQLite store is the default.
+    metadata: str = "sqlite:///data/bluestream.db"
+    zarr_root: Path = Path("data/zarr")
+    mongo_server_selection_timeout_ms: int = Field(default=5_000, ge=100)
+    #: Also write one document per event into the legacy ``event`` collection.
+    legacy_event_collection: bool = False
+
+    @field_validator("metadata")
+    @classmethod
+    def _known_scheme(cls, v: str) -> str:
+        if not v.startswith(("mongodb://", "mongodb+srv://", "sqlite:///")):
+            raise ValueError("must start with mongodb://, mongodb+srv:// or sqlite:///")
+        return v
+
+
+class LimitSettings(_Section):
+    max_message_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    max_shape_elements: int = Field(default=64 * 1024 * 1024, ge=1)
+    max_seq_num: int = Field(default=100_000_000, ge=1)
+    max_page_events: int = Field(default=100_000, ge=1)
+    max_data_keys: int = Field(default=10_000, ge=1)
+    park_max_count: int = Field(default=10_000, ge=0)
+    park_max_age_s: float = Field(default=60.0, gt=0)
+    #: Most records fetched and written as one batch (and one commit).
+    batch_max_records: int = Field(default=5_000, ge=1)
+    #: Most message bytes held in one batch; bounds memory with large images.
+    batch_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    #: Batches decoded ahead of the writer (the bounded queue between stages).
+    queue_batches: int = Field(default=2, ge=1)
+
+    def limits(self) -> Limits:
+        return Limits(
+            max_message_bytes=self.max_message_bytes,
+            max_shape_elements=self.max_shape_elements,
+            max_seq_num=self.max_seq_num,
+            max_page_events=self.max_page_events,
+            max_data_keys=self.max_data_keys,
+        )
+
+
+class HttpSettings(_Section):
+    enabled: bool = True
+    bind: str = "127.0.0.1"
+    port: int = Field(default=8520, ge=0, le=65535)
+
+
+class LogSettings(_Section):
+    format: Literal["json", "console", "auto"] = "auto"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    summary_interval_s: float = Field(default=60.0, gt=0)
+
+
+class Settings(_Section):
+    kafka: KafkaSettings = KafkaSettings()
+    storage: StorageSettings = StorageSettings()
+    limits: LimitSettings = LimitSettings()
+    http: HttpSettings = HttpSettings()
+    log: LogSettings = LogSettings()
+    #: Topic -> tenant. Unlisted topics map to their first dotted component.
+    tenants: dict[str, str] = Field(default_factory=dict)
+    #: Seconds between offset commits at most (a commit also follows every written batch).
+    commit_interval_s: float = Field(default=1.0, gt=0)
+    #: Seconds allowed for flushing and committing on SIGTERM.
+    shutdown_timeout_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("tenants")
+    @classmethod
+    def _safe_tenants(cls, v: dict[str, str]) -> dict[str, str]:
+        for topic, tenant in v.items():
+            if not _TENANT_RE.fullmatch(tenant):
+                raise ValueError(f"tenant {tenant!r} for topic {topic!r} must match "
+                                 f"{_TENANT_RE.pattern}")
+        return v
+
+    def tenant_for(self, topic: str) -> str:
+        return tenant_for_topic(topic, self.tenants)
+
+    def masked(self) -> dict[str, Any]:
+        """The effective settings as plain data, secrets shown as ``***``."""
+        data = self.model_dump(mode="json")
+        if self.kafka.sasl_password is not None:
+            data["kafka"]["sasl_password"] = "***"
+        data["storage"]["metadata"] = mask_uri(self.storage.metadata)
+        return data
+
+
+_TENANT_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,62}")
+
+
+def tenant_for_topic(topic: str, tenants: Mapping[str, str]) -> str:
+    """Explicit map first; else the topic's first dotted component, made safe."""
+    if topic in tenants:
+        return tenants[topic]
+    first = topic.split(".", 1)[0]
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", first)[:63] or "default"
+    return safe if safe[0] != "-" else "_" + safe[1:]
+
+
+def mask_uri(uri: str) -> str:
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", uri)
+
+
+#: Environment variable -> dotted settings key.
+ENV_KEYS: dict[str, str] = {
+    "BLUESTREAM_KAFKA_BOOTSTRAP": "kafka.bootstrap",
+    "BLUESTREAM_TOPICS": "kafka.topics",
+    "BLUESTREAM_TOPIC_PATTERN": "kafka.topic_pattern",
+    "BLUESTREAM_GROUP_ID": "kafka.group_id",
+    "BLUESTREAM_AUTO_OFFSET_RESET": "kafka.auto_offset_reset",
+    "BLUESTREAM_KAFKA_SECURITY_PROTOCOL": "kafka.security_protocol",
+    "BLUESTREAM_KAFKA_SASL_MECHANISM": "kafka.sasl_mechanism",
+    "BLUESTREAM_KAFKA_SASL_USERNAME": "kafka.sasl_username",
+    "BLUESTREAM_KAFKA_SASL_PASSWORD": "kafka.sasl_password",
+    "BLUESTREAM_MONGO_URI": "storage.metadata",
+    "BLUESTREAM_METADATA": "storage.metadata",
+    "BLUESTREAM_ZARR_ROOT": "storage.zarr_root",
+    "BLUESTREAM_HTTP_BIND": "http.bind",
+    "BLUESTREAM_HTTP_PORT": "http.port",
+    "BLUESTREAM_LOG_FORMAT": "log.format",
+    "BLUESTREAM_LOG_LEVEL": "log.level",
+}
+_LIST_KEYS = {"kafka.topics"}
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    section, _, key = dotted.partition(".")
+    data.setdefault(section, {})[key] = value
+
+
+def load_settings(path: Path | str | None = None,
+                  environ: Mapping[str, str] | None = None) -> Settings:
+    """Read ``path`` (TOML) if given, apply environment overrides, validate."""
+    environ = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {p} does not exist") from exc
+        except OSError as exc:
+            raise ConfigError(f"config file {p} cannot be read: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from exc
+    # BLUESTREAM_METADATA wins over BLUESTREAM_MONGO_URI when both are set.
+    for var in sorted(ENV_KEYS, key=lambda v: v == "BLUESTREAM_METADATA"):
+        if var in environ and environ[var] != "":
+            value: Any = environ[var]
+            dotted = ENV_KEYS[var]
+            if dotted in _LIST_KEYS:
+                value = [t.strip() for t in value.split(",") if t.strip()]
+            _set_dotted(data, dotted, value)
+    try:
+        return Settings.model_validate(data)
+    except PydanticValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from None
+
+
+def _describe(exc: PydanticValidationError, path: Path | str | None) -> str:
+    where = f" in {path}" if path is not None else ""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        got = err.get("input")
+        shown = "" if err["type"] == "extra_forbidden" or isinstance(got, dict) else \
+            f" (got {got!r})"
+        lines.append(f"{key}: {msg}{shown}")
+    return f"invalid configuration{where}: " + "; ".join(lines)

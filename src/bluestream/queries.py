@@ -1,0 +1,180 @@
+"""Backend-neutral query objects for :meth:`Catalog.search`.
+
+Queries are small frozen dataclasses and say nothing about any backend. Each metadata
+backend translates them (``bluestream.storage.mongo_query``, ``..sqlite_query``).
+Keys are dotted paths into the run's start document (``"sample.name"``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+__all__ = [
+    "And",
+    "Comparison",
+    "Contains",
+    "Eq",
+    "FullText",
+    "In",
+    "Key",
+    "NotEq",
+    "NotIn",
+    "PartialUID",
+    "Query",
+    "Raw",
+    "Regex",
+    "ScanID",
+    "TimeRange",
+]
+
+
+class Query:
+    """Base class of every query object."""
+
+
+TimeLike = str | float | int | datetime | None
+
+
+@dataclass(frozen=True)
+class TimeRange(Query):
+    """Runs started in ``[since, until)``. Strings are ISO dates/times, read in ``timezone``
+    (default: the machine's local zone, as databroker does); numbers are epoch seconds."""
+
+    since: TimeLike = None
+    until: TimeLike = None
+    timezone: str | None = None
+
+
+@dataclass(frozen=True, init=False)
+class ScanID(Query):
+    scan_ids: tuple[int, ...]
+
+    def __init__(self, *scan_ids: int) -> None:
+        object.__setattr__(self, "scan_ids", tuple(int(s) for s in scan_ids))
+
+
+@dataclass(frozen=True, init=False)
+class PartialUID(Query):
+    partial_uids: tuple[str, ...]
+
+    def __init__(self, *partial_uids: str) -> None:
+        object.__setattr__(self, "partial_uids", tuple(partial_uids))
+
+
+@dataclass(frozen=True)
+class Eq(Query):
+    key: str
+    value: Any
+
+
+@dataclass(frozen=True)
+class NotEq(Query):
+    key: str
+    value: Any
+
+
+@dataclass(frozen=True)
+class In(Query):
+    key: str
+    values: tuple[Any, ...]
+
+    def __init__(self, key: str, values: Any) -> None:
+        object.__setattr__(self, "key", key)
+        object.__setattr__(self, "values", tuple(values))
+
+
+@dataclass(frozen=True)
+class NotIn(Query):
+    key: str
+    values: tuple[Any, ...]
+
+    def __init__(self, key: str, values: Any) -> None:
+        object.__setattr__(self, "key", key)
+        object.__setattr__(self, "values", tuple(values))
+
+
+@dataclass(frozen=True)
+class Contains(Query):
+    """The value at ``key`` is a list containing ``value`` (or a string containing it)."""
+
+    key: str
+    value: Any
+
+
+@dataclass(frozen=True)
+class Regex(Query):
+    key: str
+    pattern: str
+    case_sensitive: bool = True
+
+
+@dataclass(frozen=True)
+class FullText(Query):
+    """Words anywhere in the start document's string values (case-insensitive)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Comparison(Query):
+    operator: str  # one of "lt", "le", "gt", "ge", "eq", "ne"
+    key: str
+    value: Any
+
+
+@dataclass(frozen=True)
+class Raw(Query):
+    """A raw Mongo-style filter on the start document (a subset of operators is portable:
+    $eq $ne $gt $gte $lt $lte $in $nin $exists $regex $and $or)."""
+
+    filter: Mapping[str, Any]
+
+
+@dataclass(frozen=True, init=False)
+class And(Query):
+    queries: tuple[Query, ...]
+
+    def __init__(self, *queries: Query) -> None:
+        flat: list[Query] = []
+        for q in queries:
+            flat.extend(q.queries if isinstance(q, And) else (q,))
+        object.__setattr__(self, "queries", tuple(flat))
+
+
+class Key:
+    """``Key("num_points") > 10`` builds a :class:`Comparison`."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __lt__(self, value: Any) -> Comparison:
+        return Comparison("lt", self.key, value)
+
+    def __le__(self, value: Any) -> Comparison:
+        return Comparison("le", self.key, value)
+
+    def __gt__(self, value: Any) -> Comparison:
+        return Comparison("gt", self.key, value)
+
+    def __ge__(self, value: Any) -> Comparison:
+        return Comparison("ge", self.key, value)
+
+    def __eq__(self, value: object) -> Comparison:  # type: ignore[override]
+        return Comparison("eq", self.key, value)
+
+    def __ne__(self, value: object) -> Comparison:  # type: ignore[override]
+        return Comparison("ne", self.key, value)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def as_query(q: Query | Mapping[str, Any]) -> Query:
+    """Accept a query object or a raw Mongo-style dict."""
+    if isinstance(q, Query):
+        return q
+    if isinstance(q, Mapping):
+        return Raw(dict(q))
+    raise TypeError(f"expected a bluestream.queries query or a dict, got {type(q).__name__}")

@@ -1,0 +1,164 @@
+"""The metadata-store extension point: one abstract class, one conformance suite.
+
+Every backend (MongoDB, SQLite) implements :class:`MetadataStore`; the shared
+``tests/storage_conformance.py::MetadataStoreTests`` runs against each of them.
+
+Documents handed to a store are already normalised to JSON-compatible Python values
+(no numpy; see :func:`bluestream.schemas.normalise.to_jsonable`). Stores never see
+event rows: those live in Zarr. They see per-descriptor stream summaries instead.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bluestream.queries import Query
+
+__all__ = [
+    "DOC_KINDS",
+    "IngestLogEntry",
+    "MetadataStore",
+    "PutOutcome",
+    "StreamUpdate",
+    "key_of",
+]
+
+Doc = dict[str, Any]
+
+#: Document kinds kept by the metadata store, with the field that identifies each.
+#: The collection (or table) names are those of suitcase-mongo's "normalized" layout.
+DOC_KINDS: dict[str, tuple[str, str]] = {
+    # kind: (collection, key field)
+    "start": ("run_start", "uid"),
+    "stop": ("run_stop", "run_start"),  # one stop per run; unique index on run_start
+    "descriptor": ("event_descriptor", "uid"),
+    "resource": ("resource", "uid"),
+    "datum": ("datum", "datum_id"),
+    "stream_resource": ("stream_resource", "uid"),
+    "stream_datum": ("stream_datum", "uid"),
+}
+
+
+def key_of(kind: str, doc: Doc) -> str:
+    """The identifying key of a document of ``kind`` (its uid, datum_id, run_start)."""
+    return str(doc[DOC_KINDS[kind][1]])
+
+
+class PutOutcome(enum.Enum):
+    INSERTED = "inserted"  # new document stored
+    SAME = "same"  # an identical document was already there: a replay, a no-op
+    CONFLICT = "conflict"  # a different document with the same key is stored; not written
+
+
+@dataclass(frozen=True)
+class StreamUpdate:
+    """What one write batch added to one descriptor's arrays.
+
+    Applying the same update twice, or updates in any order, gives the same record
+    (lengths and ranges are combined with max/min), which keeps replays idempotent.
+    """
+
+    descriptor_uid: str
+    run_start: str
+    stream_name: str
+    zarr_path: str  # relative to the tenant's Zarr root
+    length: int  # array length after the write = highest seq_num seen
+    seq_num_min: int
+    seq_num_max: int
+    time_min: float
+    time_max: float
+    data_keys: tuple[str, ...] = ()
+    schema_version: int = 1
+
+
+@dataclass(frozen=True)
+class IngestLogEntry:
+    """Provenance: which Kafka records carried documents of a run.
+
+    Upserted on (run_start, topic, partition); offsets combine with min/max.
+    For file ingestion ``topic`` is ``file:<name>`` and partition is 0.
+    """
+
+    run_start: str
+    topic: str
+    partition: int
+    offset_min: int
+    offset_max: int
+    daemon_version: str
+    host: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class MetadataStore(ABC):
+    """Run metadata for one tenant (a Mongo database, or a tenant inside a SQLite file)."""
+
+    uri: str  # where it lives, for messages (credentials masked)
+    tenant: str
+
+    # -- lifecycle --------------------------------------------------------------------
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect and create collections/tables and (unique) indexes. Idempotent."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    async def ping(self) -> None:
+        """Raise :class:`~bluestream.errors.StorageUnavailable` if the store is unreachable."""
+
+    # -- writes (all idempotent) --------------------------------------------------------
+    @abstractmethod
+    async def put_documents(self, kind: str, docs: Sequence[Doc]) -> list[PutOutcome]:
+        """Store documents of one kind (a key of :data:`DOC_KINDS`) in one bulk operation.
+
+        A document whose key is already stored with equal content is ``SAME``; with
+        different content it is ``CONFLICT`` and the stored one is left untouched.
+        Outcomes are in the order of ``docs``. Duplicate keys inside one call are
+        resolved as if the documents were put one after the other.
+        """
+
+    @abstractmethod
+    async def update_streams(self, updates: Sequence[StreamUpdate]) -> None:
+        """Merge stream summaries into ``event_stream`` (one record per descriptor)."""
+
+    @abstractmethod
+    async def log_ingest(self, entries: Sequence[IngestLogEntry]) -> None:
+        """Merge provenance records into ``ingest_log``."""
+
+    # -- reads ----------------------------------------------------------------------------
+    @abstractmethod
+    async def get(self, kind: str, key: str) -> Doc | None:
+        """One document by its key (for ``stop`` the key is the run's start uid)."""
+
+    @abstractmethod
+    async def find(self, kind: str, *, run_start: str | None = None,
+                   keys: Sequence[str] | None = None,
+                   resource: str | None = None) -> list[Doc]:
+        """Documents of ``kind`` belonging to a run (``run_start``), or with the given
+        keys, or (for datum / stream_datum) belonging to a resource / stream_resource.
+        Returned in insertion-independent, deterministic order (by time, then key)."""
+
+    @abstractmethod
+    async def streams(self, run_start: str) -> list[Doc]:
+        """The ``event_stream`` records of a run, as dicts with StreamUpdate's fields."""
+
+    @abstractmethod
+    async def ingest_log(self, run_start: str) -> list[Doc]: ...
+
+    @abstractmethod
+    async def search(self, query: Query | None, *, skip: int = 0,
+                     limit: int | None = None) -> list[Doc]:
+        """Start documents matching ``query``, newest first (time descending, uid)."""
+
+    @abstractmethod
+    async def count(self, query: Query | None) -> int: ...
+
+    @abstractmethod
+    async def uids_with_prefix(self, prefix: str, query: Query | None = None,
+                               limit: int = 10) -> list[str]:
+        """Start uids beginning with ``prefix`` (for partial-uid lookup)."""

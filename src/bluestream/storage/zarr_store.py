@@ -1,0 +1,271 @@
+"""Event arrays in Zarr v3: one group per run and descriptor, written by position.
+
+Layout: ``<root>/<tenant>/<start_uid[:2]>/<start_uid>/<descriptor_uid>/`` with arrays
+``time``, ``seq_num``, ``uid``, ``data/<key>``, ``timestamps/<key>`` and ``filled/<key>``
+(external keys only). Row ``i`` holds the event with ``seq_num == i + 1``; a replay writes
+the same bytes to the same places, so storage is idempotent (DESIGN I1, I2).
+
+Arrays only grow. Growth happens under an advisory file lock beside the group, with the
+shape re-read inside the lock, so two daemons that both write one descriptor (a run
+spread over partitions) can never shrink an array and drop each other's rows.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import zarr
+import zarr.api.asynchronous as za
+from zarr.core.array import AsyncArray
+from zarr.core.group import AsyncGroup
+from zarr.errors import ContainsArrayError, ContainsGroupError
+
+from bluestream.errors import StorageError, ValidationError
+from bluestream.schemas.normalise import FieldSpec, Page
+from bluestream.storage.base import StreamUpdate
+
+__all__ = ["SCHEMA_VERSION", "ZarrEventStore", "descriptor_path", "safe_component"]
+
+SCHEMA_VERSION = 1
+#: Bytes aimed at per chunk along the event axis.
+_CHUNK_TARGET_BYTES = 4 * 1024 * 1024
+_MAX_CHUNK_EVENTS = 65_536
+_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,254}")
+
+
+def safe_component(name: str, what: str) -> str:
+    """Names that come from documents become path components; refuse anything else."""
+    if not _SAFE.fullmatch(name) or ".." in name:
+        raise ValidationError(f"{what} {name[:80]!r} is not safe as a storage path component",
+                              reason="bad-key")
+    return name
+
+
+def descriptor_path(tenant: str, run_start: str, descriptor_uid: str) -> str:
+    """The group path of one descriptor's arrays, relative to the Zarr root."""
+    run = safe_component(run_start, "run start uid")
+    return "/".join((safe_component(tenant, "tenant"), run[:2], run,
+                     safe_component(descriptor_uid, "descriptor uid")))
+
+
+def chunk_events(spec_shape: tuple[int, ...], itemsize: int) -> int:
+    per_event = max(1, int(np.prod(spec_shape, dtype=np.int64)) * max(itemsize, 1))
+    return int(max(1, min(_MAX_CHUNK_EVENTS, _CHUNK_TARGET_BYTES // per_event)))
+
+
+@dataclass
+class _Column:
+    name: str  # path inside the descriptor group
+    dtype: Any
+    shape: tuple[int, ...]  # per event
+    fill_value: Any
+
+
+def _contiguous_runs(positions: np.ndarray) -> Iterator[tuple[int, int, int]]:
+    """Split sorted unique positions into (first_index, start_pos, stop_pos) runs."""
+    if positions.size == 0:
+        return
+    breaks = np.flatnonzero(np.diff(positions) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [positions.size]))
+    for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+        yield s, int(positions[s]), int(positions[e - 1]) + 1
+
+
+class ZarrEventStore:
+    """Writes and reads per-descriptor event arrays under one root directory."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self._arrays: dict[tuple[str, str], AsyncArray[Any]] = {}
+
+    # -- writing ----------------------------------------------------------------------
+    async def write_page(self, tenant: str, run_start: str, descriptor: Mapping[str, Any],
+                         specs: Mapping[str, FieldSpec], page: Page) -> StreamUpdate:
+        """Write one page by position. Later rows with the same seq_num win."""
+        if len(page) == 0:
+            raise ValueError("empty page")
+        path = descriptor_path(tenant, run_start, str(descriptor["uid"]))
+        order, positions = _last_wins_order(page.seq_num)
+        columns = self._columns(specs, page)
+        values = _column_values(page, order)
+        needed = int(positions[-1]) + 1
+        try:
+            group = await self._group(path, descriptor, run_start)
+            arrays = [await self._array(group, path, col) for col in columns]
+            self._check_dtypes(arrays, columns)
+            arrays = await self._grow(path, arrays, needed)
+            async with anyio.create_task_group() as tg:
+                for arr, col in zip(arrays, columns, strict=True):
+                    tg.start_soon(_write_runs, arr, positions, values[col.name])
+        except (OSError, zarr.errors.BaseZarrError) as exc:  # type: ignore[attr-defined]
+            raise StorageError(f"writing Zarr group {self.root / path} failed: {exc}") from exc
+        return StreamUpdate(
+            descriptor_uid=str(descriptor["uid"]),
+            run_start=run_start,
+            stream_name=str(descriptor.get("name", "primary")),
+            zarr_path=path,
+            length=max(needed, max(a.shape[0] for a in arrays)),
+            seq_num_min=int(page.seq_num.min()),
+            seq_num_max=int(page.seq_num.max()),
+            time_min=float(page.time.min()),
+            time_max=float(page.time.max()),
+            data_keys=tuple(sorted(specs)),
+            schema_version=SCHEMA_VERSION,
+        )
+
+    def _columns(self, specs: Mapping[str, FieldSpec], page: Page) -> list[_Column]:
+        string = np.dtypes.StringDType()
+        cols = [
+            _Column("time", np.float64, (), 0.0),
+            _Column("seq_num", np.int64, (), 0),
+            _Column("uid", string, (), ""),
+        ]
+        for key, spec in sorted(specs.items()):
+            arr = page.data[key]
+            if spec.external or spec.variable or spec.kind == "string":
+                cols.append(_Column(f"data/{key}", string, (), ""))
+            else:
+                dtype = spec.dtype if spec.dtype is not None else arr.dtype
+                cols.append(_Column(f"data/{key}", np.dtype(dtype), spec.shape,
+                                    _fill_for(np.dtype(dtype))))
+            cols.append(_Column(f"timestamps/{key}", np.float64, (), 0.0))
+            if spec.external:
+                cols.append(_Column(f"filled/{key}", np.bool_, (), False))
+        return cols
+
+    async def _group(self, path: str, descriptor: Mapping[str, Any],
+                     run_start: str) -> AsyncGroup:
+        attrs = {"descriptor_uid": str(descriptor["uid"]), "run_start": run_start,
+                 "stream_name": str(descriptor.get("name", "primary")),
+                 "schema_version": SCHEMA_VERSION}
+        store = str(self.root)
+        try:
+            return await za.open_group(store=store, path=path, mode="a", zarr_format=3,
+                                       attributes=attrs)
+        except ContainsArrayError as exc:
+            raise StorageError(f"{path} is an array, expected a group") from exc
+
+    async def _array(self, group: AsyncGroup, path: str, col: _Column) -> AsyncArray[Any]:
+        key = (path, col.name)
+        cached = self._arrays.get(key)
+        if cached is not None:
+            return cached
+        try:
+            arr = await group.getitem(col.name)
+        except KeyError:
+            chunk = chunk_events(col.shape, np.dtype(col.dtype).itemsize
+                                 if not isinstance(col.dtype, np.dtypes.StringDType) else 64)
+            try:
+                arr = await group.create_array(
+                    col.name, shape=(0, *col.shape), chunks=(chunk, *col.shape),
+                    dtype=col.dtype, fill_value=col.fill_value,
+                    dimension_names=("event", *(f"dim_{i}" for i in range(len(col.shape)))),
+                )
+            except (ContainsArrayError, ContainsGroupError):  # created meanwhile elsewhere
+                arr = await group.getitem(col.name)
+        if not isinstance(arr, AsyncArray):
+            raise StorageError(f"{path}/{col.name} is a group, expected an array")
+        self._arrays[key] = arr
+        return arr
+
+    @staticmethod
+    def _check_dtypes(arrays: list[AsyncArray[Any]], columns: list[_Column]) -> None:
+        for arr, col in zip(arrays, columns, strict=True):
+            want = np.dtype(col.dtype)
+            have = arr.dtype if isinstance(arr.dtype, np.dtype) else np.dtype(arr.dtype)
+            if have.kind == "T" and want.kind == "T":
+                continue
+            if have != want and not np.can_cast(want, have, "same_kind"):
+                raise ValidationError(
+                    f"{col.name}: values of dtype {want} cannot be stored in the existing "
+                    f"array of dtype {have}", reason="dtype-mismatch")
+            if tuple(arr.shape[1:]) != col.shape:
+                raise ValidationError(
+                    f"{col.name}: per-event shape {col.shape} differs from the stored "
+                    f"{tuple(arr.shape[1:])}", reason="shape-mismatch")
+
+    async def _grow(self, path: str, arrays: list[AsyncArray[Any]],
+                    needed: int) -> list[AsyncArray[Any]]:
+        if all(a.shape[0] >= needed for a in arrays):
+            return arrays
+        lock = self.root / path / ".grow.lock"
+        async with _flock(lock):
+            out = []
+            for arr in arrays:
+                fresh = await za.open_array(store=str(self.root), path=arr.path,
+                                            zarr_format=3, mode="r+")
+                if fresh.shape[0] < needed:
+                    await fresh.resize((needed, *fresh.shape[1:]))
+                self._arrays[(path, arr.path.removeprefix(path + "/"))] = fresh
+                out.append(fresh)
+            return out
+
+    def forget(self, tenant: str, run_start: str) -> None:
+        """Drop cached array handles of a finished run."""
+        prefix = f"{tenant}/{run_start[:2]}/{run_start}/"
+        for key in [k for k in self._arrays if k[0].startswith(prefix)]:
+            del self._arrays[key]
+
+
+@asynccontextmanager
+async def _flock(path: Path) -> AsyncIterator[None]:
+    """An exclusive advisory lock, acquired in a worker thread (it may wait)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        await anyio.to_thread.run_sync(fcntl.flock, fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _fill_for(dtype: np.dtype[Any]) -> Any:
+    if dtype.kind == "f":
+        return np.nan
+    if dtype.kind == "c":
+        return complex(np.nan, np.nan)
+    if dtype.kind == "b":
+        return False
+    if dtype.kind in "SV":
+        return None
+    return 0
+
+
+def _last_wins_order(seq_num: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row order that keeps the last occurrence of each seq_num, sorted by position."""
+    rev = seq_num[::-1]
+    _, idx = np.unique(rev, return_index=True)  # first occurrence in reversed = last
+    order = (len(seq_num) - 1 - idx).astype(np.intp)  # sorted by seq_num already
+    return order, (seq_num[order] - 1).astype(np.int64)
+
+
+def _column_values(page: Page, order: np.ndarray) -> dict[str, np.ndarray]:
+    vals: dict[str, np.ndarray] = {
+        "time": page.time[order],
+        "seq_num": page.seq_num[order],
+        "uid": page.uid[order],
+    }
+    for key, arr in page.data.items():
+        vals[f"data/{key}"] = arr[order]
+        vals[f"timestamps/{key}"] = page.timestamps[key][order]
+    for key, arr in page.filled.items():
+        vals[f"filled/{key}"] = arr[order]
+    return vals
+
+
+async def _write_runs(arr: AsyncArray[Any], positions: np.ndarray, values: np.ndarray) -> None:
+    for first, start, stop in _contiguous_runs(positions):
+        chunk = values[first:first + (stop - start)]
+        if chunk.dtype != arr.dtype and isinstance(arr.dtype, np.dtype):
+            chunk = chunk.astype(arr.dtype, copy=False)
+        await arr.setitem(slice(start, stop), chunk)
