@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from bluestream.consumers.envelope import Envelope
 from bluestream.consumers.pipeline import Ingestor
@@ -62,7 +62,10 @@ class KafkaDeadLetters:
             client_id=f"{settings.kafka.client_id}-dlq",
             acks="all",
             enable_idempotence=True,
-            max_request_size=settings.limits.max_message_bytes + 1024 * 1024,
+            # Dead letters carry the original bytes, which may exceed our own limit
+            # (that can be why they are dead): allow what the broker allows by default.
+            max_request_size=max(settings.limits.max_message_bytes, 32 * 1024 * 1024)
+            + 1024 * 1024,
             request_timeout_ms=30_000,
         )
         self._pending: list[asyncio.Future[Any]] = []
@@ -82,8 +85,15 @@ class KafkaDeadLetters:
             ("source-partition", str(env.partition).encode()),
             ("source-offset", str(env.offset).encode()),
         ]
-        fut = await self._producer.send(env.topic + self._suffix, value=env.value,
-                                        key=env.key, headers=headers)
+        try:
+            fut = await self._producer.send(env.topic + self._suffix, value=env.value,
+                                            key=env.key, headers=headers)
+        except MessageSizeTooLargeError:
+            # Too big even for the dead-letter topic: keep the record's coordinates (the
+            # original stays in the source topic until retention) and say so.
+            headers.append(("value-omitted", str(len(env.value or b"")).encode()))
+            fut = await self._producer.send(env.topic + self._suffix, value=None,
+                                            key=env.key, headers=headers)
         self._pending.append(fut)
 
     async def flush(self) -> None:
@@ -142,6 +152,7 @@ class KafkaSource:
         self.state = SourceState()
         self._on_ready = on_ready
         self._busy = anyio.Lock()
+        self._caught_up = False
         k = settings.kafka
         lim = settings.limits
         self.consumer = AIOKafkaConsumer(
@@ -225,11 +236,16 @@ class KafkaSource:
             if not records:
                 await self.ingestor.expire_parked()
                 await self._commit()
+                self._update_highwater()
+                self._note_caught_up()
                 return
+            self._caught_up = False
             envelopes = []
             for tp, recs in records.items():
                 if (tp.topic, tp.partition) not in self.state.assigned:
                     continue  # revoked while we waited for the lock: the new owner has it
+                if tp.topic.endswith(self.settings.kafka.dlq_suffix):
+                    continue  # never ingest our own dead letters
                 tenant = tenant_for_topic(tp.topic, self.settings.tenants)
                 for r in recs:
                     envelopes.append(Envelope(
@@ -261,6 +277,16 @@ class KafkaSource:
         self.counters.inc("commits", "")
         for tp, off in offsets.items():
             self.state.committed[(tp.topic, tp.partition)] = off
+
+    def _note_caught_up(self) -> None:
+        """Log once each time everything assigned is stored and committed."""
+        if self._caught_up or not self.state.assigned:
+            return
+        if all(self.state.highwater.get(tp, 0) <= self.state.committed.get(tp, 0)
+               for tp in self.state.assigned) and not len(self.ingestor.parked):
+            self._caught_up = True
+            log.info("caught up", partitions=len(self.state.assigned),
+                     events=self.counters.total("events"))
 
     def _update_highwater(self) -> None:
         for tp in list(self.state.assigned):

@@ -39,6 +39,8 @@ class Daemon:
     source: KafkaSource | None = None
     registry: StoreRegistry | None = None
     on_ready: Callable[[], None] | None = None
+    #: Off when embedded (tests, the demo): the host process owns signal handling.
+    handle_signals: bool = True
 
     @property
     def ready(self) -> bool:
@@ -77,7 +79,8 @@ class Daemon:
         await dlq.start()
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._signals, tg.cancel_scope)
+                if self.handle_signals:
+                    tg.start_soon(self._signals, tg.cancel_scope)
                 tg.start_soon(self._summaries)
                 await self.source.run(self.stop)
                 tg.cancel_scope.cancel()

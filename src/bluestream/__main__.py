@@ -1,0 +1,3 @@
+from bluestream.daemon.cli import main
+
+main()

@@ -1,0 +1,153 @@
+"""Pick the metadata backend from a URI; helpers that every backend shares.
+
+The shared helpers (:func:`classify_puts`, :func:`search_text`, :func:`check_tenant`,
+:func:`check_extra`) live here rather than in one backend so that MongoDB and SQLite
+decide SAME / CONFLICT and full-text content by exactly the same rules.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from bluestream.errors import ConfigError
+from bluestream.storage.base import PutOutcome
+
+if False:  # typing only; importing base at runtime is fine, this avoids a cycle
+    pass
+from bluestream.storage.base import MetadataStore
+
+__all__ = [
+    "DEFAULT_SERVER_SELECTION_TIMEOUT_MS",
+    "canonical_json",
+    "check_extra",
+    "check_tenant",
+    "classify_puts",
+    "mask_uri",
+    "open_metadata_store",
+    "search_text",
+]
+
+DEFAULT_SERVER_SELECTION_TIMEOUT_MS = 5_000
+_MONGO_SCHEMES = ("mongodb://", "mongodb+srv://")
+_SQLITE_SCHEME = "sqlite:///"
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def open_metadata_store(
+    uri: str,
+    tenant: str,
+    *,
+    server_selection_timeout_ms: int = DEFAULT_SERVER_SELECTION_TIMEOUT_MS,
+) -> MetadataStore:
+    """A store for ``tenant`` at ``uri``, not yet opened (call ``await store.open()``).
+
+    ``server_selection_timeout_ms`` applies to MongoDB only; it is accepted for every
+    URI so that callers can pass one set of options whatever the backend.
+    """
+    if uri.startswith(_MONGO_SCHEMES):
+        from bluestream.storage.mongo import MongoMetadataStore
+
+        return MongoMetadataStore(
+            uri, tenant, server_selection_timeout_ms=server_selection_timeout_ms
+        )
+    if uri.startswith(_SQLITE_SCHEME):
+        from bluestream.storage.sqlite import SqliteMetadataStore
+
+        return SqliteMetadataStore(uri, tenant)
+    raise ConfigError(
+        f"metadata store URI {mask_uri(uri)!r} is not supported: use mongodb://, "
+        "mongodb+srv:// or sqlite:///path/to/file.db"
+    )
+
+
+def mask_uri(uri: str) -> str:
+    """``uri`` with the password replaced by ``***``, safe to log or show.
+
+    The user-info part ends at the last ``@`` before the query string, so passwords
+    that (wrongly) contain ``@`` or ``/`` unescaped are still masked completely.
+    """
+    m = _SCHEME.match(uri)
+    if m is None:
+        return uri
+    scheme, rest = m.group(0), uri[m.end():]
+    head, sep, query = rest.partition("?")
+    userinfo, at, hosts = head.rpartition("@")
+    if not at or ":" not in userinfo:
+        return uri
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}{user}:***@{hosts}{sep}{query}"
+
+
+# -- helpers shared by the backends ------------------------------------------------------
+
+_TENANT = re.compile(r"[A-Za-z0-9_-]{1,63}")
+
+
+def check_tenant(tenant: str) -> str:
+    """Tenant names become MongoDB database names: keep them to a portable charset."""
+    if not isinstance(tenant, str) or not _TENANT.fullmatch(tenant):
+        raise ConfigError(
+            f"tenant name {tenant!r} is invalid: use 1-63 letters, digits, '_' or '-'"
+        )
+    return tenant
+
+
+def check_extra(extra: Mapping[str, Any]) -> dict[str, Any]:
+    """``IngestLogEntry.extra`` keys become MongoDB field names: no dots, no leading $."""
+    for k in extra:
+        if not isinstance(k, str) or not k or "." in k or k.startswith("$"):
+            raise ValueError(f"ingest-log extra key {k!r} must be a non-empty name "
+                             "without '.' and not starting with '$'")
+    return dict(extra)
+
+
+def canonical_json(doc: Any) -> str:
+    """Content identity of a document: JSON with sorted keys (NaN allowed, equal to NaN).
+
+    Key order and tuple-vs-list do not count; int vs float does (``1`` != ``1.0``),
+    since both backends store and return the type that was put.
+    """
+    return json.dumps(doc, sort_keys=True, allow_nan=True, separators=(",", ":"))
+
+
+def classify_puts(
+    docs: Sequence[Mapping[str, Any]], keys: Sequence[str], stored: Mapping[str, str]
+) -> tuple[list[PutOutcome], list[int]]:
+    """Outcomes as if ``docs`` were put one after the other, and which ones to insert.
+
+    ``stored`` maps keys already in the store to their :func:`canonical_json`. Returns
+    the outcomes in input order and the positions of the documents to insert (the
+    first occurrence of each new key).
+    """
+    known = dict(stored)
+    outcomes: list[PutOutcome] = []
+    to_insert: list[int] = []
+    for i, (key, doc) in enumerate(zip(keys, docs, strict=True)):
+        content = canonical_json(doc)
+        if key in known:
+            same = known[key] == content
+            outcomes.append(PutOutcome.SAME if same else PutOutcome.CONFLICT)
+        else:
+            known[key] = content
+            outcomes.append(PutOutcome.INSERTED)
+            to_insert.append(i)
+    return outcomes, to_insert
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from _strings(v)
+
+
+def search_text(doc: Mapping[str, Any]) -> str:
+    """What FullText searches when there is no text index: every string value, lowered."""
+    return " ".join(_strings(doc)).lower()

@@ -1,0 +1,158 @@
+"""Test helpers: document factories, a collecting dead-letter sink, direct Zarr readback.
+
+Readback here deliberately does not use the catalog, so ingestion tests check storage
+independently of the read API.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import event_model
+import numpy as np
+import zarr
+
+from bluestream.consumers.decode import encode_message
+from bluestream.consumers.envelope import Envelope
+from bluestream.consumers.pipeline import Ingestor
+from bluestream.errors import DocumentError
+from bluestream.limits import Limits
+from bluestream.storage.registry import StoreRegistry
+from bluestream.storage.zarr_store import ZarrEventStore, descriptor_path
+
+Doc = dict[str, Any]
+
+
+@dataclass
+class CollectingSink:
+    """A dead-letter sink that keeps what it was sent (for file/in-process tests)."""
+
+    letters: list[tuple[Envelope, DocumentError]] = field(default_factory=list)
+
+    async def send(self, env: Envelope, error: DocumentError) -> None:
+        self.letters.append((env, error))
+
+    async def flush(self) -> None:
+        return None
+
+    @property
+    def reasons(self) -> list[str]:
+        return [e.reason for _, e in self.letters]
+
+
+def scalar_run(n_events: int, *, fields: int = 3, scan_id: int = 1, uid: str | None = None,
+               t0: float | None = None, stream: str = "primary",
+               extra_md: dict[str, Any] | None = None) -> list[tuple[str, Doc]]:
+    """A run of ``n_events`` events with ``fields`` float fields plus an int counter."""
+    t0 = time.time() if t0 is None else t0
+    md = {"scan_id": scan_id, "plan_name": "count", **(extra_md or {})}
+    bundle = event_model.compose_run(uid=uid, time=t0, metadata=md)
+    keys = {f"f{i}": {"dtype": "number", "shape": [], "source": f"sim:f{i}", "units": "mm"}
+            for i in range(fields)}
+    keys["counter"] = {"dtype": "integer", "shape": [], "source": "sim:counter"}
+    desc = bundle.compose_descriptor(name=stream, data_keys=keys, time=t0)
+    docs: list[tuple[str, Doc]] = [("start", bundle.start_doc),
+                                   ("descriptor", desc.descriptor_doc)]
+    for i in range(1, n_events + 1):
+        data: dict[str, Any] = {f"f{k}": float(i * 10 + k) for k in range(fields)}
+        data["counter"] = i
+        docs.append(("event", desc.compose_event(
+            data=data, timestamps={k: t0 + i for k in data}, seq_num=i, time=t0 + i)))
+    docs.append(("stop", bundle.compose_stop(time=t0 + n_events + 1)))
+    return docs
+
+
+def image_run(n_events: int, shape: tuple[int, int] = (16, 16), *, scan_id: int = 1,
+              t0: float | None = None) -> list[tuple[str, Doc]]:
+    t0 = time.time() if t0 is None else t0
+    bundle = event_model.compose_run(time=t0, metadata={"scan_id": scan_id,
+                                                        "plan_name": "count"})
+    keys = {"img": {"dtype": "array", "shape": list(shape), "source": "sim:img",
+                    "dtype_numpy": "<u2"}}
+    desc = bundle.compose_descriptor(name="primary", data_keys=keys, time=t0)
+    docs: list[tuple[str, Doc]] = [("start", bundle.start_doc),
+                                   ("descriptor", desc.descriptor_doc)]
+    rng = np.random.default_rng(n_events)
+    for i in range(1, n_events + 1):
+        img = rng.integers(0, 65535, size=shape, dtype=np.uint16)
+        docs.append(("event", desc.compose_event(data={"img": img}, timestamps={"img": t0 + i},
+                                                 seq_num=i, time=t0 + i)))
+    docs.append(("stop", bundle.compose_stop(time=t0 + n_events + 1)))
+    return docs
+
+
+def envelopes(docs: Iterable[tuple[str, Doc]], tenant: str, *, topic: str = "file:test",
+              start_offset: int = 0) -> list[Envelope]:
+    return [Envelope(topic, 0, start_offset + i, encode_message(name, doc), tenant=tenant)
+            for i, (name, doc) in enumerate(docs)]
+
+
+def make_ingestor(metadata_uri: str, zarr_root: Path, *, limits: Limits | None = None,
+                  park_max_age_s: float = 60.0) -> tuple[Ingestor, CollectingSink,
+                                                         StoreRegistry]:
+    sink = CollectingSink()
+    registry = StoreRegistry(metadata_uri)
+    ing = Ingestor(store_for=registry, arrays=ZarrEventStore(zarr_root), dlq=sink,
+                   limits=limits or Limits(), park_max_age_s=park_max_age_s)
+    return ing, sink, registry
+
+
+def read_stream_arrays(zarr_root: Path, tenant: str, run_uid: str,
+                       descriptor_uid: str) -> dict[str, np.ndarray]:
+    """Every array of one descriptor group, read straight from Zarr."""
+    group = zarr.open_group(str(zarr_root), path=descriptor_path(tenant, run_uid,
+                                                                 descriptor_uid), mode="r")
+    out: dict[str, np.ndarray] = {}
+    for name in ("time", "seq_num", "uid"):
+        out[name] = group[name][:]  # type: ignore[index]
+    for sub in ("data", "timestamps", "filled"):
+        if sub in group:
+            for key in group[sub].array_keys():  # type: ignore[union-attr]
+                out[f"{sub}/{key}"] = group[f"{sub}/{key}"][:]  # type: ignore[index]
+    return out
+
+
+def events_by_descriptor(docs: Iterable[tuple[str, Doc]]) -> dict[str, list[Doc]]:
+    """Expected events per descriptor (event_pages unpacked), later seq_num wins."""
+    out: dict[str, dict[int, Doc]] = {}
+    for name, doc in docs:
+        evs: Iterator[Doc]
+        if name == "event":
+            evs = iter([doc])
+        elif name == "event_page":
+            evs = event_model.unpack_event_page(doc)
+        else:
+            continue
+        for ev in evs:
+            out.setdefault(ev["descriptor"], {})[ev["seq_num"]] = ev
+    return {d: [evs[k] for k in sorted(evs)] for d, evs in out.items()}
+
+
+def assert_stored_events(zarr_root: Path, tenant: str, docs: list[tuple[str, Doc]]) -> None:
+    """Every event of ``docs`` is stored at its seq_num, values bit-exact."""
+    runs = {doc["uid"]: doc for name, doc in docs if name == "start"}
+    desc_run = {doc["uid"]: doc["run_start"] for name, doc in docs if name == "descriptor"}
+    assert runs
+    for desc_uid, evs in events_by_descriptor(docs).items():
+        arrays = read_stream_arrays(zarr_root, tenant, desc_run[desc_uid], desc_uid)
+        seq = np.array([e["seq_num"] for e in evs])
+        assert arrays["seq_num"].shape[0] == seq.max()
+        np.testing.assert_array_equal(arrays["seq_num"][seq - 1], seq)
+        np.testing.assert_array_equal(arrays["uid"][seq - 1].astype(str),
+                                      np.array([e["uid"] for e in evs]))
+        np.testing.assert_array_equal(arrays["time"][seq - 1], [e["time"] for e in evs])
+        for key in evs[0]["data"]:
+            expected = np.stack([np.asarray(e["data"][key]) for e in evs])
+            got = arrays[f"data/{key}"][seq - 1]
+            if got.dtype.kind == "T":
+                got = got.astype(str)
+            np.testing.assert_array_equal(got, expected, err_msg=key)
+
+
+def new_uid() -> str:
+    return str(uuid.uuid4())

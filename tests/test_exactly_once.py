@@ -1,0 +1,190 @@
+"""Exactly-once in effect: the daemon is SIGKILLed at random moments while it ingests
+numbered events from several partitions; after restarts the stored result is exactly
+the published one. A replay of the whole topic into existing storage changes nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from helpers import read_stream_arrays, scalar_run
+from pymongo import MongoClient
+
+from bluestream.consumers.decode import encode_message
+
+pytestmark = [pytest.mark.kafka, pytest.mark.mongo, pytest.mark.slow]
+
+N_RUNS = 8
+EVENTS_PER_RUN = 6_250  # 50,000 events in all
+PARTITIONS = 4
+
+
+async def create_topic(bootstrap: str, topic: str, partitions: int) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, partitions, 1)])
+    finally:
+        await admin.close()
+
+
+async def publish(bootstrap: str, topic: str, runs: list[list[tuple[str, Any]]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20,
+                                max_batch_size=1 << 20, acks="all")
+    await producer.start()
+    try:
+        futures = []
+        # Interleave runs so every partition carries several runs at once.
+        for i in range(max(len(r) for r in runs)):
+            for run in runs:
+                if i < len(run):
+                    name, doc = run[i]
+                    key = run[0][1]["uid"].encode()
+                    futures.append(await producer.send(topic, encode_message(name, doc),
+                                                       key=key))
+        await producer.flush()
+        for f in futures:
+            await f
+    finally:
+        await producer.stop()
+
+
+def start_daemon(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    out = log.open("ab")
+    return subprocess.Popen([sys.executable, "-m", "bluestream", "serve"], env=env,
+                            stdout=out, stderr=subprocess.STDOUT)
+
+
+def stored_events(mongo_uri: str, tenant: str, zarr_root: Path) -> dict[str, dict[str, Any]]:
+    client: MongoClient[dict[str, Any]] = MongoClient(mongo_uri)
+    try:
+        db = client[tenant]
+        out = {}
+        for st in db.event_stream.find({}, {"_id": 0}):
+            arrays = read_stream_arrays(zarr_root, tenant, st["run_start"], st["descriptor_uid"])
+            out[st["run_start"]] = {"stream": st, **arrays}
+        return out
+    finally:
+        client.close()
+
+
+def all_stopped(mongo_uri: str, tenant: str) -> int:
+    client: MongoClient[dict[str, Any]] = MongoClient(mongo_uri)
+    try:
+        return int(client[tenant].run_stop.count_documents({}))
+    finally:
+        client.close()
+
+
+def snapshot(mongo_uri: str, tenant: str, zarr_root: Path) -> dict[str, str]:
+    """A digest of everything stored: every Zarr file and every metadata document."""
+    digests: dict[str, str] = {}
+    for path in sorted((zarr_root / tenant).rglob("*")):
+        if path.is_file() and not path.name.endswith(".lock"):
+            digests[str(path.relative_to(zarr_root))] = hashlib.sha256(
+                path.read_bytes()).hexdigest()
+    client: MongoClient[dict[str, Any]] = MongoClient(mongo_uri)
+    try:
+        db = client[tenant]
+        for coll in sorted(db.list_collection_names()):
+            docs = sorted(repr(sorted(d.items())) for d in db[coll].find({}, {"_id": 0}))
+            digests[f"mongo:{coll}"] = hashlib.sha256("\n".join(docs).encode()).hexdigest()
+    finally:
+        client.close()
+    return digests
+
+
+def test_sigkill_loop_stores_every_event_exactly_once(
+        kafka_bootstrap: str, mongo_uri: str, topic: str, tenant: str, tmp_path: Path,
+        zarr_root: Path) -> None:
+    runs = [scalar_run(EVENTS_PER_RUN, fields=4, scan_id=i + 1) for i in range(N_RUNS)]
+    anyio.run(create_topic, kafka_bootstrap, topic, PARTITIONS)
+    anyio.run(publish, kafka_bootstrap, topic, runs)
+    env = {**os.environ, "BLUESTREAM_KAFKA_BOOTSTRAP": kafka_bootstrap,
+           "BLUESTREAM_TOPICS": topic, "BLUESTREAM_GROUP_ID": f"g-{topic}",
+           "BLUESTREAM_METADATA": mongo_uri, "BLUESTREAM_ZARR_ROOT": str(zarr_root),
+           "BLUESTREAM_HTTP_PORT": "0", "BLUESTREAM_LOG_FORMAT": "json"}
+    log = tmp_path / "daemon.log"
+    rng = random.Random(1234)
+    kills = 0
+    while kills < 5:
+        proc = start_daemon(env, log)
+        time.sleep(rng.uniform(2.0, 6.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+    proc = start_daemon(env, log)
+    try:
+        deadline = time.monotonic() + 240
+        while all_stopped(mongo_uri, tenant) < N_RUNS:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "runs not all stored in time"
+            time.sleep(0.5)
+        # The stop is written last in a batch; give the last batch's commit a moment.
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    verify(mongo_uri, tenant, zarr_root, runs)
+
+    # A replay of the whole topic by a new consumer group changes nothing.
+    before = snapshot(mongo_uri, tenant, zarr_root)
+    env["BLUESTREAM_GROUP_ID"] = f"replay-{topic}"
+    proc = start_daemon(env, log)
+    try:
+        time.sleep(3)
+        deadline = time.monotonic() + 240
+        while _lag_not_done(proc, log):
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert snapshot(mongo_uri, tenant, zarr_root) == before
+    verify(mongo_uri, tenant, zarr_root, runs)
+
+
+def _lag_not_done(proc: subprocess.Popen[bytes], log: Path) -> bool:
+    """True until the replaying daemon logged that it caught up (a batch-free poll)."""
+    assert proc.poll() is None, log.read_text()[-3000:]
+    text = log.read_text()
+    return text.count('"caught up"') < 1
+
+
+def verify(mongo_uri: str, tenant: str, zarr_root: Path,
+           runs: list[list[tuple[str, Any]]]) -> None:
+    stored = stored_events(mongo_uri, tenant, zarr_root)
+    assert len(stored) == N_RUNS
+    for run in runs:
+        uid = run[0][1]["uid"]
+        got = stored[uid]
+        events = [d for n, d in run if n == "event"]
+        assert got["stream"]["length"] == EVENTS_PER_RUN
+        np.testing.assert_array_equal(got["seq_num"], np.arange(1, EVENTS_PER_RUN + 1))
+        np.testing.assert_array_equal(got["data/counter"], [e["data"]["counter"] for e in events])
+        np.testing.assert_array_equal(got["data/f0"], [e["data"]["f0"] for e in events])
+        np.testing.assert_array_equal(got["uid"].astype(str), [e["uid"] for e in events])
+    client: MongoClient[dict[str, Any]] = MongoClient(mongo_uri)
+    try:
+        db = client[tenant]
+        assert db.run_start.count_documents({}) == N_RUNS
+        assert db.run_stop.count_documents({}) == N_RUNS
+        assert db.event_descriptor.count_documents({}) == N_RUNS
+    finally:
+        client.close()
