@@ -61,6 +61,26 @@ def topic(tenant: str) -> str:
     return f"{tenant}.bluesky.runengine.documents"
 
 
+async def create_topic(bootstrap: str, topic: str, partitions: int = 1) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, partitions, 1)])
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+def kafka_topic(kafka_bootstrap: str, topic: str) -> str:
+    """``topic``, created on the broker with one partition."""
+    import anyio
+
+    anyio.run(create_topic, kafka_bootstrap, topic)
+    return topic
+
+
 @pytest.fixture
 def zarr_root(tmp_path: Path) -> Iterator[Path]:
     root = tmp_path / "zarr"

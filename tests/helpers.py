@@ -143,14 +143,15 @@ def assert_stored_events(zarr_root: Path, tenant: str, docs: list[tuple[str, Doc
         seq = np.array([e["seq_num"] for e in evs])
         assert arrays["seq_num"].shape[0] == seq.max()
         np.testing.assert_array_equal(arrays["seq_num"][seq - 1], seq)
-        np.testing.assert_array_equal(arrays["uid"][seq - 1].astype(str),
-                                      np.array([e["uid"] for e in evs]))
+        assert arrays["uid"][seq - 1].tolist() == [e["uid"] for e in evs]
         np.testing.assert_array_equal(arrays["time"][seq - 1], [e["time"] for e in evs])
         for key in evs[0]["data"]:
             expected = np.stack([np.asarray(e["data"][key]) for e in evs])
             got = arrays[f"data/{key}"][seq - 1]
             if got.dtype.kind == "T":
-                got = got.astype(str)
+                assert got.tolist() == expected.tolist(), key
+                continue
+            assert got.dtype == expected.dtype or expected.dtype.kind in "iuf", key
             np.testing.assert_array_equal(got, expected, err_msg=key)
 
 

@@ -18,7 +18,7 @@ import anyio
 import numpy as np
 import pytest
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from conftest import create_topic
 from helpers import read_stream_arrays, scalar_run
 from pymongo import MongoClient
 
@@ -29,15 +29,6 @@ pytestmark = [pytest.mark.kafka, pytest.mark.mongo, pytest.mark.slow]
 N_RUNS = 8
 EVENTS_PER_RUN = 6_250  # 50,000 events in all
 PARTITIONS = 4
-
-
-async def create_topic(bootstrap: str, topic: str, partitions: int) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, partitions, 1)])
-    finally:
-        await admin.close()
 
 
 async def publish(bootstrap: str, topic: str, runs: list[list[tuple[str, Any]]]) -> None:
@@ -179,7 +170,7 @@ def verify(mongo_uri: str, tenant: str, zarr_root: Path,
         np.testing.assert_array_equal(got["seq_num"], np.arange(1, EVENTS_PER_RUN + 1))
         np.testing.assert_array_equal(got["data/counter"], [e["data"]["counter"] for e in events])
         np.testing.assert_array_equal(got["data/f0"], [e["data"]["f0"] for e in events])
-        np.testing.assert_array_equal(got["uid"].astype(str), [e["uid"] for e in events])
+        assert got["uid"].tolist() == [e["uid"] for e in events]
     client: MongoClient[dict[str, Any]] = MongoClient(mongo_uri)
     try:
         db = client[tenant]

@@ -49,20 +49,20 @@ async def wait_for(predicate: Any, timeout: float = 60.0, what: str = "condition
 
 
 @pytest.fixture
-async def running_daemon(kafka_bootstrap: str, topic: str, metadata_uri: str,
+async def running_daemon(kafka_bootstrap: str, kafka_topic: str, metadata_uri: str,
                          zarr_root: Path) -> AsyncIterator[Daemon]:
-    daemon = Daemon(settings_for(kafka_bootstrap, topic, metadata_uri, zarr_root),
+    daemon = Daemon(settings_for(kafka_bootstrap, kafka_topic, metadata_uri, zarr_root),
                     handle_signals=False)
     async with anyio.create_task_group() as tg:
         tg.start_soon(daemon.run)
-        await wait_for(_ready(daemon), 60, "the daemon to be assigned its partition")
+        await wait_for(_assigned(daemon), 60, "the daemon to be assigned its partition")
         yield daemon
         daemon.stop.set()
 
 
-def _ready(daemon: Daemon) -> Any:
+def _assigned(daemon: Daemon) -> Any:
     async def check() -> bool:
-        return daemon.ready
+        return daemon.ready and bool(daemon.source and daemon.source.state.assigned)
     return check
 
 
@@ -78,7 +78,7 @@ def run_plans_with_publisher(kafka: str, topic: str, tmp_path: Path) -> list[tup
     rng = np.random.default_rng(7)
     cam = DirectImage(func=lambda: rng.integers(0, 4096, size=(64, 48), dtype=np.uint16),
                       name="cam")
-    RE = RunEngine({}, call_returns_result=False)
+    RE = RunEngine({}, call_returns_result=False, context_managers=[])  # runs in a thread
     docs: list[tuple[str, Any]] = []
     publisher = Publisher(topic=topic, bootstrap_servers=kafka, key="bluestream-test",
                           flush_on_stop_doc=True)

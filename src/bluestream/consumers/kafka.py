@@ -167,6 +167,8 @@ class KafkaSource:
             session_timeout_ms=k.session_timeout_ms,
             max_poll_interval_ms=k.max_poll_interval_ms,
             isolation_level="read_committed",
+            # New topics matching the subscription are noticed within this time.
+            metadata_max_age_ms=10_000,
         )
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -340,7 +342,7 @@ class KafkaSource:
             if committed is not None:
                 self.state.committed[(tp.topic, tp.partition)] = committed
         self.state.assigned = mine
-        if mine and not self.state.ever_assigned:
+        if not self.state.ever_assigned:  # joined the group (maybe with nothing to do yet)
             self.state.ever_assigned = True
             if self._on_ready is not None:
                 self._on_ready()

@@ -1,1 +1,35 @@
-"""bluestream.schemas."""
+"""Validation and normalisation of Bluesky documents: pure functions, no I/O.
+
+``validate`` checks a document against event-model's schema (compiled once);
+``normalise`` turns events into column pages for the writer and back, and metadata
+documents into plain JSON values for the metadata stores.
+"""
+
+from __future__ import annotations
+
+from bluestream.schemas.normalise import (
+    FieldSpec,
+    Page,
+    datum_page_to_datums,
+    field_specs,
+    page_from_event_page,
+    page_from_events,
+    page_to_event_page,
+    page_to_events,
+    to_jsonable,
+)
+from bluestream.schemas.validate import KINDS, validate
+
+__all__ = [
+    "KINDS",
+    "FieldSpec",
+    "Page",
+    "datum_page_to_datums",
+    "field_specs",
+    "page_from_event_page",
+    "page_from_events",
+    "page_to_event_page",
+    "page_to_events",
+    "to_jsonable",
+    "validate",
+]

@@ -13,11 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from bluestream.errors import ConfigError
-from bluestream.storage.base import PutOutcome
-
-if False:  # typing only; importing base at runtime is fine, this avoids a cycle
-    pass
-from bluestream.storage.base import MetadataStore
+from bluestream.storage.base import MetadataStore, PutOutcome
 
 __all__ = [
     "DEFAULT_SERVER_SELECTION_TIMEOUT_MS",

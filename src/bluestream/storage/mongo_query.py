@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from datetime import datetime, tzinfo
-from datetime import timezone as dt_timezone
+from datetime import UTC, datetime, tzinfo
 from functools import singledispatch
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -155,7 +154,7 @@ def _zone(name: str | None) -> tzinfo | None:
     if name is None:
         return None
     if name.upper() in ("UTC", "Z"):
-        return dt_timezone.utc
+        return UTC
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
@@ -289,20 +288,31 @@ def _(q: Contains, full_text: FullTextRenderer) -> Filter:
     in_list: Filter = {q.key: {"$elemMatch": {"$eq": q.value}}}
     if not isinstance(q.value, str):
         return in_list
-    # "$not: {$type: array}" keeps the substring branch off lists, whose string
-    # elements $regex would otherwise search too.
-    substring: Filter = {q.key: {"$not": {"$type": "array"}, "$regex": escape_regex(q.value)}}
+    # Not on lists: $regex would search their string elements too.
+    substring = _regex_filter(q.key, escape_regex(q.value), "", {"$not": {"$type": "array"}})
     return {"$or": [in_list, substring]}
 
 
 @_translate.register
 def _(q: Regex, full_text: FullTextRenderer) -> Filter:
     check_key(q.key)
-    compile_regex(q.pattern, "" if q.case_sensitive else "i")
-    cond: Filter = {"$regex": q.pattern}
-    if not q.case_sensitive:
-        cond["$options"] = "i"
-    return {q.key: cond}
+    options = "" if q.case_sensitive else "i"
+    compile_regex(q.pattern, options)
+    return _regex_filter(q.key, q.pattern, options, {"$type": "string"})
+
+
+def _regex_filter(key: str, pattern: str, options: str, guard: Filter) -> Filter:
+    """``$regex`` plus a type guard, as separate clauses of an ``$and``.
+
+    On MongoDB the ``{"$type": "string"}`` guard changes nothing ($regex never matches
+    numbers); it is there because some MongoDB-wire servers (mongo-java-server) match
+    the decimal text of numbers, and they also ignore operators written next to
+    ``$regex`` in one document, hence the separate clauses.
+    """
+    cond: Filter = {"$regex": pattern}
+    if options:
+        cond["$options"] = options
+    return {"$and": [{key: guard}, {key: cond}]}
 
 
 @_translate.register
@@ -325,7 +335,8 @@ def _(q: Raw, full_text: FullTextRenderer) -> Filter:
 
 @_translate.register
 def _(q: And, full_text: FullTextRenderer) -> Filter:
-    parts = [p for p in (_translate(c, full_text) for c in _merge_full_text(q.queries)) if p]
+    children = _merge_full_text(q.queries) if full_text is _native_full_text else q.queries
+    parts = [p for p in (_translate(c, full_text) for c in children) if p]
     if not parts:
         return {}
     return parts[0] if len(parts) == 1 else {"$and": parts}

@@ -1,0 +1,190 @@
+"""Reading one descriptor's event arrays back from Zarr (the layout of
+:mod:`bluestream.storage.zarr_store`).
+
+Row ``i`` holds the event with ``seq_num == i + 1``; rows never written hold
+``seq_num == 0`` and are skipped. Lengths are never cached: every read takes the length
+from the ``event_stream`` record it is given, which the writer updates only after the
+rows it covers are durable, so a reader never sees a half-written page through it.
+All arrays of a read are fetched concurrently (zarr's async API reads their chunks
+concurrently too); driver errors become :class:`~bluestream.errors.StorageError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import zarr
+import zarr.api.asynchronous as za
+from numpy.typing import NDArray
+from zarr.core.array import AsyncArray
+from zarr.storage import LocalStore
+
+from bluestream.errors import StorageError, StorageUnavailable
+from bluestream.schemas.normalise import Page
+
+__all__ = ["ArrayReader", "Rows", "row_bytes"]
+
+Array = NDArray[Any]
+_STRING_ITEM_BYTES = 64  # a guess for sizing reads of string columns
+
+
+@dataclass
+class Rows:
+    """Written rows of one descriptor (a window of them), in seq_num order."""
+
+    descriptor: str
+    positions: Array  # (n,) int64: row index in the arrays (seq_num - 1)
+    seq_num: Array
+    time: Array
+    uid: Array
+    data: dict[str, Array] = field(default_factory=dict)
+    timestamps: dict[str, Array] = field(default_factory=dict)
+    filled: dict[str, Array] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.seq_num.shape[0])
+
+    def take(self, sel: slice | Array) -> Rows:
+        return Rows(self.descriptor, self.positions[sel], self.seq_num[sel], self.time[sel],
+                    self.uid[sel], {k: v[sel] for k, v in self.data.items()},
+                    {k: v[sel] for k, v in self.timestamps.items()},
+                    {k: v[sel] for k, v in self.filled.items()})
+
+    def to_page(self) -> Page:
+        return Page(descriptor=self.descriptor, uid=self.uid, seq_num=self.seq_num,
+                    time=self.time, data=self.data, timestamps=self.timestamps,
+                    filled=self.filled)
+
+
+def row_bytes(arrays: Sequence[AsyncArray[Any]]) -> int:
+    """Bytes one event takes across ``arrays`` (strings estimated)."""
+    total = 0
+    for arr in arrays:
+        dtype = arr.dtype
+        item = _STRING_ITEM_BYTES if getattr(dtype, "kind", "") in "TO" else \
+            int(np.dtype(dtype).itemsize)
+        total += item * int(np.prod(arr.shape[1:], dtype=np.int64))
+    return max(total, 1)
+
+
+class ArrayReader:
+    """Read-only access to the event arrays under one Zarr root."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self._store = LocalStore(str(self.root), read_only=True)
+
+    @contextmanager
+    def _errors(self, zarr_path: str) -> Iterator[None]:
+        try:
+            yield
+        except FileNotFoundError as exc:
+            if not self.root.exists():
+                raise StorageUnavailable(f"Zarr root {self.root} does not exist (or is not "
+                                         f"mounted): {exc}") from exc
+            raise StorageError(f"the arrays of {self.root / zarr_path} are missing: "
+                               f"{exc}") from exc
+        except (OSError, zarr.errors.BaseZarrError, ValueError) as exc:  # type: ignore[attr-defined]
+            raise StorageError(f"reading Zarr group {self.root / zarr_path} failed: "
+                               f"{exc}") from exc
+
+    async def open_arrays(self, zarr_path: str, names: Sequence[str],
+                          required: Sequence[str] = ("seq_num",)) -> dict[str, AsyncArray[Any]]:
+        """The arrays ``names`` of a group that exist (those in ``required`` must)."""
+        out: dict[str, AsyncArray[Any]] = {}
+
+        async def one(name: str) -> None:
+            try:
+                arr = await za.open_array(store=self._store, path=f"{zarr_path}/{name}",
+                                          mode="r", zarr_format=3)
+            except FileNotFoundError:
+                if name in required:
+                    raise
+                return
+            out[name] = arr  # type: ignore[assignment]
+
+        with self._errors(zarr_path):
+            async with anyio.create_task_group() as tg:
+                for name in dict.fromkeys(names):
+                    tg.start_soon(one, name)
+        return out
+
+    async def read_rows(self, record: dict[str, Any], keys: Sequence[str], *,
+                        start: int = 0, stop: int | None = None,
+                        arrays: dict[str, AsyncArray[Any]] | None = None,
+                        timestamps: bool = True) -> Rows:
+        """Rows ``[start, stop)`` (positions) of one descriptor that were written."""
+        path = str(record["zarr_path"])
+        if arrays is None:
+            arrays = await self.open_arrays(path, column_names(keys, timestamps))
+        n = min(int(record["length"]), *(int(a.shape[0]) for a in arrays.values()))
+        stop = n if stop is None else min(stop, n)
+        start = min(max(start, 0), stop)
+        with self._errors(path):
+            seq = np.asarray(await arrays["seq_num"].getitem(slice(start, stop)))
+            keep = seq > 0
+            sel: slice | Array = slice(None) if keep.all() else np.flatnonzero(keep)
+            values: dict[str, Array] = {}
+
+            async def one(name: str, arr: AsyncArray[Any]) -> None:
+                v = np.asarray(await arr.getitem(slice(start, stop)))
+                values[name] = v[sel]
+
+            async with anyio.create_task_group() as tg:
+                for name, arr in arrays.items():
+                    if name != "seq_num" and _wanted(name, keys, timestamps):
+                        tg.start_soon(one, name, arr)
+        positions = np.arange(start, stop, dtype=np.int64)[sel]
+        rows = Rows(str(record["descriptor_uid"]), positions, seq[sel].astype(np.int64),
+                    values.get("time", np.full(len(positions), np.nan)),
+                    values.get("uid", np.full(len(positions), "", dtype=np.dtypes.StringDType())))
+        for name, v in values.items():
+            sub, _, key = name.partition("/")
+            if sub == "data":
+                rows.data[key] = v
+            elif sub == "timestamps":
+                rows.timestamps[key] = v
+            elif sub == "filled":
+                rows.filled[key] = v
+        return rows
+
+    async def written_positions(self, record: dict[str, Any], start: int = 0) -> Array:
+        """Positions ``>= start`` that hold an event (a cheap read: seq_num only)."""
+        path = str(record["zarr_path"])
+        arrays = await self.open_arrays(path, ["seq_num"])
+        arr = arrays["seq_num"]
+        n = min(int(record["length"]), int(arr.shape[0]))
+        if start >= n:
+            return np.zeros(0, dtype=np.int64)
+        with self._errors(path):
+            seq = np.asarray(await arr.getitem(slice(start, n)))
+        return np.flatnonzero(seq > 0).astype(np.int64) + start
+
+    def sync_array(self, arr: AsyncArray[Any]) -> zarr.Array:
+        """A synchronous handle (for dask) on an array opened here."""
+        return zarr.Array(arr)
+
+
+def column_names(keys: Sequence[str], timestamps: bool = True) -> list[str]:
+    names = ["seq_num", "time", "uid"]
+    for key in keys:
+        names.append(f"data/{key}")
+        if timestamps:
+            names.append(f"timestamps/{key}")
+        names.append(f"filled/{key}")
+    return names
+
+
+def _wanted(name: str, keys: Sequence[str], timestamps: bool) -> bool:
+    sub, _, key = name.partition("/")
+    if not key:
+        return True
+    if sub == "timestamps" and not timestamps:
+        return False
+    return key in keys

@@ -1,0 +1,531 @@
+"""Run metadata in MongoDB, in suitcase-mongo's "normalized" layout (one database per tenant).
+
+Documents are stored as they are (plus MongoDB's ``_id``, never returned), in the
+collections and with the indexes suitcase-mongo uses, so existing databroker readers
+keep working. Two collections are ours: ``event_stream`` (one summary per descriptor,
+events themselves live in Zarr) and ``ingest_log`` (Kafka provenance per run).
+
+Full-text search is feature-detected at :meth:`MongoMetadataStore.open`: a probe
+``$text`` query on a scratch collection tells a server that knows ``$text`` (it
+complains about the missing text index) from one that does not (mongo-java-server,
+used for local development, accepts a text index but rejects ``$text`` queries — and a
+text index there even breaks ``dropDatabase``, so it is never created). Without
+``$text`` the store keeps a side collection ``run_search`` ``{uid, text}`` with the
+lower-cased string values of each start document, filled when start documents are put
+(and back-filled at open), and answers FullText with one ``$regex`` per word there.
+Start documents themselves are never given extra fields.
+
+Only standard CRUD, ``bulk_write`` and index commands are used: no transactions, no
+aggregation, no collations. Every pymongo error is translated at this edge into
+:class:`~bluestream.errors.StorageUnavailable` (outages, timeouts: retry later) or
+:class:`~bluestream.errors.StorageError`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import structlog
+from bson.errors import BSONError
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, UpdateOne
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import (
+    BulkWriteError,
+    ConfigurationError,
+    ConnectionFailure,
+    ExecutionTimeout,
+    OperationFailure,
+    PyMongoError,
+    WTimeoutError,
+)
+
+from bluestream.errors import ConfigError, StorageError, StorageUnavailable
+from bluestream.queries import And, FullText, Query
+from bluestream.storage.base import (
+    DOC_KINDS,
+    IngestLogEntry,
+    MetadataStore,
+    PutOutcome,
+    StreamUpdate,
+    key_of,
+)
+from bluestream.storage.factory import (
+    DEFAULT_SERVER_SELECTION_TIMEOUT_MS,
+    canonical_json,
+    check_extra,
+    check_tenant,
+    classify_puts,
+    mask_uri,
+    search_text,
+)
+from bluestream.storage.mongo_query import (
+    escape_regex,
+    full_text_words,
+    to_mongo,
+)
+
+__all__ = ["INDEXES", "MongoMetadataStore"]
+
+Doc = dict[str, Any]
+Collection = AsyncCollection[Doc]
+
+log = structlog.get_logger("bluestream.storage.mongo")
+
+_DUPLICATE_KEY = 11000
+_INDEX_CONFLICT_CODES = (85, 86)  # IndexOptionsConflict, IndexKeySpecsConflict
+_UNAUTHORIZED = 13
+_INDEX_NOT_FOUND = 27
+_UNIQUE = {"unique": True}
+_NEWEST_FIRST = [("time", DESCENDING), ("uid", ASCENDING)]
+_RESOURCE_FIELD = {"datum": "resource", "stream_datum": "stream_resource"}
+_TEXT_INDEX = IndexModel([("$**", "text")], name="$**_text", default_language="none",
+                         language_override="_bluestream_language")
+
+
+def _ix(keys: str | list[tuple[str, int]], **options: Any) -> IndexModel:
+    return IndexModel(keys, **options)
+
+
+#: suitcase-mongo's indexes (same keys, hence the same names), plus ours. The text index
+#: on run_start is feature-detected separately.
+INDEXES: dict[str, list[IndexModel]] = {
+    "run_start": [
+        _ix("uid", **_UNIQUE), _ix("scan_id"),
+        _ix([("scan_id", DESCENDING), ("_id", DESCENDING)], **_UNIQUE),
+        _ix([("time", ASCENDING), ("_id", DESCENDING)], **_UNIQUE),
+        _ix([("time", DESCENDING), ("_id", DESCENDING)], **_UNIQUE),
+        _ix([("time", DESCENDING), ("scan_id", DESCENDING)]),
+        _ix("data_session"), _ix("data_groups"),
+    ],
+    "run_stop": [_ix("run_start", **_UNIQUE), _ix("uid", **_UNIQUE),
+                 _ix([("time", DESCENDING)])],
+    "event_descriptor": [_ix("uid", **_UNIQUE),
+                         _ix([("run_start", DESCENDING), ("time", DESCENDING)]),
+                         _ix([("time", DESCENDING)])],
+    "resource": [_ix("uid", **_UNIQUE), _ix("resource_id"), _ix("run_start")],
+    "datum": [_ix("datum_id", **_UNIQUE), _ix("resource")],
+    "stream_resource": [_ix("uid", **_UNIQUE), _ix("run_start")],
+    "stream_datum": [_ix("uid", **_UNIQUE), _ix("stream_resource")],
+    "event_stream": [_ix("descriptor_uid", **_UNIQUE), _ix("run_start")],
+    "ingest_log": [_ix([("run_start", ASCENDING), ("topic", ASCENDING),
+                        ("partition", ASCENDING)], **_UNIQUE)],
+}
+_RUN_SEARCH_INDEXES = [_ix("uid", **_UNIQUE)]
+
+
+def _kind(kind: str) -> tuple[str, str]:
+    try:
+        return DOC_KINDS[kind]
+    except KeyError:
+        raise ValueError(f"unknown document kind {kind!r}: one of {sorted(DOC_KINDS)}") from None
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc).split(", Timeout:", 1)[0]  # drop the topology dump
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+class MongoMetadataStore(MetadataStore):
+    """Run metadata for one tenant in a MongoDB database named after the tenant.
+
+    Pass ``client`` to share one :class:`~pymongo.AsyncMongoClient` (connection pool)
+    between tenants; the store then leaves closing it to the caller.
+    """
+
+    def __init__(self, uri: str, tenant: str, *,
+                 client: AsyncMongoClient[Doc] | None = None,
+                 server_selection_timeout_ms: int = DEFAULT_SERVER_SELECTION_TIMEOUT_MS) -> None:
+        self.uri = mask_uri(uri)
+        self.tenant = check_tenant(tenant)
+        self._raw_uri = uri
+        self._client = client
+        self._owns_client = client is None
+        self._timeout_ms = server_selection_timeout_ms
+        self._db: AsyncDatabase[Doc] | None = None
+        self._native_text = False
+
+    # -- error translation --------------------------------------------------------------
+
+    @contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        """Translate driver errors into ours, saying which server, database and action."""
+        try:
+            yield
+        except ConnectionFailure as exc:  # also AutoReconnect, NetworkTimeout, selection
+            raise StorageUnavailable(f"MongoDB at {self.uri} is unreachable: {_why(exc)}") from exc
+        except (ExecutionTimeout, WTimeoutError) as exc:
+            raise StorageUnavailable(
+                f"MongoDB at {self.uri} timed out while trying to {action}: {_why(exc)}"
+            ) from exc
+        except PyMongoError as exc:
+            if exc.timeout:
+                raise StorageUnavailable(
+                    f"MongoDB at {self.uri} timed out while trying to {action}: {_why(exc)}"
+                ) from exc
+            raise StorageError(
+                f"MongoDB at {self.uri} (database {self.tenant!r}) could not {action}: "
+                f"{_why(exc)}"
+            ) from exc
+        except (BSONError, OverflowError) as exc:
+            raise StorageError(f"cannot {action} in MongoDB: a value cannot be stored "
+                               f"as BSON: {exc}") from exc
+
+    @property
+    def db(self) -> AsyncDatabase[Doc]:
+        if self._db is None:
+            raise StorageError(f"metadata store {self.uri} ({self.tenant}) is not open")
+        return self._db
+
+    def _col(self, name: str) -> Collection:
+        return self.db[name]
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._db is not None:
+            return
+        if self._client is None:
+            self._client = self._make_client()
+        db = self._client[self.tenant]
+        with self._errors("create indexes"):
+            writable = await self._ensure_indexes(db, INDEXES)
+            self._native_text = await self._detect_text_search(db, writable)
+            if not self._native_text:
+                await self._ensure_indexes(db, {"run_search": _RUN_SEARCH_INDEXES})
+                await self._backfill_run_search(db)
+        log.info("mongo_store_opened", uri=self.uri, tenant=self.tenant,
+                 full_text="$text" if self._native_text else "run_search")
+        self._db = db
+
+    def _make_client(self) -> AsyncMongoClient[Doc]:
+        try:
+            return AsyncMongoClient(self._raw_uri, document_class=dict, tz_aware=False,
+                                    serverSelectionTimeoutMS=self._timeout_ms,
+                                    connectTimeoutMS=self._timeout_ms)
+        except (ConfigurationError, ValueError, TypeError) as exc:
+            raise ConfigError(f"invalid MongoDB URI {self.uri!r}: {exc}") from exc
+
+    async def close(self) -> None:
+        self._db = None
+        client, self._client = self._client, (None if self._owns_client else self._client)
+        if client is not None and self._owns_client:
+            with self._errors("close the connection"):
+                await client.close()
+
+    async def ping(self) -> None:
+        if self._client is None:
+            raise StorageUnavailable(f"MongoDB at {self.uri} is unreachable: store not open")
+        with self._errors("ping"):
+            await self._client.admin.command("ping")
+
+    async def _ensure_indexes(self, db: AsyncDatabase[Doc],
+                              indexes: Mapping[str, list[IndexModel]]) -> bool:
+        """Create indexes; False if the user may not (a read-only reader)."""
+        for name, models in indexes.items():
+            try:
+                await db[name].create_indexes(models)
+            except OperationFailure as exc:
+                if exc.code == _UNAUTHORIZED:
+                    log.warning("mongo_indexes_not_created", tenant=self.tenant,
+                                reason="not authorized: read-only user?")
+                    return False
+                if exc.code not in _INDEX_CONFLICT_CODES:
+                    raise
+                await self._ensure_indexes_one_by_one(db[name], models)
+        return True
+
+    async def _ensure_indexes_one_by_one(self, col: Collection, models: list[IndexModel]) -> None:
+        """An index that exists with other options (suitcase's non-unique resource.uid,
+        by default) is kept as it is: put_documents checks keys before inserting anyway."""
+        for model in models:
+            try:
+                await col.create_indexes([model])
+            except OperationFailure as exc:
+                if exc.code not in _INDEX_CONFLICT_CODES:
+                    raise
+                log.warning("mongo_index_kept", tenant=self.tenant, collection=col.name,
+                            index=model.document["name"], reason=_why(exc))
+
+    async def _detect_text_search(self, db: AsyncDatabase[Doc], writable: bool) -> bool:
+        """Use ``$text`` only if the server really answers it (see the module docstring)."""
+        run_start = db["run_start"]
+        has_index = await self._has_text_index(run_start)
+        if not writable:
+            return has_index
+        if not await self._server_knows_text(db):
+            return False
+        if not has_index:
+            try:
+                await run_start.create_indexes([_TEXT_INDEX])
+            except OperationFailure as exc:
+                if exc.code not in _INDEX_CONFLICT_CODES:
+                    raise
+        return True
+
+    @staticmethod
+    async def _has_text_index(col: Collection) -> bool:
+        async for index in await col.list_indexes():
+            if "text" in dict(index["key"]).values():
+                return True
+        return False
+
+    @staticmethod
+    async def _server_knows_text(db: AsyncDatabase[Doc]) -> bool:
+        """Probe ``$text`` on a throw-away collection that has no text index: a server
+        with text search answers "text index required" (code 27); one without rejects
+        the operator. (On an empty collection some servers never evaluate the filter.)"""
+        probe = db[f"_bluestream_probe_{uuid.uuid4().hex[:12]}"]
+        try:
+            await probe.insert_one({"probe": "probe"})
+            await probe.find_one({"$text": {"$search": "probe"}})
+            return True
+        except OperationFailure as exc:
+            return exc.code == _INDEX_NOT_FOUND or "text index required" in str(exc)
+        finally:
+            await probe.drop()
+
+    async def _backfill_run_search(self, db: AsyncDatabase[Doc]) -> None:
+        """Index start documents written by others (suitcase, older versions) for FullText."""
+        run_start, run_search = db["run_start"], db["run_search"]
+        if await run_search.count_documents({}) >= await run_start.count_documents({}):
+            return
+        have = set(await run_search.distinct("uid"))
+        batch: list[Doc] = []
+        async for doc in run_start.find({}, {"_id": 0}):
+            if doc.get("uid") not in have:
+                batch.append(doc)
+            if len(batch) >= 500:
+                await self._index_search_text(run_search, batch)
+                batch = []
+        await self._index_search_text(run_search, batch)
+
+    @staticmethod
+    async def _index_search_text(run_search: Collection, docs: Sequence[Doc]) -> None:
+        ops = [UpdateOne({"uid": d["uid"]}, {"$set": {"text": search_text(d)}}, upsert=True)
+               for d in docs if isinstance(d.get("uid"), str)]
+        if ops:
+            await _bulk_upsert(run_search, ops)
+
+    # -- writes -------------------------------------------------------------------------
+
+    async def put_documents(self, kind: str, docs: Sequence[Doc]) -> list[PutOutcome]:
+        name, key_field = _kind(kind)
+        if not docs:
+            return []
+        keys = [key_of(kind, d) for d in docs]
+        col = self._col(name)
+        with self._errors(f"store {kind} documents"):
+            stored = await self._stored_content(col, key_field, keys)
+            outcomes, positions = classify_puts(docs, keys, stored)
+            raced = await self._insert(col, [docs[i] for i in positions])
+            if raced:
+                lost = {keys[positions[j]] for j in raced}
+                await self._reclassify(col, key_field, docs, keys, lost, outcomes)
+            if kind == "start" and not self._native_text:
+                kept = [d for d, o in zip(docs, outcomes, strict=True)
+                        if o is not PutOutcome.CONFLICT]
+                await self._index_search_text(self._col("run_search"), kept)
+        return outcomes
+
+    @staticmethod
+    async def _stored_content(col: Collection, key_field: str,
+                              keys: Sequence[str]) -> dict[str, str]:
+        """Canonical content of the stored documents with these keys (first one wins)."""
+        found: dict[str, str] = {}
+        cursor = col.find({key_field: {"$in": sorted(set(keys))}}, {"_id": 0}).sort("_id", 1)
+        async for doc in cursor:
+            found.setdefault(str(doc.get(key_field)), canonical_json(doc))
+        return found
+
+    @staticmethod
+    async def _insert(col: Collection, docs: Sequence[Doc]) -> list[int]:
+        """Insert (copies: pymongo would add ``_id`` to the caller's dicts); return the
+        positions that lost a duplicate-key race to another writer."""
+        if not docs:
+            return []
+        try:
+            await col.insert_many([dict(d) for d in docs], ordered=False)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if any(e.get("code") != _DUPLICATE_KEY for e in errors) or not errors:
+                raise
+            return [int(e["index"]) for e in errors]
+        return []
+
+    async def _reclassify(self, col: Collection, key_field: str, docs: Sequence[Doc],
+                          keys: Sequence[str], lost: set[str],
+                          outcomes: list[PutOutcome]) -> None:
+        """After losing a race, compare with what the other writer stored. A key that is
+        still absent clashed on another unique field (a stop's uid): CONFLICT."""
+        stored = await self._stored_content(col, key_field, sorted(lost))
+        for i, key in enumerate(keys):
+            if key in lost:
+                same = stored.get(key) == canonical_json(docs[i])
+                outcomes[i] = PutOutcome.SAME if same else PutOutcome.CONFLICT
+
+    async def update_streams(self, updates: Sequence[StreamUpdate]) -> None:
+        ops = [UpdateOne({"descriptor_uid": u.descriptor_uid}, _stream_update(u), upsert=True)
+               for u in updates]
+        if ops:
+            with self._errors("update event_stream"):
+                await _bulk_upsert(self._col("event_stream"), ops)
+
+    async def log_ingest(self, entries: Sequence[IngestLogEntry]) -> None:
+        ops = [UpdateOne({"run_start": e.run_start, "topic": e.topic, "partition": e.partition},
+                         _ingest_update(e), upsert=True) for e in entries]
+        if ops:
+            with self._errors("update ingest_log"):
+                await _bulk_upsert(self._col("ingest_log"), ops)
+
+    # -- reads --------------------------------------------------------------------------
+
+    async def get(self, kind: str, key: str) -> Doc | None:
+        name, key_field = _kind(kind)
+        with self._errors(f"read a {kind} document"):
+            return await self._col(name).find_one({key_field: key}, {"_id": 0}, sort=[("_id", 1)])
+
+    async def find(self, kind: str, *, run_start: str | None = None,
+                   keys: Sequence[str] | None = None,
+                   resource: str | None = None) -> list[Doc]:
+        name, key_field = _kind(kind)
+        flt = _find_filter(kind, key_field, run_start, keys, resource)
+        with self._errors(f"read {kind} documents"):
+            cursor = self._col(name).find(flt, {"_id": 0})
+            return await cursor.sort([("time", ASCENDING), (key_field, ASCENDING)]).to_list(None)
+
+    async def streams(self, run_start: str) -> list[Doc]:
+        with self._errors("read event_stream"):
+            cursor = self._col("event_stream").find({"run_start": run_start}, {"_id": 0})
+            recs = await cursor.sort([("stream_name", 1), ("descriptor_uid", 1)]).to_list(None)
+        return [_stream_record(r) for r in recs]
+
+    async def ingest_log(self, run_start: str) -> list[Doc]:
+        with self._errors("read ingest_log"):
+            cursor = self._col("ingest_log").find({"run_start": run_start}, {"_id": 0})
+            recs = await cursor.sort([("topic", 1), ("partition", 1)]).to_list(None)
+        return [_ingest_record(r) for r in recs]
+
+    async def search(self, query: Query | None, *, skip: int = 0,
+                     limit: int | None = None) -> list[Doc]:
+        _check_window(skip, limit)
+        if limit == 0:
+            return []
+        with self._errors("search runs"):
+            cursor = self._col("run_start").find(await self._filter(query), {"_id": 0})
+            cursor = cursor.sort(_NEWEST_FIRST).skip(skip)
+            if limit is not None:
+                cursor = cursor.limit(limit)
+            return await cursor.to_list(None)
+
+    async def count(self, query: Query | None) -> int:
+        with self._errors("count runs"):
+            return await self._col("run_start").count_documents(await self._filter(query))
+
+    async def uids_with_prefix(self, prefix: str, query: Query | None = None,
+                               limit: int = 10) -> list[str]:
+        _check_window(0, limit)
+        if limit == 0:
+            return []
+        with self._errors("look up uids"):
+            flt: Doc = {"uid": {"$regex": "^" + escape_regex(prefix)}}
+            rest = await self._filter(query)
+            cursor = self._col("run_start").find({"$and": [flt, rest]} if rest else flt,
+                                                 {"_id": 0, "uid": 1})
+            docs = await cursor.sort(_NEWEST_FIRST).limit(limit).to_list(None)
+        return [str(d["uid"]) for d in docs]
+
+    async def _filter(self, query: Query | None) -> Doc:
+        """The run_start filter; without ``$text``, FullText parts are first resolved to
+        uids through ``run_search``."""
+        if self._native_text or query is None:
+            return to_mongo(query)
+        resolved = {q: await self._full_text_uids(q) for q in _full_text_parts(query)}
+        return to_mongo(query, full_text=lambda q: {"uid": {"$in": resolved[q]}})
+
+    async def _full_text_uids(self, q: FullText) -> list[str]:
+        words = full_text_words(q)
+        flt = {"$and": [{"text": {"$regex": escape_regex(w)}} for w in words]}
+        docs = await self._col("run_search").find(flt, {"_id": 0, "uid": 1}).to_list(None)
+        return [str(d["uid"]) for d in docs]
+
+
+# -- pure helpers --------------------------------------------------------------------------
+
+
+async def _bulk_upsert(col: Collection, ops: list[UpdateOne]) -> None:
+    """Apply upserts in order. Two writers upserting the same new key can both try to
+    insert; the loser gets a duplicate-key error, and running the (idempotent) batch
+    again then updates the winner's record."""
+    try:
+        await col.bulk_write(ops, ordered=True)
+    except BulkWriteError as exc:
+        errors = exc.details.get("writeErrors", [])
+        if not errors or any(e.get("code") != _DUPLICATE_KEY for e in errors):
+            raise
+        await col.bulk_write(ops, ordered=True)
+
+
+def _stream_update(u: StreamUpdate) -> Doc:
+    """Combine with max/min so that replays and reordering give the same record."""
+    return {
+        "$set": {"run_start": u.run_start, "stream_name": u.stream_name,
+                 "zarr_path": u.zarr_path, "data_keys": list(u.data_keys)},
+        "$max": {"length": u.length, "seq_num_max": u.seq_num_max, "time_max": u.time_max,
+                 "schema_version": u.schema_version},
+        "$min": {"seq_num_min": u.seq_num_min, "time_min": u.time_min},
+    }
+
+
+def _stream_record(rec: Mapping[str, Any]) -> Doc:
+    out = {f: rec.get(f) for f in StreamUpdate.__dataclass_fields__}
+    out["data_keys"] = list(rec.get("data_keys") or [])
+    return out
+
+
+def _ingest_update(e: IngestLogEntry) -> Doc:
+    extra = {f"extra.{k}": v for k, v in check_extra(e.extra).items()}
+    return {
+        "$min": {"offset_min": e.offset_min},
+        "$max": {"offset_max": e.offset_max},
+        "$set": {"daemon_version": e.daemon_version, "host": e.host, **extra},
+    }
+
+
+def _ingest_record(rec: Mapping[str, Any]) -> Doc:
+    out = {f: rec.get(f) for f in IngestLogEntry.__dataclass_fields__}
+    out["extra"] = dict(rec.get("extra") or {})
+    return out
+
+
+def _find_filter(kind: str, key_field: str, run_start: str | None,
+                 keys: Sequence[str] | None, resource: str | None) -> Doc:
+    parts: list[Doc] = []
+    if run_start is not None:
+        parts.append({"uid" if kind == "start" else "run_start": run_start})
+    if keys is not None:
+        parts.append({key_field: {"$in": list(keys)}})
+    if resource is not None:
+        if kind not in _RESOURCE_FIELD:
+            raise ValueError(f"find(resource=...) applies to datum and stream_datum, not {kind}")
+        parts.append({_RESOURCE_FIELD[kind]: resource})
+    if not parts:
+        raise ValueError("find() needs run_start, keys or resource")
+    return parts[0] if len(parts) == 1 else {"$and": parts}
+
+
+def _check_window(skip: int, limit: int | None) -> None:
+    if skip < 0 or (limit is not None and limit < 0):
+        raise ValueError(f"skip and limit must not be negative (skip={skip}, limit={limit})")
+
+
+def _full_text_parts(q: Query) -> list[FullText]:
+    if isinstance(q, FullText):
+        return [q]
+    if isinstance(q, And):
+        return [c for c in q.queries if isinstance(c, FullText)]
+    return []
+

@@ -1,0 +1,486 @@
+"""Run metadata in one SQLite file: the embedded backend (laptops, tests, no MongoDB).
+
+Layout: one table per MongoDB collection (``run_start``, ``run_stop``,
+``event_descriptor``, ``resource``, ``datum``, ``stream_resource``, ``stream_datum``,
+``event_stream``, ``ingest_log``). One file holds any number of tenants: every table
+has a ``tenant`` column that leads its primary key and indexes. Document tables keep
+the document as JSON text (``doc``, exactly as put, NaN included) next to the columns
+that are searched or sorted on: ``doc_key`` (its uid / datum_id / run_start),
+``uid``, ``run_start``, ``parent`` (the resource / stream_resource of a datum /
+stream_datum) and ``time``. ``run_start`` adds ``scan_id``, ``search_text`` (the
+lower-cased string values, for FullText by substring; FTS5 is not used so that both
+backends match words the same way) and ``query_doc`` (the document as strict JSON with
+non-finite floats as null, because SQLite < 3.42 rejects NaN in its JSON functions).
+
+Durability: WAL with ``synchronous=FULL`` fsyncs the log at every commit, so offsets
+committed to Kafka after a write can never point past what survives a power cut
+(``NORMAL`` in WAL mode may lose the last transactions). Writers in other processes
+wait up to ``busy_timeout``; a lock held longer surfaces as StorageUnavailable.
+
+All database work runs in a worker thread (:func:`anyio.to_thread.run_sync`), one
+call at a time per store (a lock around a ``check_same_thread=False`` connection), so
+the event loop never blocks on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio.to_thread
+
+from bluestream.errors import ConfigError, StorageError, StorageUnavailable
+from bluestream.queries import Query
+from bluestream.storage.base import (
+    DOC_KINDS,
+    IngestLogEntry,
+    MetadataStore,
+    PutOutcome,
+    StreamUpdate,
+    key_of,
+)
+from bluestream.storage.factory import (
+    canonical_json,
+    check_extra,
+    check_tenant,
+    classify_puts,
+    search_text,
+)
+from bluestream.storage.sqlite_query import register_functions, to_sql
+
+__all__ = ["BUSY_TIMEOUT_S", "SqliteMetadataStore", "sqlite_path"]
+
+Doc = dict[str, Any]
+T = TypeVar("T")
+
+BUSY_TIMEOUT_S = 10.0
+_SCHEME = "sqlite:///"
+_CHUNK = 500  # bound parameters per IN (...) list, well under SQLite's limit
+_PARENT_FIELD = {"datum": "resource", "stream_datum": "stream_resource"}
+_DOC_COLUMNS = ("doc_key", "uid", "run_start", "parent", "time", "doc")
+_START_COLUMNS = (*_DOC_COLUMNS, "scan_id", "search_text", "query_doc")
+_STREAM_COLUMNS = ("descriptor_uid", "run_start", "stream_name", "zarr_path", "length",
+                   "seq_num_min", "seq_num_max", "time_min", "time_max", "data_keys",
+                   "schema_version")
+_INGEST_COLUMNS = ("run_start", "topic", "partition", "offset_min", "offset_max",
+                   "daemon_version", "host", "extra")
+
+
+def _doc_table(name: str, extra: str = "") -> str:
+    return f"""
+    CREATE TABLE IF NOT EXISTS {name} (
+        tenant TEXT NOT NULL, doc_key TEXT NOT NULL, uid TEXT, run_start TEXT,
+        parent TEXT, time REAL, {extra} doc TEXT NOT NULL,
+        PRIMARY KEY (tenant, doc_key));
+    CREATE INDEX IF NOT EXISTS {name}_run_start ON {name} (tenant, run_start, time, doc_key);
+    """
+
+
+_SCHEMA = "\n".join([
+    _doc_table("run_start", "scan_id INTEGER, search_text TEXT NOT NULL, "
+                            "query_doc TEXT NOT NULL,"),
+    "CREATE INDEX IF NOT EXISTS run_start_time ON run_start (tenant, time DESC, uid);",
+    "CREATE INDEX IF NOT EXISTS run_start_scan_id ON run_start (tenant, scan_id);",
+    _doc_table("run_stop"),
+    "CREATE UNIQUE INDEX IF NOT EXISTS run_stop_uid ON run_stop (tenant, uid);",
+    _doc_table("event_descriptor"),
+    _doc_table("resource"),
+    _doc_table("datum"),
+    "CREATE INDEX IF NOT EXISTS datum_parent ON datum (tenant, parent, time, doc_key);",
+    _doc_table("stream_resource"),
+    _doc_table("stream_datum"),
+    "CREATE INDEX IF NOT EXISTS stream_datum_parent "
+    "ON stream_datum (tenant, parent, time, doc_key);",
+    """
+    CREATE TABLE IF NOT EXISTS event_stream (
+        tenant TEXT NOT NULL, descriptor_uid TEXT NOT NULL, run_start TEXT NOT NULL,
+        stream_name TEXT NOT NULL, zarr_path TEXT NOT NULL, length INTEGER NOT NULL,
+        seq_num_min INTEGER NOT NULL, seq_num_max INTEGER NOT NULL,
+        time_min REAL NOT NULL, time_max REAL NOT NULL, data_keys TEXT NOT NULL,
+        schema_version INTEGER NOT NULL,
+        PRIMARY KEY (tenant, descriptor_uid));
+    CREATE INDEX IF NOT EXISTS event_stream_run_start ON event_stream (tenant, run_start);
+    CREATE TABLE IF NOT EXISTS ingest_log (
+        tenant TEXT NOT NULL, run_start TEXT NOT NULL, topic TEXT NOT NULL,
+        partition INTEGER NOT NULL, offset_min INTEGER NOT NULL,
+        offset_max INTEGER NOT NULL, daemon_version TEXT NOT NULL, host TEXT NOT NULL,
+        extra TEXT NOT NULL,
+        PRIMARY KEY (tenant, run_start, topic, partition));
+    """,
+])
+
+_STREAM_UPSERT = f"""
+    INSERT INTO event_stream (tenant, {', '.join(_STREAM_COLUMNS)})
+    VALUES ({', '.join('?' * (len(_STREAM_COLUMNS) + 1))})
+    ON CONFLICT (tenant, descriptor_uid) DO UPDATE SET
+        run_start = excluded.run_start, stream_name = excluded.stream_name,
+        zarr_path = excluded.zarr_path, data_keys = excluded.data_keys,
+        length = max(length, excluded.length),
+        seq_num_max = max(seq_num_max, excluded.seq_num_max),
+        time_max = max(time_max, excluded.time_max),
+        schema_version = max(schema_version, excluded.schema_version),
+        seq_num_min = min(seq_num_min, excluded.seq_num_min),
+        time_min = min(time_min, excluded.time_min)
+"""
+
+_INGEST_UPSERT = f"""
+    INSERT INTO ingest_log (tenant, {', '.join(_INGEST_COLUMNS)})
+    VALUES ({', '.join('?' * (len(_INGEST_COLUMNS) + 1))})
+    ON CONFLICT (tenant, run_start, topic, partition) DO UPDATE SET
+        offset_min = min(offset_min, excluded.offset_min),
+        offset_max = max(offset_max, excluded.offset_max),
+        daemon_version = excluded.daemon_version, host = excluded.host,
+        extra = excluded.extra
+"""
+
+
+def sqlite_path(uri: str) -> str:
+    """The file of a ``sqlite:///`` URI, SQLAlchemy-style: ``sqlite:///rel/x.db`` is
+    relative to the working directory, ``sqlite:////abs/x.db`` absolute, and
+    ``sqlite:///:memory:`` a private in-memory database (lost on close)."""
+    if not uri.startswith(_SCHEME) or len(uri) == len(_SCHEME):
+        raise ConfigError(f"SQLite URI {uri!r} must look like sqlite:///path/to/file.db")
+    return uri[len(_SCHEME):]
+
+
+def _kind(kind: str) -> str:
+    if kind not in DOC_KINDS:
+        raise ValueError(f"unknown document kind {kind!r}: one of {sorted(DOC_KINDS)}")
+    return DOC_KINDS[kind][0]
+
+
+def _finite(value: Any) -> Any:
+    """Non-finite floats as None, so the JSON is strict (what SQLite's JSON1 accepts)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _row(kind: str, doc: Doc) -> tuple[Any, ...]:
+    """The column values of a document, in the order of _DOC_COLUMNS / _START_COLUMNS."""
+    key = key_of(kind, doc)
+    text = json.dumps(doc, sort_keys=False, allow_nan=True)
+    run_start = key if kind == "start" else _text(doc.get("run_start"))
+    parent = _text(doc.get(_PARENT_FIELD[kind])) if kind in _PARENT_FIELD else None
+    row = (key, _text(doc.get("uid")), run_start, parent, _number(doc.get("time")), text)
+    if kind != "start":
+        return row
+    scan_id = doc.get("scan_id")
+    scan_id = scan_id if isinstance(scan_id, int) and not isinstance(scan_id, bool) else None
+    strict = json.dumps(_finite(doc), allow_nan=False)
+    return (*row, scan_id, search_text(doc), strict)
+
+
+def _chunks(items: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _marks(n: int) -> str:
+    return ", ".join("?" * n)
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE takes the write lock up front, so read-compare-insert is atomic
+    even against another process writing the same file."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+class SqliteMetadataStore(MetadataStore):
+    """Run metadata for one tenant inside a SQLite file (see the module docstring)."""
+
+    def __init__(self, uri: str, tenant: str) -> None:
+        self.uri = uri
+        self.tenant = check_tenant(tenant)
+        self._path = sqlite_path(uri)
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    async def _run(self, action: str, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(connection)`` in a worker thread, one at a time, errors translated."""
+        return await anyio.to_thread.run_sync(self._call, action, fn)
+
+    def _call(self, action: str, fn: Callable[[sqlite3.Connection], T]) -> T:
+        with self._lock, self._errors(action):
+            if self._conn is None:
+                raise StorageError(f"metadata store {self.uri} ({self.tenant}) is not open")
+            return fn(self._conn)
+
+    @contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            text = str(exc)
+            if any(s in text for s in ("locked", "busy", "unable to open", "disk I/O")):
+                raise StorageUnavailable(
+                    f"SQLite database {self.uri} is unavailable ({action}): {text}"
+                ) from exc
+            raise StorageError(f"SQLite database {self.uri} could not {action}: {text}") from exc
+        except sqlite3.Error as exc:
+            raise StorageError(f"SQLite database {self.uri} could not {action}: {exc}") from exc
+        except OSError as exc:
+            raise StorageUnavailable(
+                f"SQLite database {self.uri} is unavailable ({action}): {exc}"
+            ) from exc
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._conn is not None:
+            return
+        conn = await anyio.to_thread.run_sync(self._connect)
+        with self._lock:
+            self._conn = conn
+
+    def _connect(self) -> sqlite3.Connection:
+        with self._errors("open"):
+            if self._path != ":memory:":
+                Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self._path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                   check_same_thread=False)
+            try:
+                self._configure(conn)
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+
+    @staticmethod
+    def _configure(conn: sqlite3.Connection) -> None:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+        try:
+            conn.execute("SELECT json_type('[]')")
+        except sqlite3.OperationalError as exc:
+            raise StorageError(f"SQLite {sqlite3.sqlite_version} lacks the JSON functions "
+                               "bluestream needs") from exc
+        register_functions(conn)
+        with _transaction(conn):
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+
+    async def close(self) -> None:
+        def _close() -> None:
+            with self._lock:
+                conn, self._conn = self._conn, None
+            if conn is not None:
+                with self._errors("close"):
+                    conn.close()
+
+        await anyio.to_thread.run_sync(_close)
+
+    async def ping(self) -> None:
+        if self._conn is None:
+            raise StorageUnavailable(f"SQLite database {self.uri} is unavailable: not open")
+        await self._run("ping", lambda c: c.execute("SELECT 1").fetchone())
+
+    # -- writes -------------------------------------------------------------------------
+
+    async def put_documents(self, kind: str, docs: Sequence[Doc]) -> list[PutOutcome]:
+        table = _kind(kind)
+        if not docs:
+            return []
+        keys = [key_of(kind, d) for d in docs]
+        rows = [_row(kind, d) for d in docs]
+        return await self._run(f"store {kind} documents",
+                               lambda c: self._put(c, kind, table, docs, keys, rows))
+
+    def _put(self, conn: sqlite3.Connection, kind: str, table: str, docs: Sequence[Doc],
+             keys: Sequence[str], rows: Sequence[tuple[Any, ...]]) -> list[PutOutcome]:
+        columns = _START_COLUMNS if kind == "start" else _DOC_COLUMNS
+        insert = (f"INSERT OR IGNORE INTO {table} (tenant, {', '.join(columns)}) "
+                  f"VALUES ({_marks(len(columns) + 1)})")
+        with _transaction(conn):
+            stored = self._stored_content(conn, table, keys)
+            outcomes, positions = classify_puts(docs, keys, stored)
+            for i in positions:
+                if conn.execute(insert, (self.tenant, *rows[i])).rowcount == 0:
+                    # The key was free, so another unique column (a stop's uid) clashed.
+                    outcomes[i] = PutOutcome.CONFLICT
+        return outcomes
+
+    def _stored_content(self, conn: sqlite3.Connection, table: str,
+                        keys: Sequence[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for chunk in _chunks(sorted(set(keys))):
+            sql = (f"SELECT doc_key, doc FROM {table} WHERE tenant = ? "
+                   f"AND doc_key IN ({_marks(len(chunk))})")
+            for key, text in conn.execute(sql, (self.tenant, *chunk)):
+                found[key] = canonical_json(json.loads(text))
+        return found
+
+    async def update_streams(self, updates: Sequence[StreamUpdate]) -> None:
+        rows = [(self.tenant, u.descriptor_uid, u.run_start, u.stream_name, u.zarr_path,
+                 u.length, u.seq_num_min, u.seq_num_max, u.time_min, u.time_max,
+                 json.dumps(list(u.data_keys)), u.schema_version) for u in updates]
+        if rows:
+            await self._run("update event_stream", lambda c: self._executemany(c, _STREAM_UPSERT,
+                                                                               rows))
+
+    @staticmethod
+    def _executemany(conn: sqlite3.Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        with _transaction(conn):
+            conn.executemany(sql, rows)
+
+    async def log_ingest(self, entries: Sequence[IngestLogEntry]) -> None:
+        checked = [(e, check_extra(e.extra)) for e in entries]
+        if checked:
+            await self._run("update ingest_log", lambda c: self._log_ingest(c, checked))
+
+    def _log_ingest(self, conn: sqlite3.Connection,
+                    entries: Sequence[tuple[IngestLogEntry, Doc]]) -> None:
+        """Offsets merge in SQL; ``extra`` merges key by key, like MongoDB's $set."""
+        select = ("SELECT extra FROM ingest_log WHERE tenant = ? AND run_start = ? "
+                  "AND topic = ? AND partition = ?")
+        with _transaction(conn):
+            for e, extra in entries:
+                old = conn.execute(select, (self.tenant, e.run_start, e.topic,
+                                            e.partition)).fetchone()
+                merged = {**(json.loads(old[0]) if old else {}), **extra}
+                conn.execute(_INGEST_UPSERT, (
+                    self.tenant, e.run_start, e.topic, e.partition, e.offset_min,
+                    e.offset_max, e.daemon_version, e.host, json.dumps(merged, allow_nan=True),
+                ))
+
+    # -- reads --------------------------------------------------------------------------
+
+    async def get(self, kind: str, key: str) -> Doc | None:
+        sql = f"SELECT doc FROM {_kind(kind)} WHERE tenant = ? AND doc_key = ?"
+
+        def _get(conn: sqlite3.Connection) -> Doc | None:
+            row = conn.execute(sql, (self.tenant, key)).fetchone()
+            return None if row is None else _load(row[0])
+
+        return await self._run(f"read a {kind} document", _get)
+
+    async def find(self, kind: str, *, run_start: str | None = None,
+                   keys: Sequence[str] | None = None,
+                   resource: str | None = None) -> list[Doc]:
+        table = _kind(kind)
+        where, params = _find_where(kind, run_start, resource)
+        if keys is None and not params:
+            raise ValueError("find() needs run_start, keys or resource")
+        sql = f"SELECT time, doc_key, doc FROM {table} WHERE tenant = ? {where}"
+
+        def _find(conn: sqlite3.Connection) -> list[Doc]:
+            if keys is None:
+                rows = list(conn.execute(sql, (self.tenant, *params)))
+            else:
+                rows = []
+                for chunk in _chunks(list(dict.fromkeys(keys))):
+                    part = f"{sql} AND doc_key IN ({_marks(len(chunk))})"
+                    rows += conn.execute(part, (self.tenant, *params, *chunk)).fetchall()
+            # MongoDB's order: missing time first, then by time, then by key.
+            rows.sort(key=lambda r: (r[0] is not None, r[0] or 0.0, r[1]))
+            return [_load(r[2]) for r in rows]
+
+        return await self._run(f"read {kind} documents", _find)
+
+    async def streams(self, run_start: str) -> list[Doc]:
+        sql = (f"SELECT {', '.join(_STREAM_COLUMNS)} FROM event_stream WHERE tenant = ? "
+               "AND run_start = ? ORDER BY stream_name, descriptor_uid")
+
+        def _streams(conn: sqlite3.Connection) -> list[Doc]:
+            out = []
+            for row in conn.execute(sql, (self.tenant, run_start)):
+                rec = dict(zip(_STREAM_COLUMNS, row, strict=True))
+                rec["data_keys"] = json.loads(rec["data_keys"])
+                out.append(rec)
+            return out
+
+        return await self._run("read event_stream", _streams)
+
+    async def ingest_log(self, run_start: str) -> list[Doc]:
+        sql = (f"SELECT {', '.join(_INGEST_COLUMNS)} FROM ingest_log WHERE tenant = ? "
+               "AND run_start = ? ORDER BY topic, partition")
+
+        def _ingest(conn: sqlite3.Connection) -> list[Doc]:
+            out = []
+            for row in conn.execute(sql, (self.tenant, run_start)):
+                rec = dict(zip(_INGEST_COLUMNS, row, strict=True))
+                rec["extra"] = json.loads(rec["extra"])
+                out.append(rec)
+            return out
+
+        return await self._run("read ingest_log", _ingest)
+
+    async def search(self, query: Query | None, *, skip: int = 0,
+                     limit: int | None = None) -> list[Doc]:
+        _check_window(skip, limit)
+        where, params = to_sql(query)
+        sql = (f"SELECT doc FROM run_start WHERE tenant = ? AND ({where}) "
+               "ORDER BY time DESC, uid ASC LIMIT ? OFFSET ?")
+        args = (self.tenant, *params, -1 if limit is None else limit, skip)
+        return await self._run("search runs",
+                               lambda c: [_load(r[0]) for r in c.execute(sql, args)])
+
+    async def count(self, query: Query | None) -> int:
+        where, params = to_sql(query)
+        sql = f"SELECT count(*) FROM run_start WHERE tenant = ? AND ({where})"
+        return await self._run("count runs",
+                               lambda c: int(c.execute(sql, (self.tenant, *params)).fetchone()[0]))
+
+    async def uids_with_prefix(self, prefix: str, query: Query | None = None,
+                               limit: int = 10) -> list[str]:
+        _check_window(0, limit)
+        where, params = to_sql(query)
+        sql = (f"SELECT uid FROM run_start WHERE tenant = ? AND substr(uid, 1, ?) = ? "
+               f"AND ({where}) ORDER BY time DESC, uid ASC LIMIT ?")
+        args = (self.tenant, len(prefix), prefix, *params, limit)
+        return await self._run("look up uids",
+                               lambda c: [str(r[0]) for r in c.execute(sql, args)])
+
+
+def _load(text: str) -> Doc:
+    doc = json.loads(text)
+    if not isinstance(doc, dict):
+        raise StorageError("a stored document is not a JSON object")
+    return doc
+
+
+def _find_where(kind: str, run_start: str | None, resource: str | None) -> tuple[str, list[Any]]:
+    where, params = "", []
+    if run_start is not None:
+        where, params = "AND run_start = ?", [run_start]
+    if resource is not None:
+        if kind not in _PARENT_FIELD:
+            raise ValueError(f"find(resource=...) applies to datum and stream_datum, not {kind}")
+        where, params = f"{where} AND parent = ?", [*params, resource]
+    return where, params
+
+
+def _check_window(skip: int, limit: int | None) -> None:
+    if skip < 0 or (limit is not None and limit < 0):
+        raise ValueError(f"skip and limit must not be negative (skip={skip}, limit={limit})")
