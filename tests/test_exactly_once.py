@@ -53,9 +53,9 @@ async def publish(bootstrap: str, topic: str, runs: list[list[tuple[str, Any]]])
 
 
 def start_daemon(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    out = log.open("ab")
-    return subprocess.Popen([sys.executable, "-m", "bluestream", "serve"], env=env,
-                            stdout=out, stderr=subprocess.STDOUT)
+    with log.open("ab") as out:  # the child keeps its own descriptor
+        return subprocess.Popen([sys.executable, "-m", "bluestream", "serve"], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
 
 
 def stored_events(mongo_uri: str, tenant: str, zarr_root: Path) -> dict[str, dict[str, Any]]:
@@ -67,6 +67,14 @@ def stored_events(mongo_uri: str, tenant: str, zarr_root: Path) -> dict[str, dic
             arrays = read_stream_arrays(zarr_root, tenant, st["run_start"], st["descriptor_uid"])
             out[st["run_start"]] = {"stream": st, **arrays}
         return out
+    finally:
+        client.close()
+
+
+def stored_count(mongo_uri: str, tenant: str) -> int:
+    client: MongoClient[dict[str, Any]] = MongoClient(mongo_uri)
+    try:
+        return sum(int(s["length"]) for s in client[tenant].event_stream.find({}))
     finally:
         client.close()
 
@@ -109,13 +117,16 @@ def test_sigkill_loop_stores_every_event_exactly_once(
            "BLUESTREAM_HTTP_PORT": "0", "BLUESTREAM_LOG_FORMAT": "json"}
     log = tmp_path / "daemon.log"
     rng = random.Random(1234)
-    kills = 0
-    while kills < 5:
+    total = N_RUNS * EVENTS_PER_RUN
+    progress: list[int] = []
+    while len(progress) < 5:
         proc = start_daemon(env, log)
-        time.sleep(rng.uniform(2.0, 6.0))
+        time.sleep(rng.uniform(1.5, 4.0))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        kills += 1
+        progress.append(stored_count(mongo_uri, tenant))
+    # The kills must have hit the daemon mid-stream, or the test proves nothing.
+    assert sum(1 for p in progress if 0 < p < total) >= 3, progress
     proc = start_daemon(env, log)
     try:
         deadline = time.monotonic() + 240

@@ -220,7 +220,7 @@ class HDF5StreamHandler(_HDF5File):
 
 def _register_defaults() -> None:
     for cls in (NumpySeqHandler, NpyHandler, AreaDetectorHDF5Handler, HDF5StreamHandler):
-        for spec in sorted(cls.specs):  # type: ignore[attr-defined]
+        for spec in sorted(cls.specs):
             register(spec, cls)
 
 

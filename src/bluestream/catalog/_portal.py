@@ -7,6 +7,7 @@ daemon: a catalog that is never closed does not keep the interpreter alive.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
@@ -84,10 +85,8 @@ class LoopThread:
         if portal is None or stop is None:
             return
         self._portal = None
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop already ended
             portal.call(_set, stop)
-        except RuntimeError:  # the loop already ended
-            pass
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=10)
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import anyio
 import numpy as np
 import zarr
 import zarr.api.asynchronous as za
@@ -25,6 +24,7 @@ from numpy.typing import NDArray
 from zarr.core.array import AsyncArray
 from zarr.storage import LocalStore
 
+from bluestream.catalog._tasks import task_group
 from bluestream.errors import StorageError, StorageUnavailable
 from bluestream.schemas.normalise import Page
 
@@ -90,7 +90,7 @@ class ArrayReader:
                                          f"mounted): {exc}") from exc
             raise StorageError(f"the arrays of {self.root / zarr_path} are missing: "
                                f"{exc}") from exc
-        except (OSError, zarr.errors.BaseZarrError, ValueError) as exc:  # type: ignore[attr-defined]
+        except (OSError, zarr.errors.BaseZarrError, ValueError) as exc:
             raise StorageError(f"reading Zarr group {self.root / zarr_path} failed: "
                                f"{exc}") from exc
 
@@ -107,10 +107,10 @@ class ArrayReader:
                 if name in required:
                     raise
                 return
-            out[name] = arr  # type: ignore[assignment]
+            out[name] = arr
 
         with self._errors(zarr_path):
-            async with anyio.create_task_group() as tg:
+            async with task_group() as tg:
                 for name in dict.fromkeys(names):
                     tg.start_soon(one, name)
         return out
@@ -136,7 +136,7 @@ class ArrayReader:
                 v = np.asarray(await arr.getitem(slice(start, stop)))
                 values[name] = v[sel]
 
-            async with anyio.create_task_group() as tg:
+            async with task_group() as tg:
                 for name, arr in arrays.items():
                     if name != "seq_num" and _wanted(name, keys, timestamps):
                         tg.start_soon(one, name, arr)
@@ -166,7 +166,7 @@ class ArrayReader:
             seq = np.asarray(await arr.getitem(slice(start, n)))
         return np.flatnonzero(seq > 0).astype(np.int64) + start
 
-    def sync_array(self, arr: AsyncArray[Any]) -> zarr.Array:
+    def sync_array(self, arr: AsyncArray[Any]) -> zarr.Array[Any]:
         """A synchronous handle (for dask) on an array opened here."""
         return zarr.Array(arr)
 

@@ -51,7 +51,8 @@ class Part:
 def to_str(arr: Array) -> Array:
     """StringDType columns as fixed-width unicode (what xarray and users expect)."""
     if arr.dtype.kind == "T":
-        return arr.astype(str) if arr.size else np.zeros(arr.shape, dtype="<U1")
+        width = int(np.strings.str_len(arr).max()) if arr.size else 0
+        return arr.astype(f"<U{max(width, 1)}")
     return arr
 
 
@@ -75,6 +76,7 @@ def _missing(n: int, template: Any) -> Any:
     """A block of ``n`` missing values shaped and typed like ``template``'s rows."""
     shape = (n, *template.shape[1:])
     kind = template.dtype.kind
+    fill: Any
     if kind in "fc":
         dtype, fill = template.dtype, np.nan
     elif kind in "iub":
@@ -86,7 +88,7 @@ def _missing(n: int, template: Any) -> Any:
     if _is_dask(template):
         import dask.array as da
 
-        return da.full(shape, fill, dtype=dtype)
+        return da.full(shape, fill, dtype=dtype)  # type: ignore[no-untyped-call]
     return np.full(shape, fill, dtype=dtype)
 
 
@@ -107,7 +109,8 @@ def _concat(blocks: Sequence[Any]) -> Any:
         import dask.array as da
 
         if len({b.shape[1:] for b in blocks}) == 1:
-            return da.concatenate([da.asarray(b) for b in blocks], axis=0)
+            return da.concatenate(  # type: ignore[no-untyped-call]
+                [da.asarray(b) for b in blocks], axis=0)  # type: ignore[no-untyped-call]
         blocks = [np.asarray(b) for b in blocks]  # rare: shapes changed between descriptors
     if len({b.shape[1:] for b in blocks}) == 1:
         return np.concatenate(blocks, axis=0)

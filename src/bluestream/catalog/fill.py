@@ -20,6 +20,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from bluestream import handlers as handler_registry
+from bluestream.catalog._tasks import task_group
 from bluestream.errors import NotFound, StorageError
 from bluestream.handlers import HandlerClass
 from bluestream.storage.base import MetadataStore
@@ -28,7 +29,8 @@ __all__ = ["DatumResolver", "StreamSlice", "stack_values"]
 
 Array = NDArray[Any]
 Doc = dict[str, Any]
-_LOADERS = anyio.CapacityLimiter(8)
+#: Handler calls (file reads) running at once per catalog.
+_LOADERS = 8
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,13 @@ class DatumResolver:
         self.store = store
         self.handlers = dict(handlers or {})
         self.root_map = dict(root_map or {})
+        self._limiter: anyio.CapacityLimiter | None = None
+
+    @property
+    def limiter(self) -> anyio.CapacityLimiter:
+        if self._limiter is None:  # made on the catalog's own loop, on first use
+            self._limiter = anyio.CapacityLimiter(_LOADERS)
+        return self._limiter
 
     # -- resource / datum ---------------------------------------------------------------
     async def documents(self, datum_ids: Sequence[str]) -> tuple[dict[str, Doc], dict[str, Doc]]:
@@ -88,9 +97,9 @@ class DatumResolver:
         loaded: dict[str, Any] = {}
 
         async def run(plan: LoadPlan) -> None:
-            loaded.update(await anyio.to_thread.run_sync(plan.load, limiter=_LOADERS))
+            loaded.update(await anyio.to_thread.run_sync(plan.load, limiter=self.limiter))
 
-        async with anyio.create_task_group() as tg:
+        async with task_group() as tg:
             for plan in plans:
                 tg.start_soon(run, plan)
         return stack_values([loaded[i] for i in ids], data_key)
@@ -123,7 +132,7 @@ class DatumResolver:
         async def one(uid: str) -> None:
             found.extend(await self.store.find("stream_datum", resource=uid))
 
-        async with anyio.create_task_group() as tg:
+        async with task_group() as tg:
             for uid in resources:
                 tg.start_soon(one, uid)
         for sd in found:
@@ -156,9 +165,9 @@ class DatumResolver:
         async def run(n: int, s: StreamSlice) -> None:
             plan = plans[s.stream_resource]
             parts[n] = await anyio.to_thread.run_sync(plan.load, s.index_start, s.index_stop,
-                                                      limiter=_LOADERS)
+                                                      limiter=self.limiter)
 
-        async with anyio.create_task_group() as tg:
+        async with task_group() as tg:
             for n, s in enumerate(slices):
                 tg.start_soon(run, n, s)
         frames: list[Any] = []

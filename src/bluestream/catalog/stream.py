@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import anyio
 import numpy as np
 from numpy.typing import NDArray
 
+from bluestream.catalog._tasks import task_group
 from bluestream.catalog.arrays import Rows, column_names
 from bluestream.catalog.columns import Part, build_dataset, decode_json_column, to_str
 from bluestream.catalog.context import CatalogContext, specs_of
@@ -64,7 +64,7 @@ class AsyncEventStream:
         async def records() -> None:
             found["r"] = await ctx.call("read event_stream", ctx.store.streams, self.run_uid)
 
-        async with anyio.create_task_group() as tg:
+        async with task_group() as tg:
             tg.start_soon(descriptors)
             tg.start_soon(records)
         descs = [d for d in found["d"] if d.get("name", "primary") == self.name]
@@ -116,7 +116,7 @@ class AsyncEventStream:
             parts[i] = await self._part(desc, recs.get(desc["uid"]), wanted, fill=fill,
                                         lazy=lazy)
 
-        async with anyio.create_task_group() as tg:
+        async with task_group() as tg:
             for i, desc in enumerate(descs):
                 tg.start_soon(one, i, desc)
         keys: dict[str, Mapping[str, Any]] = {}
@@ -175,8 +175,8 @@ class AsyncEventStream:
 
     async def _lazy_fill(self, ids: Array, data_key: Mapping[str, Any]) -> Any:
         """A dask array whose blocks load their datums with the handlers when computed."""
-        import dask
         import dask.array as da
+        from dask.delayed import delayed
 
         resolver = self._ctx.resolver
         id_list = [str(i) for i in ids.tolist()]
@@ -193,9 +193,10 @@ class AsyncEventStream:
         for start in range(0, len(id_list), _FILL_BLOCK_EVENTS):
             block_ids = id_list[start:start + _FILL_BLOCK_EVENTS]
             block_plans = resolver.plans(block_ids, datums, resources)
-            task = dask.delayed(_load_block, pure=True)(block_plans, block_ids, dict(data_key))
-            blocks.append(da.from_delayed(task, shape=(len(block_ids), *want), dtype=dtype))
-        return da.concatenate(blocks, axis=0)
+            task = delayed(_load_block, pure=True)(block_plans, block_ids, dict(data_key))
+            blocks.append(da.from_delayed(  # type: ignore[no-untyped-call]
+                task, shape=(len(block_ids), *want), dtype=dtype))
+        return da.concatenate(blocks, axis=0)  # type: ignore[no-untyped-call]
 
     async def _stream_columns(self, part: Part, desc: Doc, skeys: Sequence[str], *,
                               fill: bool) -> Part:
@@ -274,7 +275,8 @@ def _lazy_column(ctx: CatalogContext, arr: Any, rows: Rows) -> Any:
     import dask.array as da
 
     sync = ctx.arrays.sync_array(arr)
-    full = da.from_array(sync, chunks=sync.chunks, name=False, asarray=True, lock=False)
+    full = da.from_array(  # type: ignore[no-untyped-call]
+        sync, chunks=sync.chunks, name=False, asarray=True, lock=False)
     n = int(rows.positions[-1]) + 1 if len(rows) else 0
     if len(rows) == n:  # no holes: a plain slice keeps the chunk structure
         return full[:n]

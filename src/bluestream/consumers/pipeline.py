@@ -324,17 +324,17 @@ class Ingestor:
                     await self._dead(item.env, exc)
             return out
         try:
-            return [page_from_events([i.doc for i in items], info.specs)]
+            return [page_from_events([i.doc for i in items], info.specs, self.limits)]
         except DocumentError:
             pass
         good: list[dict[str, Any]] = []
         for item in items:
             try:
-                page_from_events([item.doc], info.specs)
+                page_from_events([item.doc], info.specs, self.limits)
                 good.append(item.doc)
             except DocumentError as exc:
                 await self._dead(item.env, exc)
-        return [page_from_events(good, info.specs)] if good else []
+        return [page_from_events(good, info.specs, self.limits)] if good else []
 
 
 def _runs_of_kind(items: list[Routed]) -> list[list[Routed]]:

@@ -232,15 +232,16 @@ def page_from_events(events: Sequence[Mapping[str, Any]], specs: Mapping[str, Fi
     if not events:
         raise ValidationError("no events to make a page of", reason="empty-page")
     descriptor = events[0].get("descriptor")
-    keys = specs.keys()
+    keys = set(specs)
     external = {k for k, s in specs.items() if s.external}
     for event in events:
         if event.get("descriptor") != descriptor:
             raise ValidationError(f"event {event.get('uid')!r} belongs to descriptor "
                                   f"{event.get('descriptor')!r}, not {descriptor!r}",
                                   reason="descriptor-mismatch")
-        _same_keys("data", _mapping(event, "data").keys(), keys)
-        _same_keys("timestamps", _mapping(event, "timestamps").keys(), keys)
+        for where in ("data", "timestamps"):
+            if _mapping(event, where).keys() != keys:
+                _same_keys(where, event[where].keys(), keys)
         filled = event.get("filled") or {}
         if not isinstance(filled, Mapping) or not filled.keys() <= external:
             _filled_keys_error(filled, external)
@@ -421,7 +422,7 @@ def _cast(what: str, arr: Array, target: np.dtype[Any]) -> Array:
     if src == target:
         return arr
     sk, tk = src.kind, target.kind
-    allowed = {"b": "b", "i": "biuf", "u": "biuf", "f": "biuf", "c": "biufc", "T": "UT"}
+    allowed = {"b": "b", "i": "biuf", "u": "biuf", "f": "biuf", "c": "biufc"}
     if sk not in allowed.get(tk, ""):
         raise _mismatch(what, f"values of dtype {src} cannot be stored as {target}")
     if tk in "iu" and arr.size:

@@ -302,7 +302,8 @@ def _datum_page_view(doc: dict[str, Any]) -> dict[str, Any]:
         view["datum_id"] = _items(view["datum_id"], "UT")
     if "datum_kwargs" in view:
         view["datum_kwargs"] = _arrays(view["datum_kwargs"])
-    return _plain(view)  # type: ignore[no-any-return]
+    plain: dict[str, Any] = _plain(view)
+    return plain
 
 
 _VIEWS: dict[str, Callable[[dict[str, Any]], Any]] = {
@@ -315,4 +316,5 @@ _VIEWS: dict[str, Callable[[dict[str, Any]], Any]] = {
 def warm_up() -> None:
     """Compile every schema now, so a daemon fails at start rather than on a document."""
     for name in KINDS:
-        _VALIDATORS.get(name) or _compile(name)
+        if name not in _VALIDATORS:
+            _compile(name)

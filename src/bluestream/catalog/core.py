@@ -1,0 +1,372 @@
+"""The catalog of one tenant's runs: lookup, search, iteration; async and sync.
+
+:class:`AsyncCatalog` does the work. :class:`Catalog` is a thin synchronous wrapper that
+runs it on a private event loop thread (so it also works in Jupyter, where the calling
+thread already runs a loop). ``search`` returns a new, lazy catalog; nothing is cached
+between calls, so counts and lookups always reflect what is stored now.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bluestream.catalog._portal import LoopThread
+from bluestream.catalog.context import CatalogContext
+from bluestream.catalog.run import AsyncBlueskyRun, BlueskyRun
+from bluestream.errors import AmbiguousUID, NotFound, StorageUnavailable
+from bluestream.handlers import HandlerClass
+from bluestream.queries import And, Query, ScanID, as_query
+from bluestream.storage.base import MetadataStore
+from bluestream.storage.factory import check_tenant, mask_uri, open_metadata_store
+
+__all__ = [
+    "MIN_PARTIAL_UID",
+    "AsyncCatalog",
+    "Catalog",
+    "from_uri",
+    "open_catalog",
+    "open_catalog_async",
+]
+
+Doc = dict[str, Any]
+MIN_PARTIAL_UID = 5
+_PAGE = 100
+_CANDIDATES = 10
+
+
+def _resolve_storage(metadata: str | None, zarr_root: str | os.PathLike[str] | None,
+                     config: str | os.PathLike[str] | None) -> tuple[str, Path, int]:
+    """Explicit arguments first, then the daemon's configuration (file + BLUESTREAM_*)."""
+    from bluestream.daemon.config import load_settings
+
+    timeout_ms = 5_000
+    if metadata is None or zarr_root is None:
+        path = config if config is not None else os.environ.get("BLUESTREAM_CONFIG") or None
+        settings = load_settings(None if path is None else Path(path))
+        metadata = settings.storage.metadata if metadata is None else metadata
+        zarr_root = settings.storage.zarr_root if zarr_root is None else zarr_root
+        timeout_ms = settings.storage.mongo_server_selection_timeout_ms
+    return metadata, Path(zarr_root), timeout_ms
+
+
+def _make_store(uri: str, tenant: str, timeout_ms: int) -> MetadataStore:
+    if uri.startswith("sqlite:///"):
+        from bluestream.storage.sqlite import sqlite_path
+
+        path = sqlite_path(uri)
+        if path != ":memory:" and not Path(path).is_file():
+            # Opening would create an empty database: say what is wrong instead.
+            raise StorageUnavailable(f"metadata store {uri}: SQLite file {path} does not "
+                                     "exist (wrong path, or nothing was ingested yet)")
+    return open_metadata_store(uri, tenant, server_selection_timeout_ms=timeout_ms)
+
+
+def make_context(tenant: str, *, metadata: str | None = None,
+                 zarr_root: str | os.PathLike[str] | None = None,
+                 config: str | os.PathLike[str] | None = None,
+                 handlers: Mapping[str, HandlerClass] | None = None,
+                 root_map: Mapping[str, str] | None = None,
+                 timeout: float = 30.0, poll_interval: float = 0.2) -> CatalogContext:
+    check_tenant(tenant)
+    uri, root, timeout_ms = _resolve_storage(metadata, zarr_root, config)
+    store = _make_store(uri, tenant, timeout_ms)
+    return CatalogContext(tenant, store, root, dict(handlers or {}), dict(root_map or {}),
+                          timeout=timeout, poll_interval=poll_interval)
+
+
+class AsyncCatalog:
+    """Runs of one tenant matching a query (all of them at first), newest first.
+
+    Use as ``async with open_catalog_async(...) as cat`` (or ``await cat.aclose()``).
+    Lookup: ``await cat[-1]`` (newest), ``await cat[42]`` (scan_id; newest duplicate),
+    ``await cat["3f2a9"]`` (uid or a prefix of >= 5 characters).
+    """
+
+    def __init__(self, ctx: CatalogContext, query: Query | None = None, *,
+                 owner: bool = True) -> None:
+        self._ctx = ctx
+        self._query = query
+        self._owner = owner
+
+    @property
+    def tenant(self) -> str:
+        return self._ctx.tenant
+
+    @property
+    def query(self) -> Query | None:
+        return self._query
+
+    async def open(self) -> AsyncCatalog:
+        await self._ctx.ensure_open()
+        return self
+
+    async def aclose(self) -> None:
+        if self._owner:
+            await self._ctx.close()
+
+    async def __aenter__(self) -> AsyncCatalog:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        q = "" if self._query is None else f" query={self._query!r}"
+        return f"<AsyncCatalog tenant={self.tenant!r} at {self._ctx.where}{q}>"
+
+    # -- queries --------------------------------------------------------------------------
+    def search(self, query: Query | Mapping[str, Any]) -> AsyncCatalog:
+        """A new catalog of the runs that also match ``query`` (lazy; chains with And)."""
+        q = as_query(query)
+        combined = q if self._query is None else And(self._query, q)
+        return AsyncCatalog(self._ctx, combined, owner=False)
+
+    async def count(self) -> int:
+        await self._ctx.ensure_open()
+        return await self._ctx.call("count runs", self._ctx.store.count, self._query)
+
+    async def starts(self, skip: int = 0, limit: int | None = None) -> list[Doc]:
+        """Start documents, newest first."""
+        await self._ctx.ensure_open()
+        return await self._ctx.call("search runs", self._ctx.store.search, self._query,
+                                    skip=skip, limit=limit)
+
+    async def uids(self, skip: int = 0, limit: int | None = None) -> list[str]:
+        return [str(d["uid"]) for d in await self.starts(skip, limit)]
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        """Start uids, newest first, fetched a page at a time."""
+        skip = 0
+        while True:
+            page = await self.uids(skip, _PAGE)
+            for uid in page:
+                yield uid
+            if len(page) < _PAGE:
+                return
+            skip += len(page)
+
+    async def values(self) -> AsyncIterator[AsyncBlueskyRun]:
+        skip = 0
+        while True:
+            page = await self.starts(skip, _PAGE)
+            for start in page:
+                yield await AsyncBlueskyRun.load(self._ctx, start)
+            if len(page) < _PAGE:
+                return
+            skip += len(page)
+
+    async def items(self) -> AsyncIterator[tuple[str, AsyncBlueskyRun]]:
+        async for run in self.values():
+            yield run.uid, run
+
+    # -- lookup -----------------------------------------------------------------------------
+    def __getitem__(self, key: int | str) -> Any:
+        """``await cat[key]``: see :meth:`lookup`."""
+        return self.lookup(key)
+
+    async def lookup(self, key: int | str) -> AsyncBlueskyRun:
+        return await AsyncBlueskyRun.load(self._ctx, await self.lookup_start(key))
+
+    async def lookup_start(self, key: int | str) -> Doc:
+        """The start document for ``key``: a negative index (``-1`` newest), a scan_id
+        (``>= 0``; the newest run with it), or a uid / uid prefix (>= 5 characters)."""
+        await self._ctx.ensure_open()
+        where = f"tenant {self.tenant!r}" + ("" if self._query is None else
+                                              " (within this search)")
+        if isinstance(key, bool) or not isinstance(key, int | np.integer | str):
+            raise TypeError(f"runs are looked up by int (index / scan_id) or str (uid), "
+                            f"not {type(key).__name__}")
+        if isinstance(key, int | np.integer):
+            key = int(key)
+            if key < 0:
+                docs = await self.starts(skip=-key - 1, limit=1)
+                if not docs:
+                    n = await self.count()
+                    raise NotFound(f"index {key} is out of range: {n} run(s) in {where}")
+                return docs[0]
+            query: Query = ScanID(key) if self._query is None else And(self._query,
+                                                                       ScanID(key))
+            docs = await self._ctx.call("search runs", self._ctx.store.search, query,
+                                        skip=0, limit=1)
+            if not docs:
+                raise NotFound(f"no run with scan_id {key} in {where}")
+            return docs[0]
+        if len(key) < MIN_PARTIAL_UID:
+            raise ValueError(f"partial uid {key!r} is too short: give at least "
+                             f"{MIN_PARTIAL_UID} characters")
+        candidates = await self._ctx.call("look up uid", self._ctx.store.uids_with_prefix,
+                                          key, self._query, limit=_CANDIDATES)
+        if key in candidates:
+            uid = key
+        elif not candidates:
+            raise NotFound(f"no run with uid {key!r} (or starting with it) in {where}")
+        elif len(candidates) > 1:
+            more = " and more" if len(candidates) >= _CANDIDATES else ""
+            raise AmbiguousUID(f"partial uid {key!r} matches {len(candidates)}{more} runs in "
+                               f"{where}: {', '.join(candidates)}; give more characters")
+        else:
+            uid = candidates[0]
+        start = await self._ctx.call("read start", self._ctx.store.get, "start", uid)
+        if start is None:
+            raise NotFound(f"no run with uid {uid!r} in {where}")
+        return start
+
+    async def contains(self, uid: str) -> bool:
+        try:
+            await self.lookup_start(uid)
+        except (NotFound, ValueError):
+            return False
+        return True
+
+
+class Catalog:
+    """Synchronous catalog (see :class:`AsyncCatalog` for the semantics).
+
+    ``len(cat)``, ``list(cat)`` (start uids, newest first), ``cat[-1]``, ``cat[42]``,
+    ``cat["3f2a9"]``, ``cat.search(...)``, ``keys()`` / ``values()`` / ``items()``.
+    Close it (or use ``with``) to release the connection and the loop thread.
+    """
+
+    def __init__(self, inner: AsyncCatalog, loop: LoopThread, *, owner: bool = True) -> None:
+        self._inner = inner
+        self._loop = loop
+        self._owner = owner
+
+    @property
+    def aio(self) -> AsyncCatalog:
+        """The asynchronous catalog behind this one (use it on the catalog's loop only)."""
+        return self._inner
+
+    @property
+    def tenant(self) -> str:
+        return self._inner.tenant
+
+    @property
+    def query(self) -> Query | None:
+        return self._inner.query
+
+    def close(self) -> None:
+        if self._owner and not self._loop.closed:
+            try:
+                self._loop.call(self._inner.aclose)
+            finally:
+                self._loop.close()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        q = "" if self.query is None else f" query={self.query!r}"
+        try:
+            n = f" {len(self)} runs"
+        except Exception:  # a repr must not raise (storage down, catalog closed)
+            n = ""
+        return f"<Catalog tenant={self.tenant!r}{n} at {self._inner._ctx.where}{q}>"
+
+    def search(self, query: Query | Mapping[str, Any]) -> Catalog:
+        return Catalog(self._inner.search(query), self._loop, owner=False)
+
+    def __len__(self) -> int:
+        return self._loop.call(self._inner.count)
+
+    def __iter__(self) -> Iterator[str]:
+        return self.keys()
+
+    def keys(self) -> Iterator[str]:
+        return self._loop.iterate(self._inner.__aiter__())
+
+    def values(self) -> Iterator[BlueskyRun]:
+        for run in self._loop.iterate(self._inner.values()):
+            yield BlueskyRun(run, self._loop)
+
+    def items(self) -> Iterator[tuple[str, BlueskyRun]]:
+        for run in self.values():
+            yield run.uid, run
+
+    def __getitem__(self, key: int | str) -> BlueskyRun:
+        return BlueskyRun(self._loop.call(self._inner.lookup, key), self._loop)
+
+    def __contains__(self, uid: object) -> bool:
+        if not isinstance(uid, str):
+            return False
+        return self._loop.call(self._inner.contains, uid)
+
+    @staticmethod
+    def from_uri(uri: str, *, zarr_root: str | os.PathLike[str], tenant: str | None = None,
+                 **kwargs: Any) -> Catalog:
+        """See :func:`from_uri`."""
+        return from_uri(uri, zarr_root=zarr_root, tenant=tenant, **kwargs)
+
+    def get(self, key: int | str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except NotFound:
+            return default
+
+
+def open_catalog_async(tenant: str, *, metadata: str | None = None,
+                       zarr_root: str | os.PathLike[str] | None = None,
+                       config: str | os.PathLike[str] | None = None,
+                       handlers: Mapping[str, HandlerClass] | None = None,
+                       root_map: Mapping[str, str] | None = None,
+                       timeout: float = 30.0, poll_interval: float = 0.2) -> AsyncCatalog:
+    """An :class:`AsyncCatalog` of ``tenant`` (connected on first use or ``async with``).
+
+    ``metadata`` (``mongodb://...`` or ``sqlite:///path``) and ``zarr_root`` default to
+    the daemon's configuration: the TOML file named by ``config`` or
+    ``BLUESTREAM_CONFIG``, then ``BLUESTREAM_*`` environment variables. ``handlers``
+    adds or overrides handler classes by spec for this catalog; ``root_map`` maps
+    resource roots that moved.
+    """
+    return AsyncCatalog(make_context(tenant, metadata=metadata, zarr_root=zarr_root,
+                                     config=config, handlers=handlers, root_map=root_map,
+                                     timeout=timeout, poll_interval=poll_interval))
+
+
+def open_catalog(tenant: str, *, metadata: str | None = None,
+                 zarr_root: str | os.PathLike[str] | None = None,
+                 config: str | os.PathLike[str] | None = None,
+                 handlers: Mapping[str, HandlerClass] | None = None,
+                 root_map: Mapping[str, str] | None = None,
+                 timeout: float = 30.0, poll_interval: float = 0.2) -> Catalog:
+    """A synchronous :class:`Catalog` of ``tenant``, connected (see
+    :func:`open_catalog_async` for the arguments). Raises StorageUnavailable naming
+    the URI if the metadata store cannot be reached."""
+    inner = open_catalog_async(tenant, metadata=metadata, zarr_root=zarr_root, config=config,
+                               handlers=handlers, root_map=root_map, timeout=timeout,
+                               poll_interval=poll_interval)
+    loop = LoopThread(f"bluestream-catalog-{tenant}")
+    try:
+        loop.call(inner.open)
+    except BaseException:
+        try:
+            loop.call(inner.aclose)
+        finally:
+            loop.close()
+        raise
+    return Catalog(inner, loop)
+
+
+def from_uri(uri: str, *, zarr_root: str | os.PathLike[str], tenant: str | None = None,
+             **kwargs: Any) -> Catalog:
+    """``Catalog.from_uri("mongodb://host/csx", zarr_root=...)``: the tenant is the
+    MongoDB database named in the URI path unless given."""
+    if tenant is None:
+        if not uri.startswith(("mongodb://", "mongodb+srv://")):
+            raise ValueError(f"give tenant= for {mask_uri(uri)}: only MongoDB URIs name one")
+        rest = uri.split("://", 1)[1].split("?", 1)[0]
+        _, _, db = rest.partition("/")
+        if not db:
+            raise ValueError(f"{mask_uri(uri)} names no database: give tenant=")
+        tenant = db
+        uri = uri.replace(f"/{db}", "/", 1)
+    return open_catalog(tenant, metadata=uri, zarr_root=zarr_root, **kwargs)
+
