@@ -8,8 +8,6 @@ reference built from the very documents that went in.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,21 +16,6 @@ import dask.array as da
 import numpy as np
 import pytest
 import xarray as xr
-from test_catalog_support import (
-    Docs,
-    assert_matches_reference,
-    assert_valid_order,
-    canonical,
-    create_store,
-    ingest,
-    multi_descriptor_run,
-    new_uid,
-    now,
-    plain,
-    re_runs,
-    reference_stream,
-    run_with_uid,
-)
 
 import bluestream
 from bluestream.catalog import Catalog
@@ -50,28 +33,26 @@ from bluestream.queries import (
     ScanID,
     TimeRange,
 )
+from test_catalog_support import (  # noqa: F401  (fixtures)
+    Docs,
+    assert_matches_reference,
+    assert_valid_order,
+    canonical,
+    cat_fixture,
+    create_store,
+    ingest,
+    metadata_uri_fixture,
+    multi_descriptor_run,
+    new_uid,
+    now,
+    plain,
+    re_runs,
+    reference_stream,
+    run_with_uid,
+    store_docs_fixture,
+)
 
 LABELS = ("count", "scan", "image", "external")
-
-
-@pytest.fixture(params=["sqlite", pytest.param("mongo", marks=pytest.mark.mongo)])
-def metadata_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'meta.db'}"
-    uri: str = request.getfixturevalue("mongo_uri")
-    return uri
-
-
-@pytest.fixture
-def store_docs(metadata_uri: str, zarr_root: Path, tenant: str) -> Any:
-    """``store_docs(docs)`` ingests documents into this test's tenant."""
-    offset = [0]
-
-    def store(docs: Docs) -> None:
-        anyio.run(partial(ingest, metadata_uri, zarr_root, tenant, docs, start_offset=offset[0]))
-        offset[0] += len(docs)
-
-    return store
 
 
 @pytest.fixture
@@ -81,14 +62,6 @@ def runs(store_docs: Any) -> dict[str, Docs]:
     for label in LABELS:
         store_docs(docs[label])
     return docs
-
-
-@pytest.fixture
-def cat(metadata_uri: str, zarr_root: Path, tenant: str, store_docs: Any) -> Iterator[Catalog]:
-    anyio.run(create_store, metadata_uri, tenant)
-    catalog = bluestream.open_catalog(tenant, metadata=metadata_uri, zarr_root=zarr_root)
-    yield catalog
-    catalog.close()
 
 
 def uid_of(docs: Docs) -> str:
@@ -403,13 +376,13 @@ def test_unreachable_mongo() -> None:
     uri = "mongodb://127.0.0.1:9"  # discard port: nothing listens
     with pytest.raises(StorageUnavailable) as err:
         bluestream.open_catalog("csx", metadata=uri + "/?serverSelectionTimeoutMS=300",
-                                zarr_root="/nonexistent", timeout=5)
+                                zarr_root="/nonexistent", timeout=1)
     assert "127.0.0.1:9" in str(err.value)
 
 
 def test_missing_sqlite_file(tmp_path: Path) -> None:
     path = tmp_path / "nothing-here.db"
-    with pytest.raises(StorageUnavailable, match="nothing-here.db"):
+    with pytest.raises(StorageUnavailable, match=r"nothing-here\.db"):
         bluestream.open_catalog("csx", metadata=f"sqlite:///{path}", zarr_root=tmp_path)
     assert not path.exists()
 

@@ -13,15 +13,20 @@ import tempfile
 import time
 import uuid
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import anyio
 import event_model
 import numpy as np
-from helpers import envelopes, make_ingestor
+import pytest
 
+import bluestream
+from bluestream.catalog import Catalog
 from bluestream.storage.registry import StoreRegistry
+from helpers import envelopes, make_ingestor
 
 Doc = dict[str, Any]
 Docs = list[tuple[str, Doc]]
@@ -175,6 +180,37 @@ async def create_store(metadata_uri: str, tenant: str) -> None:
         await registry(tenant)
     finally:
         await registry.aclose()
+
+
+# -- fixtures (imported by the test modules) ---------------------------------------------
+@pytest.fixture(name="metadata_uri",
+                params=["sqlite", pytest.param("mongo", marks=pytest.mark.mongo)])
+def metadata_uri_fixture(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'meta.db'}"
+    uri: str = request.getfixturevalue("mongo_uri")
+    return uri
+
+
+@pytest.fixture(name="store_docs")
+def store_docs_fixture(metadata_uri: str, zarr_root: Path, tenant: str) -> Any:
+    """``store_docs(docs)`` ingests documents into this test's tenant."""
+    offset = [0]
+
+    def store(docs: Docs) -> None:
+        anyio.run(partial(ingest, metadata_uri, zarr_root, tenant, docs, start_offset=offset[0]))
+        offset[0] += len(docs)
+
+    return store
+
+
+@pytest.fixture(name="cat")
+def cat_fixture(metadata_uri: str, zarr_root: Path, tenant: str,
+                store_docs: Any) -> Iterator[Catalog]:
+    anyio.run(create_store, metadata_uri, tenant)
+    catalog = bluestream.open_catalog(tenant, metadata=metadata_uri, zarr_root=zarr_root)
+    yield catalog
+    catalog.close()
 
 
 # -- a small databroker-style reference -----------------------------------------------------

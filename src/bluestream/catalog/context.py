@@ -84,6 +84,6 @@ class CatalogContext:
                                      f"{type(exc).__name__}: {exc}") from exc
 
     async def close(self) -> None:
-        if self._opened:
-            self._opened = False
-            await self.store.close()
+        """Close the store (also after a failed open: it may hold a client)."""
+        self._opened = False
+        await self.store.close()

@@ -79,8 +79,6 @@ class StorageSettings(_Section):
     metadata: str = "sqlite:///data/bluestream.db"
     zarr_root: Path = Path("data/zarr")
     mongo_server_selection_timeout_ms: int = Field(default=5_000, ge=100)
-    #: Also write one document per event into the legacy ``event`` collection.
-    legacy_event_collection: bool = False
 
     @field_validator("metadata")
     @classmethod
