@@ -12,12 +12,12 @@ import anyio
 import msgpack
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from helpers import scalar_run
-from test_ingest_kafka import settings_for, wait_for
 
 from bluestream.consumers.decode import encode_message
 from bluestream.daemon.service import Daemon
 from bluestream.storage.factory import open_metadata_store
+from helpers import scalar_run
+from test_ingest_kafka import settings_for, wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.anyio]
 
@@ -111,7 +111,7 @@ async def test_bad_input_is_dead_lettered_and_service_survives(
 
 
 async def read_dlq(bootstrap: str, dlq_topic: str, n: int,
-                   timeout: float = 60.0) -> list[dict[str, Any]]:
+                   within: float = 60.0) -> list[dict[str, Any]]:
     consumer = AIOKafkaConsumer(dlq_topic, bootstrap_servers=bootstrap,
                                 auto_offset_reset="earliest", group_id=None,
                                 fetch_max_bytes=64 * 1024 * 1024,
@@ -119,7 +119,7 @@ async def read_dlq(bootstrap: str, dlq_topic: str, n: int,
     await consumer.start()
     out: list[dict[str, Any]] = []
     try:
-        with anyio.move_on_after(timeout):
+        with anyio.move_on_after(within):
             while len(out) < n:
                 batch = await consumer.getmany(timeout_ms=500)
                 for recs in batch.values():

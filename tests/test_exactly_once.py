@@ -18,11 +18,11 @@ import anyio
 import numpy as np
 import pytest
 from aiokafka import AIOKafkaProducer
-from conftest import create_topic
-from helpers import read_stream_arrays, scalar_run
 from pymongo import MongoClient
 
 from bluestream.consumers.decode import encode_message
+from conftest import create_topic
+from helpers import read_stream_arrays, scalar_run
 
 pytestmark = [pytest.mark.kafka, pytest.mark.mongo, pytest.mark.slow]
 

@@ -11,11 +11,11 @@ from typing import Any
 import anyio
 import numpy as np
 import pytest
-from helpers import assert_stored_events
 
 from bluestream.daemon.config import load_settings
 from bluestream.daemon.service import Daemon
 from bluestream.storage.factory import open_metadata_store
+from helpers import assert_stored_events
 
 pytestmark = [pytest.mark.kafka, pytest.mark.anyio]
 
@@ -39,13 +39,13 @@ def metadata_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return uri
 
 
-async def wait_for(predicate: Any, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
+async def wait_for(predicate: Any, within: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if await predicate():
             return
         await anyio.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    raise AssertionError(f"timed out after {within} s waiting for {what}")
 
 
 @pytest.fixture

@@ -13,9 +13,10 @@ from typing import Any
 import anyio
 import event_model
 import numpy as np
-from helpers import envelopes, make_ingestor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from helpers import envelopes, make_ingestor
 
 Doc = dict[str, Any]
 

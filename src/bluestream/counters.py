@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections import Counter
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 __all__ = ["Counters"]
@@ -17,13 +17,14 @@ class Counters:
     ``("dead_lettered", "schema-violation")``; label ``""`` for unlabelled ones.
     """
 
-    counts: Counter[tuple[str, str]] = field(default_factory=Counter)
+    counts: defaultdict[tuple[str, str], float] = field(
+        default_factory=lambda: defaultdict(float))
     gauges: dict[tuple[str, str], float] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def inc(self, name: str, label: str = "", n: int | float = 1) -> None:
         with self._lock:
-            self.counts[(name, label)] += n  # type: ignore[assignment]
+            self.counts[(name, label)] += n
 
     def set(self, name: str, label: str, value: float) -> None:
         with self._lock:

@@ -7,14 +7,14 @@ so callers handle one family of errors with messages a user can act on.
 from __future__ import annotations
 
 __all__ = [
+    "AmbiguousUID",
     "BluestreamError",
     "ConfigError",
     "ConflictError",
-    "DocumentError",
     "DecodeError",
+    "DocumentError",
     "LimitExceeded",
     "NotFound",
-    "AmbiguousUID",
     "RoutingError",
     "SchemaViolation",
     "StorageError",

@@ -24,8 +24,8 @@ try:  # the C extension; fallback only where it was not built
     from msgpack._cmsgpack import Packer as _Packer
     from msgpack._cmsgpack import unpackb as _unpackb
 except ImportError:  # pragma: no cover
-    from msgpack.fallback import Packer as _Packer  # type: ignore[assignment]
-    from msgpack.fallback import unpackb as _unpackb  # type: ignore[assignment]
+    from msgpack.fallback import Packer as _Packer
+    from msgpack.fallback import unpackb as _unpackb
 
 __all__ = ["DOCUMENT_NAMES", "decode_message", "encode_message"]
 

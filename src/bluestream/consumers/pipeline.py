@@ -153,7 +153,7 @@ class Ingestor:
         await self.dlq.send(env, error)
 
     def _orphan_error(self, item: Routed) -> RoutingError:
-        tenant, kind, key = item.extra["waiting_for"]
+        _, kind, key = item.extra["waiting_for"]
         waited = self._clock() - item.extra["parked_at"]
         return RoutingError(
             f"{item.name} refers to {kind} {key!r}, which did not arrive within "

@@ -107,7 +107,7 @@ class ZarrEventStore:
             async with anyio.create_task_group() as tg:
                 for arr, col in zip(arrays, columns, strict=True):
                     tg.start_soon(_write_runs, arr, positions, values[col.name])
-        except (OSError, zarr.errors.BaseZarrError) as exc:  # type: ignore[attr-defined]
+        except (OSError, zarr.errors.BaseZarrError) as exc:
             raise StorageError(f"writing Zarr group {self.root / path} failed: {exc}") from exc
         return StreamUpdate(
             descriptor_uid=str(descriptor["uid"]),
@@ -145,7 +145,7 @@ class ZarrEventStore:
 
     async def _group(self, path: str, descriptor: Mapping[str, Any],
                      run_start: str) -> AsyncGroup:
-        attrs = {"descriptor_uid": str(descriptor["uid"]), "run_start": run_start,
+        attrs: dict[str, Any] = {"descriptor_uid": str(descriptor["uid"]), "run_start": run_start,
                  "stream_name": str(descriptor.get("name", "primary")),
                  "schema_version": SCHEMA_VERSION}
         store = str(self.root)
