@@ -42,6 +42,7 @@ from test_catalog_support import (  # noqa: F401  (fixtures)
     create_store,
     ingest,
     metadata_uri_fixture,
+    mixed_run,
     multi_descriptor_run,
     new_uid,
     now,
@@ -396,3 +397,43 @@ def test_closed_catalog(metadata_uri: str, zarr_root: Path, tenant: str,
     catalog.close()  # idempotent
     with pytest.raises(RuntimeError, match="closed"):
         len(catalog)
+
+
+def test_value_kinds(cat: Catalog, store_docs: Any) -> None:
+    """Strings, vectors and 2-d arrays (each with their own dims), variable-length
+    arrays (one array per event) -- read and replayed as they went in."""
+    docs = mixed_run(now() - 450)
+    store_docs(docs)
+    run = cat[uid_of(docs)]
+    ds = run["primary"].read()
+    events = [d for n, d in docs if n == "event"]
+    assert ds["mode"].values.tolist() == [e["data"]["mode"] for e in events]
+    np.testing.assert_array_equal(ds["vec"].values, [e["data"]["vec"] for e in events])
+    np.testing.assert_array_equal(ds["mat"].values, [e["data"]["mat"] for e in events])
+    assert ds["mat"].dtype == np.int32
+    assert ds["vec"].attrs["units"] == "V"
+    assert ds["mode"].dims == ("time",)
+    assert len({*ds["vec"].dims, *ds["mat"].dims}) == 4  # time + 1 + 2 distinct dims
+    peaks = ds["peaks"].values
+    assert peaks.dtype == object and peaks.shape == (4,)
+    for got, ev in zip(peaks, events, strict=True):
+        np.testing.assert_array_equal(got, ev["data"]["peaks"])
+    lazy = run["primary"].to_dask().compute()
+    xr.testing.assert_identical(lazy.drop_vars("peaks"), ds.drop_vars("peaks"))
+    for a, b in zip(lazy["peaks"].values, peaks, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert canonical(run.documents()) == canonical(docs)
+
+
+def test_from_uri(runs: dict[str, Docs], metadata_uri: str, zarr_root: Path,
+                  tenant: str) -> None:
+    if not metadata_uri.startswith("mongodb://"):
+        with pytest.raises(ValueError, match="tenant="):
+            Catalog.from_uri(metadata_uri, zarr_root=zarr_root)
+        with Catalog.from_uri(metadata_uri, zarr_root=zarr_root, tenant=tenant) as by_uri:
+            assert len(by_uri) == 4
+        return
+    with Catalog.from_uri(f"{metadata_uri.rstrip('/')}/{tenant}",
+                          zarr_root=zarr_root) as by_uri:
+        assert by_uri.tenant == tenant
+        assert len(by_uri) == 4

@@ -122,6 +122,28 @@ def multi_descriptor_run(t0: float) -> Docs:
     return docs
 
 
+def mixed_run(t0: float) -> Docs:
+    """Strings, a fixed-shape vector, a 2-d array and a variable-length array."""
+    bundle = event_model.compose_run(time=t0, metadata={"scan_id": 901, "plan_name": "count"})
+    desc = bundle.compose_descriptor(
+        name="primary", time=t0,
+        data_keys={"mode": {"dtype": "string", "shape": [], "source": "sim:mode"},
+                   "vec": {"dtype": "array", "shape": [3], "source": "sim:vec",
+                           "dtype_numpy": "<f8", "units": "V"},
+                   "mat": {"dtype": "array", "shape": [2, 4], "source": "sim:mat",
+                           "dtype_numpy": "<i4"},
+                   "peaks": {"dtype": "array", "shape": [None], "source": "sim:peaks"}})
+    docs: Docs = [("start", bundle.start_doc), ("descriptor", desc.descriptor_doc)]
+    for i in range(1, 5):
+        data = {"mode": "fast" if i % 2 else "slow-mode", "vec": [i, i + 0.5, -i],
+                "mat": np.arange(8, dtype=np.int32).reshape(2, 4) * i,
+                "peaks": [float(p) for p in range(i)]}
+        docs.append(("event", desc.compose_event(data=data, timestamps=dict.fromkeys(data, t0 + i),
+                                                 seq_num=i, time=t0 + i)))
+    docs.append(("stop", bundle.compose_stop(time=t0 + 10)))
+    return docs
+
+
 def npy_seq_run(directory: Path, *, n: int, t0: float, spec: str = "NPY_SEQ",
                 pages: bool = False) -> Docs:
     """External data written by hand: ``<root>/<resource_path>_<i>.npy`` per datum."""

@@ -78,7 +78,8 @@ class LoopThread:
         finally:
             aclose = getattr(agen, "aclose", None)
             if aclose is not None and not self.closed:
-                self.call(aclose)
+                with contextlib.suppress(RuntimeError):  # e.g. collected on the loop thread
+                    self.call(aclose)
 
     def close(self) -> None:
         portal, stop = self._portal, self._stop

@@ -165,6 +165,9 @@ def build_dataset(parts: Sequence[Part], data_keys: Mapping[str, Mapping[str, An
     coords = {"time": ("time", np.asarray(time, dtype=np.float64)),
               "seq_num": ("time", np.asarray(seq, dtype=np.int64)),
               "uid": ("time", uid)}
+    for name in ("seq_num", "uid"):
+        if name in variables:  # a data key of that name wins over the coordinate
+            del coords[name]
     return xarray.Dataset(variables, coords=coords, attrs=dict(attrs or {}))
 
 

@@ -33,6 +33,14 @@ def specs_of(descriptor: Mapping[str, Any]) -> dict[str, FieldSpec]:
     return field_specs(descriptor, _NO_LIMITS)
 
 
+def _driver_errors() -> tuple[type[BaseException], ...]:
+    import sqlite3
+
+    from pymongo.errors import PyMongoError
+
+    return (OSError, sqlite3.Error, PyMongoError)
+
+
 @dataclass
 class CatalogContext:
     tenant: str
@@ -77,9 +85,9 @@ class CatalogContext:
         except TimeoutError:
             raise StorageUnavailable(f"metadata store {self.where} did not answer within "
                                      f"{self.timeout:g} s ({what})") from None
-        except (BluestreamError, ValueError, TypeError, KeyError):
+        except BluestreamError:
             raise
-        except Exception as exc:
+        except _driver_errors() as exc:  # not translated by the store itself
             raise StorageUnavailable(f"metadata store {self.where} failed ({what}): "
                                      f"{type(exc).__name__}: {exc}") from exc
 

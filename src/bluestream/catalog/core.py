@@ -9,7 +9,7 @@ between calls, so counts and lookups always reflect what is stored now.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,8 @@ def make_context(tenant: str, *, metadata: str | None = None,
 class AsyncCatalog:
     """Runs of one tenant matching a query (all of them at first), newest first.
 
-    Use as ``async with open_catalog_async(...) as cat`` (or ``await cat.aclose()``).
+    Use as ``async with open_catalog_async(...) as cat`` (or ``await cat.aclose()``),
+    on an asyncio event loop (zarr's async API needs asyncio).
     Lookup: ``await cat[-1]`` (newest), ``await cat[42]`` (scan_id; newest duplicate),
     ``await cat["3f2a9"]`` (uid or a prefix of >= 5 characters).
     """
@@ -165,7 +166,7 @@ class AsyncCatalog:
             yield run.uid, run
 
     # -- lookup -----------------------------------------------------------------------------
-    def __getitem__(self, key: int | str) -> Any:
+    def __getitem__(self, key: int | str) -> Coroutine[Any, Any, AsyncBlueskyRun]:
         """``await cat[key]``: see :meth:`lookup`."""
         return self.lookup(key)
 
@@ -366,7 +367,6 @@ def from_uri(uri: str, *, zarr_root: str | os.PathLike[str], tenant: str | None 
         _, _, db = rest.partition("/")
         if not db:
             raise ValueError(f"{mask_uri(uri)} names no database: give tenant=")
-        tenant = db
-        uri = uri.replace(f"/{db}", "/", 1)
+        tenant = db  # the URI stays as given: its path is also the default auth database
     return open_catalog(tenant, metadata=uri, zarr_root=zarr_root, **kwargs)
 

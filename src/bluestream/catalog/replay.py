@@ -256,13 +256,13 @@ async def replay(ctx: CatalogContext, run_uid: str, *, pages: bool = True,
         yield ("stop", docs.stop)
 
 
-async def _push_next(heap: list[tuple[float, int, int, Any]], tie: Iterable[int],
+async def _push_next(heap: list[tuple[float, int, int, Any]], tie: itertools.count[int],
                      desc: Doc, it: AsyncIterator[Rows]) -> None:
     try:
         rows = await it.__anext__()
     except StopAsyncIteration:
         return
-    heapq.heappush(heap, (float(rows.time[0]), 1, next(iter(tie)), (desc, rows)))
+    heapq.heappush(heap, (float(rows.time[0]), 1, next(tie), (desc, rows)))
 
 
 async def follow(ctx: CatalogContext, run_uid: str, *, stream: str | None = None,

@@ -152,10 +152,9 @@ class AsyncBlueskyRun:
                            poll_interval: float | None = None) -> AsyncIterator[Doc]:
         """Event pages of one stream as they are stored; ends after the run's stop
         once all were yielded."""
-        async for name, doc in follow(self._ctx, self.uid, stream=stream,
-                                      poll_interval=poll_interval):
-            if name == "event_page":
-                yield doc
+        async for page in AsyncEventStream(self._ctx, self.uid, stream).events_async(
+                poll_interval=poll_interval):
+            yield page
 
     async def _progress(self) -> tuple[bool, tuple[tuple[str, int, int], ...], int]:
         ctx = self._ctx
@@ -226,8 +225,7 @@ class EventStream:
 
     def events(self, *, poll_interval: float | None = None) -> Iterator[Doc]:
         """Event pages as they are stored (blocking); ends after the run's stop."""
-        run = AsyncBlueskyRun(self._inner._ctx, {"uid": self._inner.run_uid}, None, [])
-        return self._loop.iterate(run.events_async(self.name, poll_interval=poll_interval))
+        return self._loop.iterate(self._inner.events_async(poll_interval=poll_interval))
 
 
 class BlueskyRun:

@@ -8,7 +8,7 @@ database round trips.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,6 +19,7 @@ from bluestream.catalog.arrays import Rows, column_names
 from bluestream.catalog.columns import Part, build_dataset, decode_json_column, to_str
 from bluestream.catalog.context import CatalogContext, specs_of
 from bluestream.catalog.fill import LoadPlan, StreamSlice, expected_shape, stack_values
+from bluestream.catalog.replay import follow
 from bluestream.schemas.normalise import FieldSpec
 
 if TYPE_CHECKING:
@@ -158,6 +159,10 @@ class AsyncEventStream:
                                                            rows, fill=fill, lazy=lazy)
         if skeys:
             part = await self._stream_columns(part, desc, skeys, fill=fill)
+        if len(part) == 0:  # no events yet: empty variables, typed as they will be
+            for key in keys:
+                if key not in part.columns:
+                    part.columns[key] = _empty_column(specs[key], data_keys[key], fill=fill)
         return part
 
     async def _column(self, key: str, data_key: Mapping[str, Any], spec: FieldSpec,
@@ -181,14 +186,16 @@ class AsyncEventStream:
         resolver = self._ctx.resolver
         id_list = [str(i) for i in ids.tolist()]
         datums, resources = await resolver.documents(id_list)
-        plans = resolver.plans(id_list, datums, resources)  # HandlerNotFound raised now
-        del plans
+        resolver.plans(id_list, datums, resources)  # raises HandlerNotFound now, not later
         want = expected_shape(data_key)
         dtype = _known_dtype(data_key)
-        if want is None or dtype is None or not id_list:
-            if not id_list and want is not None:
-                return da.zeros((0, *want), dtype=dtype or np.float64)
-            return await resolver.fill(ids, data_key)  # shape or dtype unknown: eager
+        if not id_list or want is None:
+            return await resolver.fill(ids, data_key)  # nothing to defer / ragged: eager
+        if dtype is None:  # no dtype_numpy: the first value tells
+            first = await resolver.fill(ids[:1], data_key)
+            if first.dtype == object or first.shape[1:] != want:
+                return await resolver.fill(ids, data_key)
+            dtype = first.dtype
         blocks = []
         for start in range(0, len(id_list), _FILL_BLOCK_EVENTS):
             block_ids = id_list[start:start + _FILL_BLOCK_EVENTS]
@@ -226,6 +233,15 @@ class AsyncEventStream:
             column[where] = values
             part.columns[key] = column
         return part
+
+    async def events_async(self, *, poll_interval: float | None = None
+                           ) -> AsyncIterator[Doc]:
+        """Event pages of this stream as they are stored, from the first; ends after
+        the run's stop once all were yielded."""
+        async for name, doc in follow(self._ctx, self.run_uid, stream=self.name,
+                                      poll_interval=poll_interval):
+            if name == "event_page":
+                yield doc
 
     # -- configuration ------------------------------------------------------------------
     async def config(self) -> dict[str, xarray.Dataset]:
@@ -340,3 +356,13 @@ def _repeat(value: Any, n: int) -> Array:
     return np.broadcast_to(arr, (n, *arr.shape)).copy() if n else \
         np.zeros((0, *arr.shape), dtype=arr.dtype)
 
+
+
+def _empty_column(spec: FieldSpec, data_key: Mapping[str, Any], *, fill: bool) -> Array:
+    if spec.external:
+        return stack_values([], data_key) if fill else np.zeros(0, dtype="<U1")
+    if spec.variable:
+        return np.zeros(0, dtype=object)
+    if spec.kind == "string":
+        return np.zeros(0, dtype="<U1")
+    return np.zeros((0, *spec.shape), dtype=spec.dtype or np.float64)

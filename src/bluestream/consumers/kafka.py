@@ -4,6 +4,13 @@ One loop fetches a batch, has the ingestor store it, then commits per partition 
 (not past) the oldest parked message. Fetching waits while a batch is written, so a slow
 store pauses consumption instead of filling memory (DESIGN I5). A rebalance waits for
 the batch in hand to be stored and committed before partitions are let go (I6).
+
+Outages: a store or Kafka error abandons the batch in hand, rewinds to the committed
+offsets, pauses fetching and retries after a capped exponential backoff; everything
+not committed is read and written again (idempotently), so nothing is lost or doubled.
+aiokafka retries a lost broker forever inside its own calls, so an outage does not
+always surface as an error: commits run under a timeout and :meth:`KafkaSource.probe`
+asks the cluster directly, which is what readiness reports.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from typing import Any
 import anyio
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+from aiokafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeError
 
 from bluestream.consumers.envelope import Envelope
 from bluestream.consumers.pipeline import Ingestor
@@ -115,14 +122,23 @@ class SourceState:
     stores_ok: bool = True
     kafka_ok: bool = True
     last_error: str = ""
+    kafka_error: str = ""
+    store_error: str = ""
     committed: dict[tuple[str, int], int] = field(default_factory=dict)
     positions: dict[tuple[str, int], int] = field(default_factory=dict)
     highwater: dict[tuple[str, int], int] = field(default_factory=dict)
     last_batch_at: float = 0.0
+    #: Seconds until the next retry while backing off after an error (0: consuming).
+    retry_at: float = 0.0
+    consumer_started: bool = False
 
     @property
     def ready(self) -> bool:
         return self.ever_assigned and self.stores_ok and self.kafka_ok
+
+    @property
+    def backing_off(self) -> bool:
+        return self.retry_at > time.monotonic()
 
     def lag(self) -> dict[tuple[str, int], int]:
         return {tp: max(0, hw - self.committed.get(tp, 0)) for tp, hw in self.highwater.items()
@@ -153,6 +169,8 @@ class KafkaSource:
         self._on_ready = on_ready
         self._busy = anyio.Lock()
         self._caught_up = False
+        self.commit_timeout_s = settings.kafka.commit_timeout_s
+        self._backoff_cap = settings.retry_backoff_max_s
         k = settings.kafka
         lim = settings.limits
         self.consumer = AIOKafkaConsumer(
@@ -175,7 +193,7 @@ class KafkaSource:
     async def run(self, stop: anyio.Event) -> None:
         """Consume until ``stop`` is set; then flush, commit and leave the group."""
         await self._start_consumer(stop)
-        backoff = _Backoff()
+        backoff = _Backoff(cap=self._backoff_cap)
         try:
             while not stop.is_set():
                 try:
@@ -183,30 +201,46 @@ class KafkaSource:
                     backoff.reset()
                 except StorageError as exc:
                     self.state.stores_ok = False
-                    self.state.last_error = str(exc)
-                    log.error("store failed; rewinding to committed offsets", error=str(exc))
-                    await self._rewind()
-                    await _sleep_or_stop(stop, backoff.next())
+                    self.state.last_error = self.state.store_error = str(exc)
+                    self.counters.inc("errors", "storage")
+                    log.error("store failed; rewinding to committed offsets and retrying",
+                              error=str(exc), retry_in_s=backoff.peek())
+                    await self._retry_later(stop, backoff.next())
                 except KafkaError as exc:
                     self.state.kafka_ok = False
-                    self.state.last_error = f"Kafka: {exc}"
-                    log.error("Kafka error; retrying", error=repr(exc))
-                    await self._rewind()
-                    await _sleep_or_stop(stop, backoff.next())
+                    self.state.last_error = self.state.kafka_error = f"Kafka: {exc}"
+                    self.counters.inc("errors", "kafka")
+                    log.error("Kafka error; rewinding to committed offsets and retrying",
+                              error=str(exc) or repr(exc), retry_in_s=backoff.peek())
+                    await self._retry_later(stop, backoff.next())
         finally:
             with anyio.CancelScope(shield=True):
                 await self._shutdown()
 
+    async def _retry_later(self, stop: anyio.Event, delay: float) -> None:
+        """Abandon the batch: rewind to the committed offsets, stop fetching meanwhile
+        (nothing fetched now would be kept), and wait ``delay`` seconds (or until stopped)."""
+        await self._rewind()
+        self.consumer.pause(*self.consumer.assignment())
+        self.state.retry_at = time.monotonic() + delay
+        try:
+            await _sleep_or_stop(stop, delay)
+        finally:
+            self.state.retry_at = 0.0
+            self.consumer.resume(*self.consumer.paused())
+
     async def _start_consumer(self, stop: anyio.Event) -> None:
         k = self.settings.kafka
-        backoff = _Backoff()
+        backoff = _Backoff(cap=self._backoff_cap)
         while True:
             try:
                 await self.consumer.start()
+                self.state.consumer_started = True
                 break
             except KafkaError as exc:
                 self.state.kafka_ok = False
-                self.state.last_error = f"Kafka at {k.bootstrap} unreachable: {exc}"
+                self.state.last_error = self.state.kafka_error = (
+                    f"Kafka at {k.bootstrap} unreachable: {exc}")
                 log.error("cannot reach Kafka; retrying", bootstrap=k.bootstrap, error=repr(exc))
                 await _sleep_or_stop(stop, backoff.next())
                 if stop.is_set():
@@ -233,7 +267,8 @@ class KafkaSource:
     async def _step(self) -> None:
         lim = self.settings.limits
         records = await self.consumer.getmany(timeout_ms=500, max_records=lim.batch_max_records)
-        self.state.kafka_ok = True
+        if records:
+            self.state.kafka_ok = True
         async with self._busy:
             if not records:
                 await self.ingestor.expire_parked()
@@ -255,8 +290,9 @@ class KafkaSource:
                         list(r.headers or ()), tenant))
                     self.state.positions[(tp.topic, tp.partition)] = r.offset + 1
             started = time.perf_counter()
-            await self.ingestor.process(envelopes)
-            self.counters.inc("write_seconds", "", time.perf_counter() - started)
+            with structlog.contextvars.bound_contextvars(**_log_context(envelopes)):
+                await self.ingestor.process(envelopes)
+            self.counters.observe("write_seconds", time.perf_counter() - started)
             self.state.stores_ok = True
             self.state.last_batch_at = time.time()
             await self._commit()
@@ -274,9 +310,17 @@ class KafkaSource:
         if not offsets:
             return
         started = time.perf_counter()
-        await self.consumer.commit(offsets)
-        self.counters.inc("commit_seconds", "", time.perf_counter() - started)
+        try:
+            # aiokafka waits forever for a coordinator; an outage must surface instead.
+            with anyio.fail_after(self.commit_timeout_s):
+                await self.consumer.commit(offsets)
+        except TimeoutError:
+            raise KafkaTimeoutError(
+                f"offset commit did not complete within {self.commit_timeout_s:g} s "
+                f"(is Kafka at {self.settings.kafka.bootstrap} reachable?)") from None
+        self.counters.observe("commit_seconds", time.perf_counter() - started)
         self.counters.inc("commits", "")
+        self.state.kafka_ok = True
         for tp, off in offsets.items():
             self.state.committed[(tp.topic, tp.partition)] = off
 
@@ -290,13 +334,45 @@ class KafkaSource:
             log.info("caught up", partitions=len(self.state.assigned),
                      events=self.counters.total("events"))
 
-    def _update_highwater(self) -> None:
+    def _update_highwater(self, known: dict[tuple[str, int], int] | None = None) -> None:
         for tp in list(self.state.assigned):
-            hw = self.consumer.highwater(TopicPartition(*tp))
+            hw = (known or {}).get(tp)
+            if hw is None:
+                hw = self.consumer.highwater(TopicPartition(*tp))
             if hw is not None:
-                self.state.highwater[tp] = hw
-                self.counters.set("lag", f"{tp[0]}:{tp[1]}",
-                                  float(max(0, hw - self.state.committed.get(tp, 0))))
+                self.state.highwater[tp] = max(hw, self.state.highwater.get(tp, 0))
+                self.counters.set("lag", f"{tp[0]}:{tp[1]}", float(max(
+                    0, self.state.highwater[tp] - self.state.committed.get(tp, 0))))
+
+    async def probe(self, timeout_s: float) -> bool:
+        """Ask the cluster for the end offsets of our partitions (or, with none, for
+        metadata), within ``timeout_s``. Updates ``state.kafka_ok`` and the lag; True if
+        Kafka answered. The consumer's own fetches cannot tell: during an outage aiokafka
+        retries quietly and ``getmany`` just returns nothing."""
+        k = self.settings.kafka
+        if not self.state.consumer_started:
+            return False  # the start loop reports its own errors
+        tps = [TopicPartition(*tp) for tp in sorted(self.state.assigned)]
+        try:
+            with anyio.fail_after(timeout_s):
+                if tps:
+                    ends = await self.consumer.end_offsets(tps)
+                else:
+                    await self.consumer.topics()
+                    ends = {}
+        except (TimeoutError, KafkaError) as exc:
+            why = "no answer" if isinstance(exc, TimeoutError) else str(exc) or repr(exc)
+            if self.state.kafka_ok:
+                log.warning("Kafka does not answer", bootstrap=k.bootstrap, error=why)
+            self.state.kafka_ok = False
+            self.state.last_error = self.state.kafka_error = (
+                f"Kafka at {k.bootstrap} does not answer: {why}")
+            return False
+        if not self.state.kafka_ok:
+            log.info("Kafka answers again", bootstrap=k.bootstrap)
+        self.state.kafka_ok = True
+        self._update_highwater({(tp.topic, tp.partition): off for tp, off in ends.items()})
+        return True
 
     async def _rewind(self) -> None:
         """After a failed batch: forget in-memory state, re-read from committed offsets."""
@@ -328,6 +404,7 @@ class KafkaSource:
                 self.state.positions.pop(tp, None)
                 self.state.committed.pop(tp, None)
                 self.state.highwater.pop(tp, None)
+                self.counters.drop_gauge("lag", f"{tp[0]}:{tp[1]}")
         if gone:
             log.info("partitions revoked", partitions=sorted(f"{t}:{p}" for t, p in gone))
 
@@ -349,14 +426,27 @@ class KafkaSource:
         log.info("partitions assigned", partitions=sorted(f"{t}:{p}" for t, p in mine))
 
 
+def _log_context(envelopes: list[Envelope]) -> dict[str, Any]:
+    """Log context of one batch: its topic, partition and tenant when there is one."""
+    if not envelopes:
+        return {}
+    first = envelopes[0]
+    if all(e.topic == first.topic and e.partition == first.partition for e in envelopes):
+        return {"topic": first.topic, "partition": first.partition, "tenant": first.tenant}
+    return {"partitions": sorted({f"{e.topic}:{e.partition}" for e in envelopes})}
+
+
 class _Backoff:
-    """Capped exponential backoff: 0.5 s, 1 s, 2 s ... 30 s."""
+    """Capped exponential backoff: 0.5 s, 1 s, 2 s ... up to ``cap`` (30 s)."""
 
     def __init__(self, first: float = 0.5, cap: float = 30.0) -> None:
         self.first, self.cap, self.n = first, cap, 0
 
+    def peek(self) -> float:
+        return min(self.cap, self.first * math.pow(2, self.n))
+
     def next(self) -> float:
-        delay = min(self.cap, self.first * math.pow(2, self.n))
+        delay = self.peek()
         self.n += 1
         return delay
 

@@ -6,13 +6,14 @@ import json
 from pathlib import Path
 from typing import Annotated
 
-import anyio
 import typer
 
 from bluestream._version import __version__
 from bluestream.daemon.config import load_settings
 from bluestream.daemon.logs import configure_logging
+from bluestream.daemon.ops_cli import register as _register_ops
 from bluestream.errors import ConfigError
+from bluestream.tools.commands import register as _register_tools
 
 __all__ = ["app", "main"]
 
@@ -47,12 +48,15 @@ def version() -> None:
 
 @app.command()
 def serve(config: ConfigOpt = None) -> None:
-    """Run the ingestion daemon until SIGTERM/SIGINT."""
-    from bluestream.daemon.service import serve as _serve
+    """Run the ingestion daemon until SIGTERM/SIGINT (SIGHUP reloads the configuration).
+
+    Exit status 2 when the configuration is invalid (the message names the key).
+    """
+    from bluestream.daemon.service import run_daemon
 
     settings = _settings_or_exit(config)
     configure_logging(settings.log.format, settings.log.level)
-    anyio.run(_serve, settings)
+    raise typer.Exit(run_daemon(settings, config))
 
 
 @app.command("check-config")
@@ -60,6 +64,12 @@ def check_config(config: ConfigOpt = None) -> None:
     """Validate the configuration and print the effective settings (secrets masked)."""
     settings = _settings_or_exit(config)
     typer.echo(json.dumps(settings.masked(), indent=2, default=str))
+
+
+# publish, ingest, ingest-mongo, export, demo (bluestream.tools)
+_register_tools(app)
+# status, dlq list|show|replay (operations)
+_register_ops(app)
 
 
 def main() -> None:

@@ -3,6 +3,14 @@
 Errors name the key (``kafka.bootstrap``) and the problem, so an operator can fix the
 file without reading code. Environment variables are flat aliases for the settings an
 operator most often changes per host (see :data:`ENV_KEYS`).
+
+MongoDB authentication and TLS are not separate settings: they travel in the URI
+(``mongodb://user:pass@host/?authSource=admin&tls=true&tlsCAFile=/etc/ssl/ca.pem``),
+exactly as every MongoDB tool takes them; the password is masked wherever the URI is
+shown. Kafka security has its own keys (``kafka.security_protocol`` and friends).
+
+On SIGHUP the daemon re-reads the file and the environment; :data:`RELOADABLE` keys take
+effect at once, any other change is logged as needing a restart (:func:`changed_keys`).
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from pydantic import ValidationError as PydanticValidationError
 from bluestream.errors import ConfigError
 from bluestream.limits import Limits
 
-__all__ = ["ENV_KEYS", "Settings", "load_settings"]
+__all__ = ["ENV_KEYS", "RELOADABLE", "Settings", "changed_keys", "load_settings"]
 
 DEFAULT_TOPIC_PATTERN = r"^.*bluesky\.runengine\.documents$"
 
@@ -46,6 +54,8 @@ class KafkaSettings(_Section):
     ssl_keyfile: Path | None = None
     session_timeout_ms: int = Field(default=30_000, ge=6_000)
     max_poll_interval_ms: int = Field(default=300_000, ge=10_000)
+    #: An offset commit that takes longer counts as a Kafka outage (abandon and retry).
+    commit_timeout_s: float = Field(default=15.0, gt=0)
 
     @field_validator("topic_pattern")
     @classmethod
@@ -57,14 +67,37 @@ class KafkaSettings(_Section):
                 raise ValueError(f"not a valid regular expression: {exc}") from exc
         return v
 
+    @field_validator("ssl_cafile", "ssl_certfile", "ssl_keyfile")
+    @classmethod
+    def _readable_file(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError(f"file {v} does not exist (or is not a regular file)")
+        return v
+
     @model_validator(mode="after")
-    def _sasl_complete(self) -> KafkaSettings:
-        if self.security_protocol.startswith("SASL") and (
-            self.sasl_mechanism is None or not self.sasl_username or self.sasl_password is None
-        ):
-            raise ValueError(
-                "security_protocol SASL_* needs sasl_mechanism, sasl_username and sasl_password"
-            )
+    def _security_consistent(self) -> KafkaSettings:
+        # Messages start with the key so that errors read "kafka.<key>: <problem>".
+        proto = self.security_protocol
+        if proto.startswith("SASL"):
+            for key in ("sasl_mechanism", "sasl_username", "sasl_password"):
+                if not getattr(self, key):
+                    raise ValueError(f"{key}: required when security_protocol is {proto}")
+        else:
+            for key in ("sasl_mechanism", "sasl_username", "sasl_password"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key}: set, but security_protocol {proto} does not use "
+                                     "SASL (use SASL_SSL or SASL_PLAINTEXT)")
+        if not proto.endswith("SSL"):
+            for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key}: set, but security_protocol {proto} does not use "
+                                     "TLS (use SSL or SASL_SSL)")
+        if self.ssl_keyfile is not None and self.ssl_certfile is None:
+            raise ValueError("ssl_certfile: required when ssl_keyfile is set")
+        if self.topics and self.topic_pattern:
+            raise ValueError("topic_pattern: set together with topics; use one of them")
+        if any(not t.strip() for t in self.topics):
+            raise ValueError("topics: contains an empty topic name")
         return self
 
     def effective_pattern(self) -> str | None:
@@ -85,6 +118,14 @@ class StorageSettings(_Section):
     def _known_scheme(cls, v: str) -> str:
         if not v.startswith(("mongodb://", "mongodb+srv://", "sqlite:///")):
             raise ValueError("must start with mongodb://, mongodb+srv:// or sqlite:///")
+        if v.startswith("mongodb://"):  # (+srv would need DNS: checked when connecting)
+            from pymongo.errors import PyMongoError
+            from pymongo.uri_parser import parse_uri
+
+            try:
+                parse_uri(v, warn=False)
+            except (PyMongoError, ValueError) as exc:
+                raise ValueError(f"not a valid MongoDB URI: {mask_uri(str(exc))}") from None
         return v
 
 
@@ -116,7 +157,10 @@ class LimitSettings(_Section):
 class HttpSettings(_Section):
     enabled: bool = True
     bind: str = "127.0.0.1"
+    #: 0 picks a free port; the daemon logs it and writes it to ``url_file``.
     port: int = Field(default=8520, ge=0, le=65535)
+    #: Where the daemon writes its ``http://host:port`` at start (read by ``status -c``).
+    url_file: Path | None = None
 
 
 class LogSettings(_Section):
@@ -137,6 +181,12 @@ class Settings(_Section):
     commit_interval_s: float = Field(default=1.0, gt=0)
     #: Seconds allowed for flushing and committing on SIGTERM.
     shutdown_timeout_s: float = Field(default=30.0, gt=0)
+    #: Longest wait between retries after a Kafka or store outage (backoff doubles up
+    #: to this from 0.5 s).
+    retry_backoff_max_s: float = Field(default=30.0, ge=0.5)
+    #: Seconds between active checks of Kafka, the metadata store and the Zarr root
+    #: (readiness, ``STATUS=`` for systemd).
+    health_check_interval_s: float = Field(default=5.0, gt=0)
 
     @field_validator("tenants")
     @classmethod
@@ -186,11 +236,16 @@ ENV_KEYS: dict[str, str] = {
     "BLUESTREAM_KAFKA_SASL_MECHANISM": "kafka.sasl_mechanism",
     "BLUESTREAM_KAFKA_SASL_USERNAME": "kafka.sasl_username",
     "BLUESTREAM_KAFKA_SASL_PASSWORD": "kafka.sasl_password",
+    "BLUESTREAM_KAFKA_SSL_CAFILE": "kafka.ssl_cafile",
+    "BLUESTREAM_KAFKA_SSL_CERTFILE": "kafka.ssl_certfile",
+    "BLUESTREAM_KAFKA_SSL_KEYFILE": "kafka.ssl_keyfile",
     "BLUESTREAM_MONGO_URI": "storage.metadata",
     "BLUESTREAM_METADATA": "storage.metadata",
     "BLUESTREAM_ZARR_ROOT": "storage.zarr_root",
     "BLUESTREAM_HTTP_BIND": "http.bind",
     "BLUESTREAM_HTTP_PORT": "http.port",
+    "BLUESTREAM_HTTP_ENABLED": "http.enabled",
+    "BLUESTREAM_HTTP_URL_FILE": "http.url_file",
     "BLUESTREAM_LOG_FORMAT": "log.format",
     "BLUESTREAM_LOG_LEVEL": "log.level",
 }
@@ -217,6 +272,7 @@ def load_settings(path: Path | str | None = None,
             raise ConfigError(f"config file {p} cannot be read: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {p} is not valid TOML: {exc}") from exc
+    from_env: dict[str, str] = {}
     # BLUESTREAM_METADATA wins over BLUESTREAM_MONGO_URI when both are set.
     for var in sorted(ENV_KEYS, key=lambda v: v == "BLUESTREAM_METADATA"):
         if var in environ and environ[var] != "":
@@ -224,23 +280,71 @@ def load_settings(path: Path | str | None = None,
             dotted = ENV_KEYS[var]
             if dotted in _LIST_KEYS:
                 value = [t.strip() for t in value.split(",") if t.strip()]
+            section = data.get(dotted.partition(".")[0])
+            if section is not None and not isinstance(section, dict):
+                raise ConfigError(f"invalid configuration{_where(path)}: "
+                                  f"{dotted.partition('.')[0]}: must be a table")
             _set_dotted(data, dotted, value)
+            from_env[dotted] = var
     try:
         return Settings.model_validate(data)
     except PydanticValidationError as exc:
-        raise ConfigError(_describe(exc, path)) from None
+        raise ConfigError(_describe(exc, path, from_env)) from None
 
 
-def _describe(exc: PydanticValidationError, path: Path | str | None) -> str:
-    where = f" in {path}" if path is not None else ""
+def _where(path: Path | str | None) -> str:
+    return f" in {path}" if path is not None else ""
+
+
+def _describe(exc: PydanticValidationError, path: Path | str | None,
+              from_env: Mapping[str, str] | None = None) -> str:
+    """One line naming every bad key, its problem and the offending value."""
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
+        msg = str(err["msg"]).removeprefix("Value error, ")
         got = err.get("input")
-        shown = "" if err["type"] == "extra_forbidden" or isinstance(got, dict) else \
-            f" (got {got!r})"
+        shown = "" if isinstance(got, dict) else f" (got {_show(key, got)})"
+        if err["type"] == "extra_forbidden":
+            msg, shown = "unknown key", ""
+        elif err["type"] == "value_error" and re.match(r"[a-z_]+: ", msg):
+            # A section-level check whose message starts with the key it is about.
+            sub, _, msg = msg.partition(": ")
+            key = f"{key}.{sub}" if key != "(top level)" else sub
+            shown = ""
+        if from_env and key in from_env:
+            shown += f" (from {from_env[key]})"
         lines.append(f"{key}: {msg}{shown}")
-    return f"invalid configuration{where}: " + "; ".join(lines)
+    text = f"invalid configuration{_where(path)}: " + "; ".join(lines)
+    return " ".join(text.split())  # one line, whatever the messages contain
+
+
+def _show(key: str, value: Any) -> str:
+    if "password" in key or key == "storage.metadata":
+        return "***" if "password" in key else repr(mask_uri(str(value)))
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+#: Settings that a SIGHUP applies to the running daemon.
+RELOADABLE = frozenset({"log.level", "log.summary_interval_s", "limits.park_max_count",
+                        "limits.park_max_age_s"})
+
+
+def changed_keys(old: Settings, new: Settings) -> list[str]:
+    """Dotted keys whose value differs between two settings (secrets compared too)."""
+    def flat(s: Settings) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, value in s.model_dump(mode="python").items():
+            if isinstance(value, dict) and name != "tenants":
+                for k, v in value.items():
+                    out[f"{name}.{k}"] = v
+            else:
+                out[name] = value
+        for secret in ("kafka.sasl_password",):
+            v = out.get(secret)
+            out[secret] = v.get_secret_value() if isinstance(v, SecretStr) else v
+        return out
+
+    a, b = flat(old), flat(new)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))

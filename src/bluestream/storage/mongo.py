@@ -68,13 +68,15 @@ from bluestream.storage.mongo_query import (
     to_mongo,
 )
 
-__all__ = ["INDEXES", "MongoMetadataStore"]
+__all__ = ["DEFAULT_OPERATION_TIMEOUT_MS", "INDEXES", "MongoMetadataStore"]
 
 Doc = dict[str, Any]
 Collection = AsyncCollection[Doc]
 
 log = structlog.get_logger("bluestream.storage.mongo")
 
+#: Whole-operation limit (retries included) for one bulk write or query.
+DEFAULT_OPERATION_TIMEOUT_MS = 60_000
 _DUPLICATE_KEY = 11000
 _INDEX_CONFLICT_CODES = (85, 86)  # IndexOptionsConflict, IndexKeySpecsConflict
 _UNAUTHORIZED = 13
@@ -133,18 +135,23 @@ class MongoMetadataStore(MetadataStore):
     """Run metadata for one tenant in a MongoDB database named after the tenant.
 
     Pass ``client`` to share one :class:`~pymongo.AsyncMongoClient` (connection pool)
-    between tenants; the store then leaves closing it to the caller.
+    between tenants; the store then leaves closing it to the caller. Otherwise it makes
+    its own with a short server-selection timeout (an outage surfaces quickly as
+    StorageUnavailable) and an overall per-operation timeout (``timeoutMS``: a server
+    that stops answering cannot hang a writer forever).
     """
 
     def __init__(self, uri: str, tenant: str, *,
                  client: AsyncMongoClient[Doc] | None = None,
-                 server_selection_timeout_ms: int = DEFAULT_SERVER_SELECTION_TIMEOUT_MS) -> None:
+                 server_selection_timeout_ms: int = DEFAULT_SERVER_SELECTION_TIMEOUT_MS,
+                 operation_timeout_ms: int = DEFAULT_OPERATION_TIMEOUT_MS) -> None:
         self.uri = mask_uri(uri)
         self.tenant = check_tenant(tenant)
         self._raw_uri = uri
         self._client = client
         self._owns_client = client is None
         self._timeout_ms = server_selection_timeout_ms
+        self._operation_timeout_ms = operation_timeout_ms
         self._db: AsyncDatabase[Doc] | None = None
         self._native_text = False
 
@@ -205,7 +212,8 @@ class MongoMetadataStore(MetadataStore):
         try:
             return AsyncMongoClient(self._raw_uri, document_class=dict, tz_aware=False,
                                     serverSelectionTimeoutMS=self._timeout_ms,
-                                    connectTimeoutMS=self._timeout_ms)
+                                    connectTimeoutMS=self._timeout_ms,
+                                    timeoutMS=self._operation_timeout_ms)
         except (ConfigurationError, ValueError, TypeError) as exc:
             raise ConfigError(f"invalid MongoDB URI {self.uri!r}: {exc}") from exc
 

@@ -1,0 +1,134 @@
+"""``python -m benchmarks [--quick] [--only a,b] [--out DIR]``: run the scenarios, print
+the figures and the targets table, write ``<scenario>.json`` + ``.png`` and
+``summary.json`` + ``summary.png``.
+
+Full mode writes to ``benchmarks/results/``; quick mode (tiny sizes, seconds) to a fresh
+temporary directory unless ``--out`` is given. Exit status 1 if a scenario failed
+(a missed target is reported, not a failure: the benchmarks measure, tests assert).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from types import ModuleType
+
+from benchmarks import image_ingest, latency, profile, read, scalar_ingest, scaling
+from benchmarks.common import Context, Result, Target, bar_chart, save_result
+from benchmarks.infra import delete_topics
+from bluestream.daemon.logs import configure_logging
+
+SCENARIOS: dict[str, ModuleType] = {
+    m.NAME: m for m in (scalar_ingest, image_ingest, latency, read, scaling, profile)
+}
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks it all works")
+    p.add_argument("--only", default="", help="comma-separated scenarios: "
+                   + ", ".join(SCENARIOS))
+    p.add_argument("--out", type=Path, help="where JSON and PNG results go")
+    p.add_argument("--work", type=Path, help="scratch directory for stored data "
+                   "(default: a temporary directory, removed afterwards)")
+    p.add_argument("--keep", action="store_true", help="keep scratch data, topics, databases")
+    p.add_argument("--kafka", default=os.environ.get("BLUESTREAM_KAFKA_BOOTSTRAP",
+                                                     "127.0.0.1:9092"))
+    p.add_argument("--mongo", default=os.environ.get("BLUESTREAM_MONGO_URI",
+                                                     "mongodb://127.0.0.1:27017"))
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    configure_logging("console", "warning")  # the stores we open log at info level
+    names = [n.strip() for n in args.only.split(",") if n.strip()] or list(SCENARIOS)
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        print(f"unknown scenario(s) {unknown}; choose from {list(SCENARIOS)}", file=sys.stderr)
+        return 2
+    out = args.out or (Path(tempfile.mkdtemp(prefix="bluestream-bench-")) if args.quick
+                       else RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    work = args.work or Path(tempfile.mkdtemp(prefix="bluestream-bench-work-"))
+    ctx = Context(quick=args.quick, out=out, work=work, kafka=args.kafka, mongo=args.mongo,
+                  keep=args.keep)
+    print(f"bluestream benchmarks, {ctx.mode} mode, run {ctx.run_id}; results -> {out}")
+    results: dict[str, Result] = {}
+    failed: list[str] = []
+    started = time.monotonic()
+    try:
+        for name in names:
+            print(f"\n== {name}")
+            t = time.monotonic()
+            try:
+                result = SCENARIOS[name].run(ctx)
+            except Exception:
+                traceback.print_exc()
+                failed.append(name)
+                continue
+            results[name] = result
+            path = save_result(ctx, result)
+            for target in result.targets:
+                print("  " + target.line())
+            print(f"  -> {path} ({time.monotonic() - t:.0f} s)")
+    finally:
+        if not ctx.keep:
+            _cleanup(ctx)
+            if args.work is None:
+                shutil.rmtree(work, ignore_errors=True)
+    _summary(ctx, results, failed, time.monotonic() - started)
+    return 1 if failed else 0
+
+
+def _cleanup(ctx: Context) -> None:
+    try:
+        delete_topics(ctx.kafka, ctx.topics)
+    except Exception as exc:
+        print(f"  (could not delete topics: {exc})")
+    try:
+        from pymongo import MongoClient
+
+        client: MongoClient[dict[str, object]] = MongoClient(ctx.mongo)
+        for db in set(ctx.mongo_dbs):
+            client.drop_database(db)
+        client.close()
+    except Exception as exc:
+        print(f"  (could not drop databases: {exc})")
+
+
+def _summary(ctx: Context, results: dict[str, Result], failed: list[str],
+             seconds: float) -> None:
+    targets: list[Target] = [t for r in results.values() for t in r.targets]
+    print(f"\n== summary ({ctx.mode} mode, {seconds:.0f} s)")
+    for t in targets:
+        print("  " + t.line())
+    if failed:
+        print(f"  FAILED scenarios: {', '.join(failed)}")
+    summary = {"mode": ctx.mode, "run_id": ctx.run_id, "seconds": seconds,
+               "scenarios": sorted(results), "failed": failed,
+               "targets": [{"scenario": s, **t.__dict__, "met": t.met}
+                           for s, r in results.items() for t in r.targets]}
+    (ctx.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if targets:
+        # Every target as measured/target (or target/measured when lower is better):
+        # >= 1 means met.
+        scores = [t.measured / t.target if t.higher_is_better else t.target / t.measured
+                  for t in targets]
+        bar_chart(ctx.out / "summary.png", "Targets: measured relative to target "
+                  "(>= 1 is met)", [t.name for t in targets], scores, "x of target",
+                  colors=["#4a4" if t.met else "#c44" for t in targets],
+                  hlines=[(1.0, "target")])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""What every scenario shares: sizes per mode, the run context, targets, JSON and charts.
+
+Scenarios return a :class:`Result`; :func:`save_result` writes ``<scenario>.json`` and
+the runner prints the targets table. Nothing here measures anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+__all__ = ["FULL", "QUICK", "Context", "Result", "Sizes", "Target", "fmt", "mb", "plt",
+           "print_table", "rate", "save_result"]
+
+MB = 1_000_000
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much data each scenario moves. Quick mode only proves the code still works."""
+
+    scalar_runs: int
+    scalar_events_per_run: int
+    scalar_fields: int
+    page_events: int  # events per event_page in the "pages" sub-scenario
+    ingest_backends: tuple[str, ...]
+    incumbent_runs: int  # runs the incumbent consumes (a subset: it is slow)
+    image_frames: int
+    image_shape: tuple[int, int]
+    latency_rate: float  # events/s
+    latency_seconds: float
+    latency_backends: tuple[str, ...]
+    read_scalar_events: int
+    read_image_frames: int
+    read_incumbent_image_frames: int  # inline images in Mongo are huge: a subset
+    read_repeats: int
+    scaling_runs: int
+    scaling_events_per_run: int
+    scaling_partitions: int
+    profile_events: int
+
+
+FULL = Sizes(
+    scalar_runs=20, scalar_events_per_run=10_000, scalar_fields=10, page_events=100,
+    ingest_backends=("sqlite", "mongo"), incumbent_runs=1,
+    image_frames=2_000, image_shape=(512, 512),
+    latency_rate=200.0, latency_seconds=20.0, latency_backends=("mongo", "sqlite"),
+    read_scalar_events=100_000, read_image_frames=1_000, read_incumbent_image_frames=100,
+    read_repeats=3,
+    scaling_runs=18, scaling_events_per_run=10_000, scaling_partitions=6,
+    profile_events=50_000,
+)
+
+QUICK = Sizes(
+    scalar_runs=2, scalar_events_per_run=400, scalar_fields=10, page_events=50,
+    ingest_backends=("sqlite", "mongo"), incumbent_runs=1,
+    image_frames=24, image_shape=(128, 128),
+    latency_rate=50.0, latency_seconds=2.0, latency_backends=("mongo",),
+    read_scalar_events=2_000, read_image_frames=16, read_incumbent_image_frames=8,
+    read_repeats=1,
+    scaling_runs=6, scaling_events_per_run=300, scaling_partitions=6,
+    profile_events=2_000,
+)
+
+
+@dataclass
+class Context:
+    """One benchmark run: where results and scratch data go, which services, unique ids."""
+
+    quick: bool
+    out: Path
+    work: Path
+    kafka: str
+    mongo: str
+    keep: bool = False
+    run_id: str = field(default_factory=lambda: time.strftime("%m%d%H%M")
+                        + uuid.uuid4().hex[:4])
+    topics: list[str] = field(default_factory=list)
+    mongo_dbs: list[str] = field(default_factory=list)
+
+    @property
+    def sizes(self) -> Sizes:
+        return QUICK if self.quick else FULL
+
+    @property
+    def mode(self) -> str:
+        return "quick" if self.quick else "full"
+
+    def tenant(self, what: str) -> str:
+        """A fresh tenant (Mongo database, Zarr sub-tree) for this run; also the topic's
+        first dotted component, which is how the daemon picks the tenant."""
+        name = f"b{self.run_id}{what}".replace(".", "_")[:63]
+        self.mongo_dbs.append(name)
+        return name
+
+    def topic(self, tenant: str) -> str:
+        topic = f"{tenant}.bluesky.runengine.documents"
+        self.topics.append(topic)
+        return topic
+
+    def scratch(self, what: str) -> Path:
+        path = self.work / what
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        return path
+
+    def drop_scratch(self, path: Path) -> None:
+        if not self.keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass
+class Target:
+    """One target of issue 8 and what was measured for it."""
+
+    name: str
+    measured: float
+    target: float
+    unit: str
+    higher_is_better: bool = True
+
+    @property
+    def met(self) -> bool:
+        if self.higher_is_better:
+            return self.measured >= self.target
+        return self.measured < self.target
+
+    def line(self) -> str:
+        op = ">=" if self.higher_is_better else "<"
+        verdict = "met" if self.met else "MISSED"
+        return (f"{self.name}: {fmt(self.measured)} {self.unit} "
+                f"(target {op} {fmt(self.target)} {self.unit}) {verdict}")
+
+
+@dataclass
+class Result:
+    scenario: str
+    params: dict[str, Any]
+    results: dict[str, Any]
+    targets: list[Target] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    charts: list[str] = field(default_factory=list)
+
+    def as_json(self, ctx: Context) -> dict[str, Any]:
+        return {
+            "scenario": self.scenario,
+            "mode": ctx.mode,
+            "run_id": ctx.run_id,
+            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": machine(),
+            "params": self.params,
+            "results": self.results,
+            "targets": [{**asdict(t), "met": t.met} for t in self.targets],
+            "notes": self.notes,
+            "charts": self.charts,
+        }
+
+
+def machine() -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(), "host": platform.node()}
+
+
+def save_result(ctx: Context, result: Result) -> Path:
+    path = ctx.out / f"{result.scenario}.json"
+    path.write_text(json.dumps(result.as_json(ctx), indent=2, default=_json_default) + "\n")
+    return path
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):  # numpy scalars
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def rate(count: float, seconds: float) -> float:
+    return count / seconds if seconds > 0 else float("nan")
+
+
+def mb(nbytes: float) -> float:
+    return nbytes / MB
+
+
+def fmt(value: float) -> str:
+    """Three significant figures, thousands separated, no scientific notation."""
+    if value != value:  # NaN
+        return "n/a"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.3g}"
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    cells = [[fmt(c) if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    print("  " + "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
+    print("  " + "  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  " + "  ".join(c.rjust(w) if i else c.ljust(w)
+                               for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+
+
+def bar_chart(path: Path, title: str, labels: Sequence[str], values: Sequence[float],
+              unit: str, *, colors: Sequence[str] | None = None,
+              hlines: Sequence[tuple[float, str]] = ()) -> None:
+    """Horizontal bars with the value printed on each; optional target lines."""
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(labels) + 1.6))
+    y = range(len(labels))
+    ax.barh(list(y), list(values), color=list(colors) if colors else "#4878a8")
+    ax.set_yticks(list(y), list(labels))
+    ax.invert_yaxis()
+    ax.set_xlabel(unit)
+    ax.set_title(title)
+    top = max([v for v in values if v == v] or [1.0])
+    for i, v in enumerate(values):
+        ax.text(v + top * 0.01, i, fmt(v), va="center", fontsize=9)
+    for x, label in hlines:
+        ax.axvline(x, color="#c44", linestyle="--", linewidth=1)
+        ax.text(x, len(labels) - 0.5, f" {label}", color="#c44", fontsize=8, va="bottom")
+    ax.set_xlim(0, top * 1.18)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)

@@ -1,0 +1,112 @@
+"""The incumbent: bluesky-kafka's ``MongoConsumer`` writing through suitcase-mongo's
+``mongo_normalized.Serializer`` (one ``insert_one`` per event, ``insert_many`` per
+event_page), and a reader of that layout.
+
+databroker (v1 with intake, or v2 = a tiled client) does not fit this environment's pins,
+so the incumbent's read is a plain PyMongo query of the ``event`` collection turned into
+numpy columns - less work than databroker does, so the comparison flatters the incumbent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from pymongo import MongoClient
+
+__all__ = ["consume_into_mongo", "count_events", "read_events", "write_with_suitcase"]
+
+Doc = dict[str, Any]
+
+
+def _base(mongo_uri: str) -> str:
+    """The server part of a URI (bluesky-kafka appends ``/<db>?authSource=...``)."""
+    head = mongo_uri.split("?", 1)[0].rstrip("/")
+    scheme, _, rest = head.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}"
+
+
+def _events_in(name: str, doc: Doc) -> int:
+    if name == "event":
+        return 1
+    if name == "event_page":
+        return len(doc["seq_num"])
+    return 0
+
+
+def consume_into_mongo(bootstrap: str, topic: str, mongo_uri: str, database: str,
+                       runs: int, timeout: float = 600.0) -> tuple[int, float]:
+    """Consume ``topic`` from the start with ``MongoConsumer`` until ``runs`` stop
+    documents are stored. Returns (events, seconds from first to last document)."""
+    from bluesky_kafka import MongoConsumer
+
+    state = {"events": 0, "stops": 0, "t0": 0.0, "t1": 0.0}
+
+    class Counting(MongoConsumer):  # type: ignore[misc]
+        def process_document(self, topic: str, name: str, doc: Doc) -> bool:
+            if not state["t0"]:
+                state["t0"] = time.perf_counter()
+            super().process_document(topic, name, doc)
+            state["events"] += _events_in(name, doc)
+            if name == "stop":
+                state["stops"] += 1
+                state["t1"] = time.perf_counter()
+            return True
+
+    deadline = time.monotonic() + timeout
+    consumer = Counting(
+        _base(mongo_uri), {topic: database},
+        topics=[topic], bootstrap_servers=bootstrap, group_id=f"incumbent-{topic}",
+        consumer_config={"auto.offset.reset": "earliest"}, polling_duration=0.05,
+    )
+    consumer.start(continue_polling=lambda: state["stops"] < runs
+                   and time.monotonic() < deadline)
+    if state["stops"] < runs:
+        raise TimeoutError(f"incumbent stored {state['stops']} of {runs} runs in time")
+    return int(state["events"]), state["t1"] - state["t0"]
+
+
+def write_with_suitcase(mongo_uri: str, database: str, docs: Iterable[tuple[str, Doc]]
+                        ) -> float:
+    """Store documents the way the incumbent does; returns seconds taken."""
+    from suitcase.mongo_normalized import Serializer
+
+    uri = f"{_base(mongo_uri)}/{database}"
+    started = time.perf_counter()
+    serializer = Serializer(uri, uri)
+    for name, doc in docs:
+        serializer(name, doc)
+    return time.perf_counter() - started
+
+
+def count_events(mongo_uri: str, database: str) -> int:
+    client: MongoClient[Doc] = MongoClient(_base(mongo_uri))
+    try:
+        return int(client[database]["event"].count_documents({}))
+    finally:
+        client.close()
+
+
+def read_events(mongo_uri: str, database: str, descriptor_uid: str,
+                dtypes: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+    """All events of a descriptor in seq_num order, as numpy columns: what a
+    databroker-v1 ``get_table`` amounts to, without pandas. Like bluestream's ``read()``
+    it returns data, time, seq_num and uid (timestamps are not fetched)."""
+    client: MongoClient[Doc] = MongoClient(_base(mongo_uri))
+    try:
+        docs = list(client[database]["event"].find({"descriptor": descriptor_uid},
+                                                   {"_id": 0, "timestamps": 0, "filled": 0}
+                                                   ).sort("seq_num", 1))
+    finally:
+        client.close()
+    if not docs:
+        return {}
+    out = {"time": np.array([d["time"] for d in docs], dtype=np.float64),
+           "seq_num": np.array([d["seq_num"] for d in docs], dtype=np.int64),
+           "uid": np.array([d["uid"] for d in docs])}
+    for key in docs[0]["data"]:
+        dtype = (dtypes or {}).get(key)
+        out[f"data/{key}"] = np.array([d["data"][key] for d in docs], dtype=dtype)
+    return out

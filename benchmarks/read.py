@@ -1,0 +1,206 @@
+"""Scenario 4 - read: ``read()`` of a 100,000-event scalar run and a 1,000-frame image run
+through ``bluestream.open_catalog(...)[uid]["primary"].read()`` (Mongo metadata + Zarr)
+against the incumbent reading the same runs from suitcase-mongo's layout with PyMongo.
+
+Both sides are written first, outside the timing: bluestream through its own ingest
+pipeline (in process, no Kafka), the incumbent through suitcase-mongo's Serializer.
+Inline images in Mongo cost ~2.4 MB of BSON per 512x512 frame, so the incumbent stores
+and reads a subset of the frames; frames/s are compared. Best of ``read_repeats``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+import bluestream
+from benchmarks.common import Context, Result, Target, bar_chart, mb, print_table, rate
+from benchmarks.docs import Run, image_frames, image_run, scalar_run
+from benchmarks.incumbent import read_events, write_with_suitcase
+from bluestream.consumers.decode import encode_message
+from bluestream.consumers.envelope import Envelope
+from bluestream.consumers.pipeline import Ingestor
+from bluestream.daemon.config import LimitSettings
+from bluestream.errors import DocumentError
+from bluestream.storage.registry import StoreRegistry
+from bluestream.storage.zarr_store import ZarrEventStore
+
+NAME = "read"
+__all__ = ["NAME", "ingest_in_process", "run"]
+
+Doc = dict[str, Any]
+
+
+class _FailOnDeadLetter:
+    async def send(self, env: Envelope, error: DocumentError) -> None:
+        raise RuntimeError(f"benchmark document dead-lettered: {error}")
+
+    async def flush(self) -> None:
+        return None
+
+
+async def _ingest(uri: str, zarr_root: Path, tenant: str,
+                  docs: Iterable[tuple[str, Doc]]) -> None:
+    lim = LimitSettings()
+    registry = StoreRegistry(uri)
+    ingestor = Ingestor(store_for=registry, arrays=ZarrEventStore(zarr_root),
+                        dlq=_FailOnDeadLetter(), limits=lim.limits())
+    try:
+        batch: list[Envelope] = []
+        size = 0
+        for offset, (name, doc) in enumerate(docs):
+            value = encode_message(name, doc)
+            batch.append(Envelope("file:bench", 0, offset, value, tenant=tenant))
+            size += len(value)
+            if len(batch) >= lim.batch_max_records or size >= lim.batch_max_bytes:
+                await ingestor.process(batch)
+                batch, size = [], 0
+        if batch:
+            await ingestor.process(batch)
+    finally:
+        await registry.aclose()
+
+
+def ingest_in_process(uri: str, zarr_root: Path, tenant: str,
+                      docs: Iterable[tuple[str, Doc]]) -> None:
+    """Store documents through bluestream's pipeline, batched as the daemon batches."""
+    anyio.run(_ingest, uri, zarr_root, tenant, docs)
+
+
+def _best(fn: Any, repeats: int) -> tuple[float, Any]:
+    times, value = [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        value = fn()
+        times.append(time.perf_counter() - t)
+    return min(times), value
+
+
+def _read_bluestream(tenant: str, uri: str, zarr_root: Path, uid: str) -> Any:
+    with bluestream.open_catalog(tenant, metadata=uri, zarr_root=zarr_root) as cat:
+        return cat[uid]["primary"].read()
+
+
+def run(ctx: Context) -> Result:
+    s = ctx.sizes
+    tenant = ctx.tenant("rd")
+    inc_db = f"{tenant}_incumbent"
+    ctx.mongo_dbs.append(inc_db)
+    work = ctx.scratch(NAME)
+    zarr_root = work / "zarr"
+    uri = ctx.mongo
+
+    # -- write both layouts (not timed) --
+    scalars = scalar_run(s.read_scalar_events, fields=s.scalar_fields)
+    ingest_in_process(uri, zarr_root, tenant, scalars.docs)
+    inc_scalar_docs = _as_pages(scalars, 1000)
+    inc_write_s = write_with_suitcase(uri, inc_db, inc_scalar_docs)
+    frames = image_frames(s.image_shape)
+    images, image_docs = image_run(s.read_image_frames, frames)
+    ingest_in_process(uri, zarr_root, tenant, image_docs)
+    inc_images, inc_image_docs = image_run(s.read_incumbent_image_frames, frames)
+    inc_img_write_s = write_with_suitcase(uri, inc_db, inc_image_docs)
+    print(f"  stored {s.read_scalar_events:,} scalar events and {s.read_image_frames:,} "
+          f"frames (incumbent: {s.read_incumbent_image_frames:,} frames; suitcase-mongo "
+          f"wrote the scalar run in {inc_write_s:.1f} s, the frames in {inc_img_write_s:.1f}"
+          " s)")
+
+    # -- read --
+    out: dict[str, Any] = {}
+    t_bs, ds = _best(lambda: _read_bluestream(tenant, uri, zarr_root, scalars.uid),
+                     s.read_repeats)
+    assert ds.sizes["time"] == s.read_scalar_events and len(ds.data_vars) == s.scalar_fields
+    t_inc, cols = _best(lambda: read_events(uri, inc_db, scalars.descriptor_uid),
+                        s.read_repeats)
+    assert cols["seq_num"].shape[0] == s.read_scalar_events
+    out["scalar"] = {"events": s.read_scalar_events,
+                     "bluestream": {"seconds": t_bs,
+                                    "events_per_s": rate(s.read_scalar_events, t_bs)},
+                     "incumbent": {"seconds": t_inc,
+                                   "events_per_s": rate(s.read_scalar_events, t_inc)},
+                     "ratio": t_inc / t_bs}
+
+    frame_mb = mb(frames[0].nbytes)
+    t_bs_img, ds = _best(lambda: _read_bluestream(tenant, uri, zarr_root, images.uid),
+                         s.read_repeats)
+    assert ds["img"].shape == (s.read_image_frames, *s.image_shape)
+    assert (ds["img"].values[-1] == frames[(s.read_image_frames - 1) % len(frames)]).all()
+    del ds
+    t_inc_img, cols = _best(lambda: read_events(uri, inc_db, inc_images.descriptor_uid,
+                                                {"img": "<u2"}), s.read_repeats)
+    assert cols["data/img"].shape == (s.read_incumbent_image_frames, *s.image_shape)
+    del cols
+    bs_fps = rate(s.read_image_frames, t_bs_img)
+    inc_fps = rate(s.read_incumbent_image_frames, t_inc_img)
+    out["image"] = {"frames": s.read_image_frames,
+                    "incumbent_frames": s.read_incumbent_image_frames,
+                    "bluestream": {"seconds": t_bs_img, "frames_per_s": bs_fps,
+                                   "mb_per_s": bs_fps * frame_mb},
+                    "incumbent": {"seconds": t_inc_img, "frames_per_s": inc_fps,
+                                  "mb_per_s": inc_fps * frame_mb},
+                    "ratio": bs_fps / inc_fps}
+    ctx.drop_scratch(work)
+
+    sc, im = out["scalar"], out["image"]
+    print_table(["run", "reader", "seconds", "rate", "ratio"], [
+        [f"scalar {s.read_scalar_events:,} ev", "bluestream read()", t_bs,
+         f"{sc['bluestream']['events_per_s']:,.0f} ev/s", f"{sc['ratio']:.1f}"],
+        ["", "incumbent PyMongo", t_inc, f"{sc['incumbent']['events_per_s']:,.0f} ev/s", ""],
+        [f"images {s.read_image_frames:,} fr", "bluestream read()", t_bs_img,
+         f"{bs_fps:,.0f} fr/s", f"{im['ratio']:.1f}"],
+        [f"images {s.read_incumbent_image_frames:,} fr", "incumbent PyMongo", t_inc_img,
+         f"{inc_fps:,.1f} fr/s", ""],
+    ])
+    chart = ctx.out / f"{NAME}.png"
+    bar_chart(chart, "read(): bluestream catalog vs incumbent (suitcase-mongo layout)",
+              ["scalar: bluestream", "scalar: incumbent", "images: bluestream",
+               "images: incumbent"],
+              [sc["ratio"], 1.0, im["ratio"], 1.0], "speed relative to the incumbent (x)",
+              colors=["#4878a8", "#d08040", "#4878a8", "#d08040"],
+              hlines=[(10.0, "10x target")])
+    return Result(
+        NAME,
+        params={"scalar_events": s.read_scalar_events, "fields": s.scalar_fields,
+                "image_frames": s.read_image_frames, "shape": list(s.image_shape),
+                "incumbent_image_frames": s.read_incumbent_image_frames,
+                "repeats": s.read_repeats, "metadata": "mongo",
+                "incumbent_reader": "PyMongo find(descriptor).sort(seq_num) -> numpy"},
+        results={**out, "incumbent_write_s": {"scalar": inc_write_s,
+                                              "images": inc_img_write_s}},
+        targets=[Target("read scalar: bluestream / incumbent", sc["ratio"], 10.0, "x"),
+                 Target("read images: bluestream / incumbent", im["ratio"], 10.0, "x")],
+        charts=[chart.name],
+        notes=["incumbent read = PyMongo + numpy, no databroker (does not install with "
+               "our pins): a lower bound on the incumbent's real cost",
+               "image rates in frames/s; the incumbent reads a subset"],
+    )
+
+
+def _as_pages(run_: Run, page: int) -> Iterator[tuple[str, Doc]]:
+    """The same run with events grouped into event_pages (suitcase-mongo stores one
+    ``event`` document per event either way; pages let it use insert_many)."""
+    events: list[Doc] = []
+    for name, doc in run_.docs:
+        if name != "event":
+            if events:
+                yield "event_page", _page(events)
+                events = []
+            yield name, doc
+            continue
+        events.append(doc)
+        if len(events) == page:
+            yield "event_page", _page(events)
+            events = []
+
+
+def _page(events: list[Doc]) -> Doc:
+    keys = list(events[0]["data"])
+    return {"descriptor": events[0]["descriptor"], "uid": [e["uid"] for e in events],
+            "seq_num": [e["seq_num"] for e in events], "time": [e["time"] for e in events],
+            "data": {k: [e["data"][k] for e in events] for k in keys},
+            "timestamps": {k: [e["timestamps"][k] for e in events] for k in keys},
+            "filled": {}}

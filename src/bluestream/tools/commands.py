@@ -1,0 +1,230 @@
+"""The tools' command-line wrappers, registered on the ``bluestream`` typer app.
+
+They only parse options, load settings (the same TOML file + ``BLUESTREAM_*``
+environment as the daemon, command-line options winning), print and set the exit
+status; the work is in the ``bluestream.tools`` modules, imported lazily so that
+``bluestream --help`` stays fast. Exit status: 0 all stored, 1 some documents were
+rejected or the command failed, 2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, NoReturn
+
+import anyio
+import typer
+
+from bluestream.daemon.config import load_settings
+from bluestream.daemon.logs import configure_logging
+from bluestream.errors import BluestreamError, ConfigError
+
+if TYPE_CHECKING:
+    from bluestream.daemon.config import Settings
+    from bluestream.tools.progress import Progress
+    from bluestream.tools.rejects import Rejection
+
+__all__ = ["register"]
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML configuration file; BLUESTREAM_* environment "
+                 "variables override it.", envvar="BLUESTREAM_CONFIG"),
+]
+TenantOpt = Annotated[str, typer.Option("--tenant", "-t", help="Tenant (database / Zarr "
+                                        "sub-tree) to store into or read from.")]
+MetadataOpt = Annotated[str | None, typer.Option(
+    "--metadata", help="Metadata store URI (sqlite:///path or mongodb://...); default "
+    "storage.metadata / BLUESTREAM_METADATA.")]
+ZarrOpt = Annotated[Path | None, typer.Option(
+    "--zarr-root", help="Zarr root directory; default storage.zarr_root / "
+    "BLUESTREAM_ZARR_ROOT.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress line.")]
+
+
+class FileFormat(StrEnum):
+    jsonl = "jsonl"
+    msgpack = "msgpack"
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _settings(config: Path | None, **overrides: str | None) -> Settings:
+    """The daemon's settings with command-line overrides applied, validated as one."""
+    names = {"metadata": "BLUESTREAM_METADATA", "zarr_root": "BLUESTREAM_ZARR_ROOT",
+             "bootstrap": "BLUESTREAM_KAFKA_BOOTSTRAP"}
+    environ: Mapping[str, str] = {**os.environ, **{names[k]: str(v) for k, v in
+                                                   overrides.items() if v is not None}}
+    try:
+        settings = load_settings(config, environ=environ)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    configure_logging(settings.log.format, "error")  # problems are reported by the tools
+    return settings
+
+
+def _report(rejection: Rejection) -> None:
+    typer.echo(f"error: {rejection}", err=True)
+
+
+def _progress(what: str, total: float | None, unit: str, quiet: bool) -> Progress:
+    from bluestream.tools.progress import Progress
+
+    return Progress(what, total, unit=unit, enabled=not quiet)
+
+
+def publish(files: Annotated[list[Path], typer.Argument(help="Document files (.jsonl as "
+                                                        "suitcase-jsonl writes, .msgpack as "
+                                                        "suitcase-msgpack writes).")],
+            topic: Annotated[str, typer.Option("--topic", help="Kafka topic, e.g. "
+                                               "csx.bluesky.runengine.documents")],
+            bootstrap: Annotated[str | None, typer.Option(
+                "--bootstrap", "-b", help="Kafka bootstrap servers; default "
+                "kafka.bootstrap / BLUESTREAM_KAFKA_BOOTSTRAP.")] = None,
+            quiet: QuietOpt = False, config: ConfigOpt = None) -> None:
+    """Publish documents from files to Kafka in the bluesky-kafka wire format."""
+    from bluestream.tools.publish import publish_files
+
+    settings = _settings(config, bootstrap=bootstrap)
+    progress = _progress("publish", None, "docs", quiet)
+    try:
+        report = anyio.run(lambda: publish_files(files, topic=topic, settings=settings,
+                                                 progress=progress, on_reject=_report))
+    except BluestreamError as exc:
+        _fail(str(exc))
+    typer.echo(report.summary(topic))
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def ingest(files: Annotated[list[Path], typer.Argument(help="Document files (.jsonl or "
+                                                       ".msgpack), stored in order.")],
+           tenant: TenantOpt, metadata: MetadataOpt = None, zarr_root: ZarrOpt = None,
+           batch_size: Annotated[int, typer.Option(min=1, help="Documents per write "
+                                                   "batch.")] = 2000,
+           quiet: QuietOpt = False, config: ConfigOpt = None) -> None:
+    """Store documents from files directly (no Kafka), as the daemon would; idempotent."""
+    from bluestream.tools.ingest import ingest_files
+
+    settings = _settings(config, metadata=metadata,
+                         zarr_root=None if zarr_root is None else str(zarr_root))
+    total = sum(p.stat().st_size for p in files if p.is_file())
+    progress = _progress("ingest", total, "bytes", quiet)
+    try:
+        report = anyio.run(lambda: ingest_files(files, tenant=tenant, settings=settings,
+                                                progress=progress, on_reject=_report,
+                                                batch_records=batch_size))
+    except BluestreamError as exc:
+        _fail(str(exc))
+    typer.echo(report.summary(f"ingested into tenant {tenant!r} from "))
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def ingest_mongo(uri: Annotated[str, typer.Argument(help="MongoDB URI of the suitcase-mongo "
+                                                    "database (may name the database).")],
+                 tenant: TenantOpt,
+                 database: Annotated[str | None, typer.Option(
+                     "--database", "-d", help="Source database (run_start, event, ...); "
+                     "default: the one in the URI.")] = None,
+                 assets_database: Annotated[str | None, typer.Option(
+                     help="Database with resource and datum, if separate.")] = None,
+                 metadata: MetadataOpt = None, zarr_root: ZarrOpt = None,
+                 quiet: QuietOpt = False, config: ConfigOpt = None) -> None:
+    """Import runs from a suitcase-mongo "normalized" database; resumable, idempotent."""
+    from bluestream.tools.ingest_mongo import ingest_mongo as _ingest_mongo
+
+    settings = _settings(config, metadata=metadata,
+                         zarr_root=None if zarr_root is None else str(zarr_root))
+    progress = _progress("ingest-mongo", None, "runs", quiet)
+    try:
+        report = anyio.run(lambda: _ingest_mongo(
+            uri, database=database, assets_database=assets_database, tenant=tenant,
+            settings=settings, progress=progress, on_reject=_report))
+    except BluestreamError as exc:
+        _fail(str(exc))
+    typer.echo(report.summary())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def export(tenant: TenantOpt,
+           runs: Annotated[list[str] | None, typer.Argument(
+               help="Runs: uid, uid prefix (>= 5 characters), scan_id, or -1 (newest).",
+               show_default=False)] = None,
+           fmt: Annotated[FileFormat, typer.Option("--format", "-f")] = FileFormat.jsonl,
+           out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")
+                          ] = Path("."),
+           all_runs: Annotated[bool, typer.Option("--all", help="Export every run of the "
+                                                  "tenant.")] = False,
+           metadata: MetadataOpt = None, zarr_root: ZarrOpt = None,
+           quiet: QuietOpt = False, config: ConfigOpt = None) -> None:
+    """Write runs out as documents, one <uid>.jsonl / <uid>.msgpack file per run."""
+    from bluestream.tools.export import export_runs
+
+    if not runs and not all_runs:
+        _fail("name at least one RUN, or give --all", 2)
+    settings = _settings(config, metadata=metadata,
+                         zarr_root=None if zarr_root is None else str(zarr_root))
+    progress = _progress("export", None, "docs", quiet)
+
+    def missing(key: str, why: str) -> None:
+        typer.echo(f"error: {why}", err=True)
+
+    try:
+        report = anyio.run(lambda: export_runs(runs or [], tenant=tenant, settings=settings,
+                                               fmt=fmt.value, out=out, all_runs=all_runs,
+                                               progress=progress, on_missing=missing))
+    except BluestreamError as exc:
+        _fail(str(exc))
+    for path in report.files:
+        typer.echo(str(path))
+    typer.echo(report.summary(), err=True)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def demo(out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the embedded "
+                                           "store and the plot.")] = Path("demo-output"),
+         services: Annotated[bool, typer.Option(help="Start the local Kafka "
+                                                "(scripts/services up) if none answers.")
+                             ] = True,
+         keep_services: Annotated[bool, typer.Option(help="Leave services the demo started "
+                                                     "running.")] = False,
+         timeout: Annotated[float, typer.Option(help="Seconds to wait for each stage.")
+                            ] = 120.0,
+         config: ConfigOpt = None) -> None:
+    """Publish a few simulated runs through Kafka, store and read them back, plot them."""
+    from bluestream.tools.demo import DemoOptions, run_demo
+
+    settings = _settings(config)
+    configure_logging("console", "warning")
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+
+    opts = DemoOptions(out=out, start_services=services, keep_services=keep_services,
+                       timeout=timeout, say=say)
+    try:
+        anyio.run(run_demo, settings, opts)
+    except BluestreamError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise typer.Exit(130) from None
+
+
+def register(app: typer.Typer) -> None:
+    """Add the tools' commands to ``app`` (the ``bluestream`` command)."""
+    app.command("publish")(publish)
+    app.command("ingest")(ingest)
+    app.command("ingest-mongo")(ingest_mongo)
+    app.command("export")(export)
+    app.command("demo")(demo)

@@ -1,0 +1,246 @@
+"""``bluestream demo``: the whole system on one laptop, in about half a minute.
+
+Starts a local Kafka broker if none answers (``scripts/services up``), runs the daemon
+in this process on the embedded store (SQLite + Zarr under ``--out``), publishes three
+realistic runs with a bluesky RunEngine and bluesky-kafka's Publisher, waits until the
+catalog shows their stop documents, then prints a table of the runs and writes a plot,
+both read back through the catalog. It stops what it started, and only that.
+
+Each demo uses a fresh topic ``demo-<random>.bluesky.runengine.documents`` (tenant
+``demo-<random>``), so reruns never see each other's data but share one store.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+
+from bluestream.daemon.config import Settings
+from bluestream.errors import BluestreamError, StorageUnavailable
+
+__all__ = ["DemoError", "DemoOptions", "find_services_script", "run_demo"]
+
+STEPS = 7
+
+
+class DemoError(BluestreamError):
+    """The demo cannot run (no broker, missing packages ...); the message says why."""
+
+
+@dataclass
+class DemoOptions:
+    out: Path = Path("demo-output")
+    start_services: bool = True
+    keep_services: bool = False
+    timeout: float = 120.0
+    say: Callable[[str], None] = print
+    services_script: Path | None = None
+    _started_services: bool = field(default=False, repr=False)
+
+
+def find_services_script() -> Path | None:
+    """``scripts/services`` of the source tree this package runs from, or of the cwd."""
+    here = Path(__file__).resolve().parents[3] / "scripts" / "services"
+    for candidate in (here, Path.cwd() / "scripts" / "services"):
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def _reachable(hostport: str, timeout: float = 2.0) -> bool:
+    host, _, port = hostport.split(",")[0].strip().rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _is_local(hostport: str) -> bool:
+    host = hostport.split(",")[0].strip().rpartition(":")[0]
+    return host in ("127.0.0.1", "localhost", "::1", "")
+
+
+def _mongo_port() -> str:
+    return os.environ.get("BLUESTREAM_SERVICES_MONGO_PORT", "27017")
+
+
+async def _ensure_kafka(settings: Settings, opts: DemoOptions, step: str) -> Callable[[], None]:
+    """Use the configured broker if it answers; else start the local services.
+
+    Returns the cleanup to run at the end. ``scripts/services down`` stops Kafka and
+    Mongo together, so services are stopped only if neither ran before the demo.
+    """
+    bootstrap = settings.kafka.bootstrap
+    if _reachable(bootstrap):
+        opts.say(f"{step} Kafka broker at {bootstrap} answers; using it")
+        return lambda: None
+    if not opts.start_services or not _is_local(bootstrap):
+        raise DemoError(f"no Kafka broker answers at {bootstrap} (kafka.bootstrap / "
+                        "BLUESTREAM_KAFKA_BOOTSTRAP); start one, or run the demo without "
+                        "--no-services to start the local one")
+    script = opts.services_script or find_services_script()
+    if script is None:
+        raise DemoError(f"no Kafka broker answers at {bootstrap}, and scripts/services "
+                        "(which starts one) was not found: run the demo from the "
+                        "bluestream source tree, or start Kafka yourself")
+    mongo_was_up = _reachable(f"127.0.0.1:{_mongo_port()}")
+    opts.say(f"{step} no Kafka broker at {bootstrap}: starting the local services "
+             f"({script} up; the first time downloads the Kafka jars) ...")
+    proc = await anyio.run_process([str(script), "up"], check=False, stdout=None,
+                                   stderr=None)
+    if proc.returncode != 0 or not _reachable(bootstrap):
+        raise DemoError(f"{script} up failed (exit {proc.returncode}); see "
+                        f"`{script} logs kafka`")
+    opts._started_services = True
+
+    def stop() -> None:
+        if opts.keep_services:
+            opts.say(f"local services left running (--keep-services); stop them with "
+                     f"`{script} down`")
+        elif mongo_was_up:
+            opts.say(f"Kafka was started by the demo but Mongo was already running, and "
+                     f"they stop together: stop both with `{script} down` when done")
+        else:
+            opts.say(f"stopping the local services the demo started ({script} down)")
+            subprocess.run([str(script), "down"], check=False, stdout=subprocess.DEVNULL)
+
+    return stop
+
+
+async def _create_topic(settings: Settings, topic: str) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    from bluestream.consumers.kafka import kafka_client_options
+
+    admin = AIOKafkaAdminClient(**kafka_client_options(settings.kafka))
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, 1, 1)])
+    finally:
+        await admin.close()
+
+
+def demo_settings(base: Settings, topic: str, out: Path) -> Settings:
+    """The daemon's settings: this demo's topic only, the embedded store under ``out``."""
+    tenant = topic.split(".", 1)[0]
+    return base.model_copy(update={
+        "kafka": base.kafka.model_copy(update={
+            "topics": [topic], "topic_pattern": None, "group_id": f"bluestream-{tenant}",
+            "auto_offset_reset": "earliest"}),
+        "storage": base.storage.model_copy(update={
+            "metadata": f"sqlite:///{(out / 'bluestream.db').resolve()}",
+            "zarr_root": (out / "zarr").resolve()}),
+        "http": base.http.model_copy(update={"enabled": False}),
+        "tenants": {},
+    })
+
+
+async def _wait(predicate: Callable[[], Awaitable[bool]], limit_s: float, what: str) -> None:
+    deadline = time.monotonic() + limit_s
+    while True:
+        if await predicate():
+            return
+        if time.monotonic() > deadline:
+            raise DemoError(f"timed out after {limit_s:.0f} s waiting for {what}")
+        await anyio.sleep(0.2)
+
+
+async def run_demo(base: Settings, opts: DemoOptions) -> Path:
+    """Run the demo; returns the path of the plot."""
+    from bluestream.tools.demo_plans import missing_dependencies
+
+    missing = missing_dependencies()
+    if missing:
+        raise DemoError(f"the demo needs {', '.join(missing)}: "
+                        "pip install 'bluestream[demo]'")
+    tenant = f"demo-{secrets.token_hex(3)}"
+    topic = f"{tenant}.bluesky.runengine.documents"
+    cleanup = await _ensure_kafka(base, opts, f"[1/{STEPS}]")
+    try:
+        return await _run(demo_settings(base, topic, opts.out), tenant, topic, opts)
+    finally:
+        cleanup()
+
+
+async def _run(settings: Settings, tenant: str, topic: str, opts: DemoOptions) -> Path:
+    from bluestream.daemon.service import Daemon
+
+    say = opts.say
+    opts.out.mkdir(parents=True, exist_ok=True)
+    say(f"[2/{STEPS}] starting the daemon in this process: topic {topic}, store "
+        f"{settings.storage.metadata} + {settings.storage.zarr_root}")
+    await _create_topic(settings, topic)
+    daemon = Daemon(settings, handle_signals=False)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(daemon.run)
+        async def assigned() -> bool:
+            return daemon.ready and bool(daemon.source and daemon.source.state.assigned)
+
+        try:
+            await _wait(assigned, opts.timeout, "the daemon to join its consumer group")
+            plot = await _publish_and_report(settings, tenant, topic, opts)
+        finally:
+            daemon.stop.set()
+    say(f"daemon stopped: {int(daemon.counters.total('documents'))} documents, "
+        f"{int(daemon.counters.total('events'))} events stored, "
+        f"{int(daemon.counters.total('dead_lettered'))} dead-lettered")
+    return plot
+
+
+async def _publish_and_report(settings: Settings, tenant: str, topic: str,
+                              opts: DemoOptions) -> Path:
+    from bluestream.catalog.core import AsyncCatalog, open_catalog_async
+    from bluestream.tools.demo_plans import run_demo_plans
+    from bluestream.tools.demo_report import format_table, plot_runs, run_rows
+
+    say = opts.say
+    step = {"count": 3, "scan": 4, "images": 5}
+
+    def announce(label: str, text: str) -> None:
+        say(f"[{step[label]}/{STEPS}] {text}")
+
+    runs = await anyio.to_thread.run_sync(run_demo_plans, topic, settings.kafka.bootstrap,
+                                          announce)
+    say(f"[6/{STEPS}] waiting until the daemon has stored all {len(runs)} runs ...")
+    cat: AsyncCatalog | None = None
+
+    async def stored() -> bool:
+        nonlocal cat
+        if cat is None:
+            try:
+                cat = await open_catalog_async(tenant, metadata=settings.storage.metadata,
+                                               zarr_root=settings.storage.zarr_root).open()
+            except StorageUnavailable:  # the SQLite file is created with the first run
+                return False
+        for r in runs:
+            if not await cat.contains(r.uid) or (await cat.lookup(r.uid)).stop is None:
+                return False
+        return True
+
+    try:
+        await _wait(stored, opts.timeout, "the runs' stop documents in the catalog")
+        assert cat is not None
+        say(f"[7/{STEPS}] reading back through the catalog (tenant {tenant!r}):\n")
+        say(format_table(await run_rows(cat)))
+        by_label = {r.label: r.uid for r in runs}
+        plot = await plot_runs(await cat.lookup(by_label["scan"]),
+                               await cat.lookup(by_label["images"]),
+                               opts.out / f"{tenant}.png")
+    finally:
+        if cat is not None:
+            await cat.aclose()
+    say(f"\nplot written to {plot}")
+    say(f"read the runs yourself:\n"
+        f"  python -c \"import bluestream; cat = bluestream.open_catalog('{tenant}', "
+        f"metadata='{settings.storage.metadata}', zarr_root='{settings.storage.zarr_root}'); "
+        f"print(cat[-1]); print(cat[-1]['primary'].read())\"")
+    return plot

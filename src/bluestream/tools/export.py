@@ -1,0 +1,115 @@
+"""``bluestream export``: runs back out as document files, one file per run.
+
+What is written is what the catalog's ``run.documents()`` replays (events as
+event_pages), in suitcase's formats and file names (``<start uid>.jsonl`` /
+``<start uid>.msgpack``), so suitcase-era readers and plain ``json`` / ``msgpack``
+parsing work, and ``bluestream ingest`` of an export stores the same runs again.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+
+from bluestream.catalog.core import AsyncCatalog, open_catalog_async
+from bluestream.catalog.run import AsyncBlueskyRun
+from bluestream.daemon.config import Settings
+from bluestream.errors import NotFound
+from bluestream.tools.files import DocumentWriter, Format, run_file_name
+from bluestream.tools.progress import Progress
+
+__all__ = ["ExportReport", "export_runs", "parse_run_key"]
+
+_INT = re.compile(r"-?\d+")
+_MIN_PREFIX = 5
+
+
+@dataclass
+class ExportReport:
+    files: list[Path] = field(default_factory=list)
+    documents: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    missing: list[str] = field(default_factory=list)  # keys that matched no run
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing
+
+    def summary(self) -> str:
+        miss = f", {len(self.missing)} not found" if self.missing else ""
+        return (f"exported {len(self.files)} run(s): {self.documents} documents, "
+                f"{self.bytes / 1e6:.1f} MB in {self.seconds:.1f} s{miss}")
+
+
+def parse_run_key(text: str) -> list[int | str]:
+    """Lookup keys to try for a RUN argument, in order.
+
+    A negative number is an index (``-1`` newest); a short number a scan_id; a longer
+    one may be a uid prefix made of digits, so it is tried as a uid first, then as a
+    scan_id. Anything else is a uid or a uid prefix (at least 5 characters).
+    """
+    if _INT.fullmatch(text):
+        n = int(text)
+        if n < 0 or len(text) < _MIN_PREFIX:
+            return [n]
+        return [text, n]
+    return [text]
+
+
+async def _lookup(cat: AsyncCatalog, text: str) -> AsyncBlueskyRun:
+    last: Exception | None = None
+    for key in parse_run_key(text):
+        try:
+            return await cat.lookup(key)
+        except NotFound as exc:
+            last = exc
+    assert last is not None
+    raise last
+
+
+async def export_runs(runs: Sequence[str], *, tenant: str, settings: Settings, fmt: Format,
+                      out: str | os.PathLike[str], all_runs: bool = False,
+                      progress: Progress | None = None,
+                      on_missing: Callable[[str, str], None] | None = None) -> ExportReport:
+    """Write each run named in ``runs`` (or every run with ``all_runs``) to ``out``."""
+    t0 = time.monotonic()
+    report = ExportReport()
+    outdir = Path(out)
+    await anyio.Path(outdir).mkdir(parents=True, exist_ok=True)
+    async with open_catalog_async(tenant, metadata=settings.storage.metadata,
+                                  zarr_root=settings.storage.zarr_root) as cat:
+        selected: list[AsyncBlueskyRun] = []
+        for text in runs:
+            try:
+                selected.append(await _lookup(cat, text))
+            except (NotFound, ValueError) as exc:
+                report.missing.append(text)
+                if on_missing is not None:
+                    on_missing(text, str(exc))
+        if all_runs:
+            selected.extend([run async for run in cat.values()])
+        seen: set[str] = set()
+        for run in selected:
+            if run.uid in seen:
+                continue
+            seen.add(run.uid)
+            path = outdir / run_file_name(run.uid, fmt)
+            with DocumentWriter(path, fmt) as writer:
+                async for name, doc in run.documents():
+                    writer.write(name, doc)
+                    if progress is not None:
+                        progress.update(1, runs=len(seen))
+            report.files.append(path)
+            report.documents += writer.documents
+            report.bytes += writer.bytes
+    report.seconds = time.monotonic() - t0
+    if progress is not None:
+        progress.close()
+    return report

@@ -1,0 +1,89 @@
+"""Files -> ``ingest`` -> ``export`` gives the same documents back, on SQLite and MongoDB;
+an export ingested again stores the same runs; ingesting twice changes nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import read_stream_arrays
+from test_catalog_support import assert_valid_order, canonical, plain, re_runs
+from test_tools_support import (  # noqa: F401  (fixtures)
+    metadata_uri_fixture,
+    read_documents,
+    settings_fixture,
+    write_suitcase,
+)
+
+from bluestream.daemon.config import Settings
+from bluestream.tools.export import export_runs
+from bluestream.tools.files import iter_records
+from bluestream.tools.ingest import ingest_files
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "msgpack"])
+async def test_ingest_then_export_gives_the_same_documents(
+        fmt: str, settings: Settings, tenant: str, tmp_path: Path) -> None:
+    runs = list(re_runs().values())
+    src = tmp_path / "src"
+    src.mkdir()
+    files = write_suitcase(runs, fmt, src)
+
+    report = await ingest_files(files, tenant=tenant, settings=settings, batch_records=7)
+    assert report.ok, report.rejections
+    assert (report.runs, report.documents) == (len(runs), sum(1 for f in files
+                                                              for _ in iter_records(f)))
+    again = await ingest_files(files, tenant=tenant, settings=settings)
+    assert again.ok, again.rejections  # a replay: every document is already stored
+
+    out = tmp_path / "export"
+    exported = await export_runs([], tenant=tenant, settings=settings, fmt=fmt,
+                                 out=out, all_runs=True)
+    assert exported.ok and len(exported.files) == len(runs)
+    for docs in runs:
+        path = out / f"{docs[0][1]['uid']}.{fmt}"
+        back = read_documents(path)
+        assert_valid_order(back)
+        assert canonical(back) == canonical(docs), path.name
+
+    # The export, ingested into another tenant, is stored exactly like the original.
+    copy = tenant + "c"
+    report = await ingest_files(sorted(out.iterdir()), tenant=copy, settings=settings)
+    assert report.ok, report.rejections
+    out2 = tmp_path / "export2"
+    await export_runs([], tenant=copy, settings=settings, fmt=fmt, out=out2,
+                      all_runs=True)
+    for path in sorted(out.iterdir()):  # same documents, order and page boundaries
+        assert [(n, plain(d)) for n, d in read_documents(out2 / path.name)] == \
+            [(n, plain(d)) for n, d in read_documents(path)], path.name
+    root = settings.storage.zarr_root
+    for docs in runs:
+        run = docs[0][1]["uid"]
+        for desc in (d for n, d in docs if n == "descriptor"):
+            a = read_stream_arrays(root, tenant, run, desc["uid"])
+            b = read_stream_arrays(root, copy, run, desc["uid"])
+            assert a.keys() == b.keys()
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+                assert a[key].dtype == b[key].dtype, key
+
+
+async def test_export_selects_runs_by_scan_id_uid_prefix_and_index(
+        settings: Settings, tenant: str, tmp_path: Path) -> None:
+    runs = list(re_runs().values())
+    files = write_suitcase(runs, "jsonl", tmp_path)
+    assert (await ingest_files(files, tenant=tenant, settings=settings)).ok
+    uids = [docs[0][1]["uid"] for docs in runs]
+    scan_id = str(runs[1][0][1]["scan_id"])
+    out = tmp_path / "sel"
+    missing: list[str] = []
+    report = await export_runs([scan_id, uids[0][:8], "-1", "nosuchrun"], tenant=tenant,
+                               settings=settings, fmt="msgpack", out=out,
+                               on_missing=lambda key, why: missing.append(key))
+    newest = max(runs, key=lambda d: d[0][1]["time"])[0][1]["uid"]
+    assert sorted(p.name for p in report.files) == sorted(
+        {f"{u}.msgpack" for u in (uids[1], uids[0], newest)})
+    assert missing == ["nosuchrun"] and report.missing == ["nosuchrun"] and not report.ok
