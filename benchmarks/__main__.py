@@ -22,7 +22,7 @@ from types import ModuleType
 
 from benchmarks import image_ingest, latency, profile, read, scalar_ingest, scaling
 from benchmarks.common import Context, Result, Target, bar_chart, save_result
-from benchmarks.infra import delete_topics
+from benchmarks.infra import delete_topics, drop_databases
 from bluestream.daemon.logs import configure_logging
 
 SCENARIOS: dict[str, ModuleType] = {
@@ -96,12 +96,9 @@ def _cleanup(ctx: Context) -> None:
     except Exception as exc:
         print(f"  (could not delete topics: {exc})")
     try:
-        from pymongo import MongoClient
-
-        client: MongoClient[dict[str, object]] = MongoClient(ctx.mongo)
-        for db in set(ctx.mongo_dbs):
-            client.drop_database(db)
-        client.close()
+        failed = drop_databases(ctx.mongo, sorted(set(ctx.mongo_dbs)))
+        if failed:
+            print(f"  (the Mongo server refused to drop {len(failed)} database(s): {failed})")
     except Exception as exc:
         print(f"  (could not drop databases: {exc})")
 

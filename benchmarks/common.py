@@ -58,7 +58,7 @@ FULL = Sizes(
     ingest_backends=("sqlite", "mongo"), incumbent_runs=1,
     image_frames=2_000, image_shape=(512, 512),
     latency_rate=200.0, latency_seconds=20.0, latency_backends=("mongo", "sqlite"),
-    read_scalar_events=100_000, read_image_frames=1_000, read_incumbent_image_frames=100,
+    read_scalar_events=100_000, read_image_frames=1_000, read_incumbent_image_frames=50,
     read_repeats=3,
     scaling_runs=18, scaling_events_per_run=10_000, scaling_partitions=6,
     profile_events=50_000,
@@ -171,8 +171,10 @@ class Result:
 
 
 def machine() -> dict[str, Any]:
+    """Where it ran; the load average tells whether something else shared the CPUs."""
     return {"cpus": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform(), "host": platform.node()}
+            "platform": platform.platform(), "host": platform.node(),
+            "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()]}
 
 
 def save_result(ctx: Context, result: Result) -> Path:

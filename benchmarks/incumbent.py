@@ -13,10 +13,13 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+import bson
 import numpy as np
+from bson.raw_bson import RawBSONDocument
 from pymongo import MongoClient
 
-__all__ = ["consume_into_mongo", "count_events", "read_events", "write_with_suitcase"]
+__all__ = ["client_side_ingest", "client_side_seconds", "consume_into_mongo", "count_events",
+           "read_events", "write_with_suitcase"]
 
 Doc = dict[str, Any]
 
@@ -68,6 +71,30 @@ def consume_into_mongo(bootstrap: str, topic: str, mongo_uri: str, database: str
     return int(state["events"]), state["t1"] - state["t0"]
 
 
+def client_side_ingest(values: list[bytes]) -> tuple[int, float]:
+    """The incumbent's own per-document work with an infinitely fast Mongo server:
+    bluesky-kafka's deserializer (msgpack + msgpack-numpy), suitcase-mongo's
+    ``sanitize_doc`` and the BSON encoding PyMongo does for ``insert_one``/``insert_many``.
+    Returns (events, seconds): a ceiling on the incumbent's rate on any server."""
+    import bluesky_kafka  # noqa: F401  (patches msgpack the way the incumbent runs)
+    import event_model
+    import msgpack
+
+    events = 0
+    started = time.perf_counter()
+    for value in values:
+        name, doc = msgpack.loads(value)
+        doc = event_model.sanitize_doc(doc)
+        if name == "event_page":
+            for event in event_model.unpack_event_page(doc):
+                bson.encode(event)
+                events += 1
+        else:
+            bson.encode(doc)
+            events += name == "event"
+    return events, time.perf_counter() - started
+
+
 def write_with_suitcase(mongo_uri: str, database: str, docs: Iterable[tuple[str, Doc]]
                         ) -> float:
     """Store documents the way the incumbent does; returns seconds taken."""
@@ -89,18 +116,22 @@ def count_events(mongo_uri: str, database: str) -> int:
         client.close()
 
 
-def read_events(mongo_uri: str, database: str, descriptor_uid: str,
-                dtypes: dict[str, str] | None = None) -> dict[str, np.ndarray]:
-    """All events of a descriptor in seq_num order, as numpy columns: what a
-    databroker-v1 ``get_table`` amounts to, without pandas. Like bluestream's ``read()``
-    it returns data, time, seq_num and uid (timestamps are not fetched)."""
-    client: MongoClient[Doc] = MongoClient(_base(mongo_uri))
+def _fetch(mongo_uri: str, database: str, descriptor_uid: str, batch_size: int,
+           raw: bool) -> list[Any]:
+    kwargs: dict[str, Any] = {"document_class": RawBSONDocument} if raw else {}
+    client: MongoClient[Any] = MongoClient(_base(mongo_uri), **kwargs)
     try:
-        docs = list(client[database]["event"].find({"descriptor": descriptor_uid},
-                                                   {"_id": 0, "timestamps": 0, "filled": 0}
-                                                   ).sort("seq_num", 1))
+        cursor = client[database]["event"].find({"descriptor": descriptor_uid},
+                                                {"_id": 0, "timestamps": 0, "filled": 0}
+                                                ).sort("seq_num", 1)
+        if batch_size:
+            cursor = cursor.batch_size(batch_size)
+        return list(cursor)
     finally:
         client.close()
+
+
+def _columns(docs: list[Doc], dtypes: dict[str, str] | None) -> dict[str, np.ndarray]:
     if not docs:
         return {}
     out = {"time": np.array([d["time"] for d in docs], dtype=np.float64),
@@ -110,3 +141,27 @@ def read_events(mongo_uri: str, database: str, descriptor_uid: str,
         dtype = (dtypes or {}).get(key)
         out[f"data/{key}"] = np.array([d["data"][key] for d in docs], dtype=dtype)
     return out
+
+
+def read_events(mongo_uri: str, database: str, descriptor_uid: str,
+                dtypes: dict[str, str] | None = None, batch_size: int = 0
+                ) -> dict[str, np.ndarray]:
+    """All events of a descriptor in seq_num order, as numpy columns: what a
+    databroker-v1 ``get_table`` amounts to, without pandas. Like bluestream's ``read()``
+    it returns data, time, seq_num and uid (timestamps are not fetched). ``batch_size``
+    keeps replies under the wire limit where the server would not (mongo-java-server
+    answers with one reply as large as the result; mongod caps replies at 16 MB)."""
+    return _columns(_fetch(mongo_uri, database, descriptor_uid, batch_size, raw=False),
+                    dtypes)
+
+
+def client_side_seconds(mongo_uri: str, database: str, descriptor_uid: str,
+                        dtypes: dict[str, str] | None = None, batch_size: int = 0) -> float:
+    """The incumbent's read with an infinitely fast server: only the client's work
+    (BSON decoding of the same replies + building the columns) is timed. The Mongo
+    server used here (mongo-java-server on H2) is much slower than mongod, so this bounds
+    what the incumbent could do on the best server."""
+    raw = _fetch(mongo_uri, database, descriptor_uid, batch_size, raw=True)
+    started = time.perf_counter()
+    _columns([bson.decode(d.raw) for d in raw], dtypes)
+    return time.perf_counter() - started

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,8 +27,9 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from bluestream.storage.factory import open_metadata_store
 
-__all__ = ["DaemonProcess", "Message", "committed_offsets", "create_topic", "delete_topics",
-           "end_offsets", "metadata_uri", "publish", "stored_events", "wait_committed"]
+__all__ = ["DaemonProcess", "IngestTiming", "Message", "checked_ingest", "committed_offsets",
+           "create_topic", "delete_topics", "drop_databases", "end_offsets", "metadata_uri",
+           "publish", "stored_events", "timed_ingest", "wait_committed"]
 
 #: (key, value, partition or -1 for the partitioner's choice)
 Message = tuple[bytes | None, bytes, int]
@@ -54,7 +56,7 @@ def create_topic(bootstrap: str, topic: str, partitions: int = 1) -> None:
 def delete_topics(bootstrap: str, topics: list[str]) -> None:
     if not topics:
         return
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
     for fut in admin.delete_topics(topics, operation_timeout=30).values():
         with contextlib.suppress(KafkaException):  # already gone, or never created
             fut.result(timeout=60)
@@ -145,22 +147,27 @@ def metadata_uri(backend: str, mongo: str, workdir: Path) -> str:
     return mongo if backend == "mongo" else f"sqlite:///{workdir / 'meta.db'}"
 
 
+DAEMON_ARGV = [sys.executable, "-m", "bluestream", "serve"]
+
+
 class DaemonProcess:
     """``python -m bluestream serve`` configured through ``BLUESTREAM_*`` variables,
     JSON logs to a file that is parsed for lifecycle events and their timestamps."""
 
     def __init__(self, *, kafka: str, topics: list[str], group: str, metadata: str,
-                 zarr_root: Path, log: Path, extra_env: dict[str, str] | None = None) -> None:
+                 zarr_root: Path, log: Path, extra_env: dict[str, str] | None = None,
+                 argv: list[str] | None = None) -> None:
         self.log = log
         env = {**os.environ, "BLUESTREAM_KAFKA_BOOTSTRAP": kafka,
                "BLUESTREAM_TOPICS": ",".join(topics), "BLUESTREAM_GROUP_ID": group,
                "BLUESTREAM_METADATA": metadata, "BLUESTREAM_ZARR_ROOT": str(zarr_root),
                "BLUESTREAM_HTTP_PORT": "0", "BLUESTREAM_LOG_FORMAT": "json",
-               **(extra_env or {})}
+               }
         env.pop("BLUESTREAM_CONFIG", None)
+        env.update(extra_env or {})  # e.g. BLUESTREAM_CONFIG=<toml> for limits
         with log.open("ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "bluestream", "serve"],
-                                         env=env, stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(argv or DAEMON_ARGV, env=env, stdout=out,
+                                         stderr=subprocess.STDOUT)
         self.spawned = time.time()
 
     @property
@@ -173,17 +180,7 @@ class DaemonProcess:
                                + self.log.read_text(errors="replace")[-3000:])
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log.read_text(errors="replace").splitlines():
-            if not line.startswith("{"):
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if name is None or rec.get("event") == name:
-                out.append(rec)
-        return out
+        return [r for r in _log_records(self.log) if name is None or r.get("event") == name]
 
     def assigned(self) -> list[str]:
         """Partitions of the latest assignment (empty after a revocation of all)."""
@@ -275,7 +272,8 @@ class IngestTiming:
 
 def timed_ingest(*, kafka: str, topic: str, group: str, metadata: str, zarr_root: Path,
                  log_dir: Path, daemons: int = 1, timeout: float = 600.0,
-                 publish_after_assignment: Callable[[], float] | None = None
+                 publish_after_assignment: Callable[[], float] | None = None,
+                 argv: list[str] | None = None, extra_env: dict[str, str] | None = None
                  ) -> IngestTiming:
     """Run ``daemons`` daemon processes in one group until ``topic`` is committed.
 
@@ -287,7 +285,8 @@ def timed_ingest(*, kafka: str, topic: str, group: str, metadata: str, zarr_root
     """
     timing = IngestTiming()
     procs = [DaemonProcess(kafka=kafka, topics=[topic], group=group, metadata=metadata,
-                           zarr_root=zarr_root, log=log_dir / f"daemon{i}.log")
+                           zarr_root=zarr_root, log=log_dir / f"daemon{i}.log", argv=argv,
+                           extra_env=extra_env)
              for i in range(daemons)]
 
     def alive() -> None:
@@ -322,3 +321,67 @@ def timed_ingest(*, kafka: str, topic: str, group: str, metadata: str, zarr_root
     finally:
         timing.exit_codes = [p.stop() for p in procs]
     return timing
+
+
+def checked_ingest(*, kafka: str, topic: str, group: str, backend: str, mongo: str,
+                   tenant: str, work: Path, expected: tuple[int, int, int],
+                   attempts: int = 2, **kwargs: Any) -> tuple[IngestTiming, str, list[str]]:
+    """:func:`timed_ingest` into fresh storage, then check what was stored against
+    ``expected`` (runs, events, stops). On a mismatch the failure is recorded and the
+    ingest repeated into fresh storage with a fresh group (a benchmark needs a number;
+    the record says a daemon lost data). Returns (timing, metadata URI, failures)."""
+    failures: list[str] = []
+    for attempt in range(attempts):
+        for child in work.iterdir() if work.exists() else ():
+            if child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+        work.mkdir(parents=True, exist_ok=True)
+        if backend == "mongo":
+            drop_databases(mongo, [tenant])
+        uri = metadata_uri(backend, mongo, work)
+        timing = timed_ingest(kafka=kafka, topic=topic, group=f"{group}-{attempt}",
+                              metadata=uri, zarr_root=work / "zarr", log_dir=work, **kwargs)
+        got = stored_events(uri, tenant)
+        if got == expected:
+            return timing, uri, failures
+        stopped = [r for p in work.glob("daemon*.log")
+                   for r in _log_records(p) if r.get("event") == "stopped"]
+        lost = [r.get("counters", {}).get("dead_lettered") for r in stopped]
+        failures.append(f"attempt {attempt + 1}: stored (runs, events, stops) = {got}, "
+                        f"expected {expected}; dead letters: {lost}")
+        print(f"  !! DATA LOSS: {failures[-1]}")
+    raise RuntimeError("; ".join(failures))
+
+
+def _log_records(path: Path) -> list[dict[str, Any]]:
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+    return out
+
+
+def drop_databases(mongo: str, names: Iterable[str]) -> list[str]:
+    """Drop databases; returns those the server refused to drop. (mongo-java-server's
+    H2 backend sometimes fails dropDatabase; dropping the collections first helps.)"""
+    from pymongo import MongoClient
+    from pymongo.errors import PyMongoError
+
+    failed = []
+    client: MongoClient[dict[str, Any]] = MongoClient(mongo)
+    try:
+        for name in names:
+            try:
+                db = client[name]
+                for coll in db.list_collection_names():
+                    db.drop_collection(coll)
+                client.drop_database(name)
+            except PyMongoError:
+                if name in client.list_database_names():
+                    failed.append(name)
+    finally:
+        client.close()
+    return failed

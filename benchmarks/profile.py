@@ -1,111 +1,200 @@
-"""Where the daemon's time goes: the hot path in process, no Kafka, stage by stage.
+"""Where the daemon's time goes (supports the README's analysis; no targets of its own).
 
-Pre-encoded envelopes of single scalar events (one run) go through, cumulatively:
-decode; decode + validate; decode + validate + page building; the whole
-``Ingestor.process`` (SQLite metadata and Mongo metadata). Each stage's rate says what
-the next one costs. With pyinstrument installed (not a project dependency:
-``.venv/bin/pip install pyinstrument``), ``Ingestor.process`` is also profiled and the
-call tree written to ``profile_ingest.txt``.
+1. The hot path in process, no Kafka: pre-encoded envelopes of one run of single scalar
+   events (and of event pages) through ``Ingestor.process``, batched as the daemon
+   batches, with every stage timed (:class:`~benchmarks.inprocess.StageTimer`), including
+   garbage-collector pauses. Once as is, once with the collector tuned
+   (``gc.freeze()`` + a higher gen-0 threshold): a what-if that needs no code change.
+2. What-ifs on the real daemon (same topic, fresh storage and group each): GC tuned,
+   ``limits.batch_max_records = 20000``, both.
+3. With pyinstrument installed (``.venv/bin/pip install pyinstrument``; not a project
+   dependency), the in-process ``Ingestor.process`` call tree -> ``profile_ingest.txt``.
 """
 
 from __future__ import annotations
 
+import gc
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from benchmarks.common import Context, Result, bar_chart, print_table, rate
-from benchmarks.docs import scalar_run
-from benchmarks.read import ingest_in_process
-from bluestream.consumers.decode import decode_message
-from bluestream.daemon.config import LimitSettings
-from bluestream.limits import Limits
-from bluestream.schemas.normalise import field_specs, page_from_events
-from bluestream.schemas.validate import validate
+from benchmarks.docs import Run, scalar_run
+from benchmarks.infra import checked_ingest, create_topic, publish
+from benchmarks.inprocess import StageTimer, batches, process_batches
 
 NAME = "profile"
-__all__ = ["NAME", "run"]
+__all__ = ["GC_TUNED_ARGV", "NAME", "run"]
+
+#: gen-0 threshold for the what-if (CPython's default is 700 allocations).
+GC_GEN0 = 50_000
+#: The daemon with the collector tuned after start-up imports (a what-if, no src change).
+GC_TUNED_ARGV = [
+    sys.executable, "-c",
+    "import gc; import bluestream.daemon.cli as cli, bluestream.daemon.service; "
+    f"gc.collect(); gc.freeze(); gc.set_threshold({GC_GEN0}, 20, 10); cli.main()",
+    "serve",
+]
 
 
-def _pure_stages(values: list[bytes], descriptor: dict[str, Any], batch: int
-                 ) -> dict[str, float]:
-    """Seconds for the pure stages over the events: decode, validate, page building."""
-    lim = Limits()
-    out: dict[str, float] = {}
-    t = time.perf_counter()
-    docs = [decode_message(v, max_bytes=lim.max_message_bytes) for v in values]
-    out["decode"] = time.perf_counter() - t
-    t = time.perf_counter()
-    for name, doc in docs:
-        validate(name, doc)
-    out["validate"] = time.perf_counter() - t
-    specs = field_specs(descriptor, lim)
-    t = time.perf_counter()
-    for i in range(0, len(docs), batch):
-        page_from_events([d for _, d in docs[i:i + batch]], specs, lim)
-    out["page"] = time.perf_counter() - t
+@contextmanager
+def _scalar_chunks(events: int | None) -> Iterator[None]:
+    """What-if (measurement only): cap the event-axis chunk length of new arrays, by
+    patching the writer's constant in this process. src is not changed."""
+    import bluestream.storage.zarr_store as zarr_store
+
+    before = zarr_store._MAX_CHUNK_EVENTS
+    if events:
+        zarr_store._MAX_CHUNK_EVENTS = events
+    try:
+        yield
+    finally:
+        zarr_store._MAX_CHUNK_EVENTS = before
+
+
+@contextmanager
+def _gc_tuned(enabled: bool) -> Iterator[None]:
+    if not enabled:
+        yield
+        return
+    before = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_GEN0, 20, 10)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()
+
+
+def _in_process(ctx: Context, run_: Run, label: str, backend: str, tuned: bool = False,
+                batch: int | None = None, chunk: int | None = None) -> dict[str, Any]:
+    work = ctx.scratch(f"{NAME}-{label}")
+    uri = ctx.mongo if backend == "mongo" else f"sqlite:///{work / 'meta.db'}"
+    envelopes = list(batches(run_.docs, ctx.tenant(f"pf{label}"), batch))
+    with _gc_tuned(tuned), _scalar_chunks(chunk), StageTimer() as timer:
+        process_batches(uri, work / "zarr", envelopes)
+    ctx.drop_scratch(work)
+    n = run_.n_events
+    total = timer.seconds["total"]
+    stages = {k: v for k, v in timer.seconds.items() if k != "total"}
+    top = sum(v for k, v in stages.items() if "." not in k and k != "gc pauses")
+    top += sum(v for k, v in stages.items() if k.startswith("metadata."))
+    top -= stages.get("metadata.get", 0.0)  # only inside route (parent lookups)
+    return {"backend": backend, "gc_tuned": tuned, "batch": batch, "chunk_cap": chunk,
+            "batches": len(envelopes), "ms_per_batch": total / len(envelopes) * 1e3,
+            "events": n, "seconds": total,
+            "events_per_s": rate(n, total),
+            "us_per_event": {k: v / n * 1e6 for k, v in sorted(stages.items())},
+            "other_us_per_event": (total - top) / n * 1e6,
+            "calls": dict(timer.calls)}
+
+
+#: Daemon what-ifs that need no code change: (label, interpreter argv, limits in TOML).
+WHATIFS: list[tuple[str, list[str] | None, str]] = [
+    ("default", None, ""),
+    ("gc_tuned", GC_TUNED_ARGV, ""),
+    ("batch_20000", None, "batch_max_records = 20000"),
+    ("gc_tuned+batch_20000", GC_TUNED_ARGV, "batch_max_records = 20000"),
+]
+
+
+def _daemon_whatif(ctx: Context, run_: Run) -> dict[str, Any]:
+    """Real daemon, SQLite metadata: default vs tuned interpreter / batch size."""
+    out: dict[str, Any] = {}
+    messages = [(run_.uid.encode(), v, -1) for v in run_.encoded()]
+    tenant = ctx.tenant("pfd")
+    topic = ctx.topic(tenant)
+    create_topic(ctx.kafka, topic, 1)
+    publish(ctx.kafka, topic, messages)
+    for label, argv, limits in WHATIFS:
+        work = ctx.scratch(f"{NAME}-daemon")
+        env = {}
+        if limits:
+            config = ctx.work / f"{NAME}-{label}.toml"
+            config.write_text(f"[limits]\n{limits}\n")
+            env["BLUESTREAM_CONFIG"] = str(config)
+        timing, _, failures = checked_ingest(
+            kafka=ctx.kafka, topic=topic, group=f"g-{topic}-{label}", backend="sqlite",
+            mongo=ctx.mongo, tenant=tenant, work=work, expected=(1, run_.n_events, 1),
+            argv=argv, extra_env=env)
+        out[label] = {**timing.as_dict(), "data_loss_retries": failures, "limits": limits,
+                      "events_per_s": rate(run_.n_events, timing.seconds)}
+        ctx.drop_scratch(work)
+    base = out["default"]["events_per_s"]
+    for label, *_ in WHATIFS:
+        out[label]["speedup"] = out[label]["events_per_s"] / base
     return out
 
 
 def run(ctx: Context) -> Result:
     s = ctx.sizes
-    lim = LimitSettings()
-    run_ = scalar_run(s.profile_events, fields=s.scalar_fields)
-    encoded = run_.encoded()
-    events = encoded[2:-1]
-    n = len(events)
-    stages = _pure_stages(events, run_.docs[1][1], lim.batch_max_records)
-
-    totals: dict[str, float] = {}
-    for backend in ("sqlite", "mongo"):
-        work = ctx.scratch(f"{NAME}-{backend}")
-        uri = ctx.mongo if backend == "mongo" else f"sqlite:///{work / 'meta.db'}"
-        tenant = ctx.tenant(f"pf{backend[0]}")
-        t = time.perf_counter()
-        ingest_in_process(uri, work / "zarr", tenant, run_.docs)
-        totals[backend] = time.perf_counter() - t
-        ctx.drop_scratch(work)
-
-    cumulative = {
-        "decode": stages["decode"],
-        "+ validate": stages["decode"] + stages["validate"],
-        "+ page building": stages["decode"] + stages["validate"] + stages["page"],
-        "Ingestor.process (sqlite)": totals["sqlite"],
-        "Ingestor.process (mongo)": totals["mongo"],
+    events = scalar_run(s.profile_events, fields=s.scalar_fields)
+    pages = scalar_run(s.profile_events, fields=s.scalar_fields, page_events=s.page_events)
+    small = scalar_run(min(s.profile_events, 2_000), fields=s.scalar_fields)
+    passes = {
+        "events/sqlite": _in_process(ctx, events, "es", "sqlite"),
+        "events/mongo": _in_process(ctx, events, "em", "mongo"),
+        "events/sqlite/gc-tuned": _in_process(ctx, events, "et", "sqlite", tuned=True),
+        "events/sqlite/chunk-8k": _in_process(ctx, events, "ec", "sqlite", chunk=8192),
+        "events/sqlite/gc+chunk-8k": _in_process(ctx, events, "eb", "sqlite", tuned=True,
+                                                 chunk=8192),
+        "pages/sqlite": _in_process(ctx, pages, "ps", "sqlite"),
+        "pages/sqlite/gc-tuned": _in_process(ctx, pages, "pt", "sqlite", tuned=True),
+        "live/100-event batches": _in_process(ctx, small, "l1", "sqlite", batch=100),
+        "live/100, chunk-8k": _in_process(ctx, small, "l2", "sqlite", batch=100, chunk=8192),
     }
-    rows = [[k, rate(n, v), v / n * 1e6] for k, v in cumulative.items()]
-    print_table(["stage (cumulative)", "events/s", "us/event"], rows)
-    profile_file = _pyinstrument(ctx, run_.docs)
+    stage_names = sorted({k for p in passes.values() for k in p["us_per_event"]})
+    print("  in-process Ingestor.process, microseconds per event by stage "
+          "(zarr.* and gc are inside other stages):")
+    print_table(["stage", *passes], [
+        [k, *(p["us_per_event"].get(k, 0.0) for p in passes.values())] for k in stage_names
+    ] + [["other (loop, batching)", *(p["other_us_per_event"] for p in passes.values())],
+         ["TOTAL us/event", *(p["seconds"] / p["events"] * 1e6 for p in passes.values())],
+         ["events/s", *(p["events_per_s"] for p in passes.values())],
+         ["ms per batch", *(p["ms_per_batch"] for p in passes.values())]])
+    daemon = _daemon_whatif(ctx, events)
+    print("  real daemon, single events, SQLite metadata (no code changes):")
+    print_table(["daemon", "events/s", "speedup"],
+                [[k, v["events_per_s"], f"{v['speedup']:.2f}"] for k, v in daemon.items()])
+    profile_file = _pyinstrument(ctx, events)
+    base = passes["events/sqlite"]["us_per_event"]
     chart = ctx.out / f"{NAME}.png"
-    bar_chart(chart, f"In-process hot path, {n:,} single events x {s.scalar_fields} fields "
-              "(cumulative stages)", list(cumulative), [v / n * 1e6 for v in
-                                                        cumulative.values()],
+    shown = [k for k in stage_names if not k.startswith("zarr.") and k != "metadata.get"]
+    bar_chart(chart, f"Ingestor.process per event, {events.n_events:,} single events x "
+              f"{s.scalar_fields} fields, SQLite (gc pauses overlap the other stages)",
+              [*shown, "other"],
+              [*(base.get(k, 0.0) for k in shown), passes["events/sqlite"]["other_us_per_event"]],
               "microseconds per event")
     return Result(
         NAME,
-        params={"events": n, "fields": s.scalar_fields, "batch": lim.batch_max_records},
-        results={"seconds": cumulative,
-                 "events_per_s": {k: rate(n, v) for k, v in cumulative.items()},
-                 "us_per_event": {k: v / n * 1e6 for k, v in cumulative.items()},
-                 "pyinstrument": profile_file},
+        params={"events": s.profile_events, "fields": s.scalar_fields,
+                "page_events": s.page_events, "gc_gen0_threshold_whatif": GC_GEN0},
+        results={"in_process": passes, "daemon": daemon, "pyinstrument": profile_file},
         charts=[chart.name],
-        notes=["stages are cumulative; Ingestor.process includes Zarr writes and the "
-               "metadata bulk writes, batched as the daemon batches (5,000 records)"],
+        notes=["stages nest: zarr.* are inside 'zarr write_page'; 'gc pauses' overlap "
+               "whatever stage was running; 'other' = total minus the top-level stages"],
     )
 
 
-def _pyinstrument(ctx: Context, docs: list[tuple[str, dict[str, Any]]]) -> str | None:
+def _pyinstrument(ctx: Context, run_: Run) -> str | None:
     try:
         from pyinstrument import Profiler
     except ImportError:
         print("  (pyinstrument not installed: no call tree)")
         return None
     work = ctx.scratch(f"{NAME}-pyinstrument")
-    profiler = Profiler(interval=0.0005, async_mode="enabled")
+    envelopes = list(batches(run_.docs, ctx.tenant("pfpi")))
+    profiler = Profiler(interval=0.001, async_mode="enabled", use_timing_thread=True)
+    t = time.perf_counter()
     with profiler:
-        ingest_in_process(f"sqlite:///{work / 'meta.db'}", work / "zarr",
-                          ctx.tenant("pfp"), docs)
+        process_batches(f"sqlite:///{work / 'meta.db'}", work / "zarr", envelopes)
+    seconds = time.perf_counter() - t
     ctx.drop_scratch(work)
     path = ctx.out / "profile_ingest.txt"
     path.write_text(profiler.output_text(unicode=False, color=False, show_all=False))
-    print(f"  pyinstrument call tree -> {path}")
+    print(f"  pyinstrument call tree ({seconds:.1f} s under the profiler) -> {path}")
     return path.name

@@ -9,11 +9,11 @@ from typing import Any
 
 import event_model
 import pytest
-from helpers import image_run, scalar_run
-from test_tools_support import cli_fixture  # noqa: F401  (fixture)
 
 import bluestream
 from bluestream.consumers.decode import encode_message
+from helpers import image_run, scalar_run
+from test_tools_support import cli_fixture  # noqa: F401  (fixture)
 
 Docs = list[tuple[str, dict[str, Any]]]
 
@@ -123,3 +123,7 @@ def test_cli_round_trip(cli: Any, tmp_path: Path, tenant: str, fmt: str) -> None
                  "--out", tmp_path / "out")
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip() == str(tmp_path / "out" / f"{uid}.{fmt}")
+    result = cli("export", "-1", *store_opts(tmp_path, tenant), "--format", fmt,
+                 "--out", tmp_path / "newest")  # -1 is the newest run, not an option
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == str(tmp_path / "newest" / f"{uid}.{fmt}")

@@ -7,6 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from bluestream.daemon.config import Settings
+from bluestream.tools.export import export_runs
+from bluestream.tools.files import iter_records
+from bluestream.tools.ingest import ingest_files
 from helpers import read_stream_arrays
 from test_catalog_support import assert_valid_order, canonical, plain, re_runs
 from test_tools_support import (  # noqa: F401  (fixtures)
@@ -15,11 +20,6 @@ from test_tools_support import (  # noqa: F401  (fixtures)
     settings_fixture,
     write_suitcase,
 )
-
-from bluestream.daemon.config import Settings
-from bluestream.tools.export import export_runs
-from bluestream.tools.files import iter_records
-from bluestream.tools.ingest import ingest_files
 
 pytestmark = pytest.mark.anyio
 

@@ -4,6 +4,7 @@ files from the RunEngine's documents, reading document files back, the CLI runne
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,9 @@ def cli_fixture() -> Iterator[Any]:
     """``cli(*args)`` runs ``bluestream`` in-process; the logging set-up it makes (to the
     runner's captured streams) is undone afterwards."""
     saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    levels = {name: logging.getLogger(name).level for name in ("aiokafka",)}
     runner = CliRunner()
 
     def invoke(*args: str) -> Any:
@@ -81,3 +85,8 @@ def cli_fixture() -> Iterator[Any]:
 
     yield invoke
     structlog.configure(**saved)
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+    root.setLevel(level)
+    for name, lvl in levels.items():
+        logging.getLogger(name).setLevel(lvl)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,7 +81,7 @@ class KafkaDeadLetters:
         await self._producer.start()
 
     async def stop(self) -> None:
-        await self._producer.stop()
+        await _stop_client(self._producer.stop, "dead-letter producer")
 
     async def send(self, env: Envelope, error: DocumentError) -> None:
         headers = [(k, v) for k, v in env.headers if k not in _DLQ_HEADERS]
@@ -169,6 +169,9 @@ class KafkaSource:
         self._on_ready = on_ready
         self._busy = anyio.Lock()
         self._caught_up = False
+        #: First offset handed to us per partition since its assignment: where a rewind
+        #: goes while nothing is committed yet (``seek_to_committed`` then does nothing).
+        self._first_fetched: dict[tuple[str, int], int] = {}
         self.commit_timeout_s = settings.kafka.commit_timeout_s
         self._backoff_cap = settings.retry_backoff_max_s
         k = settings.kafka
@@ -192,21 +195,26 @@ class KafkaSource:
     # -- lifecycle ------------------------------------------------------------------------
     async def run(self, stop: anyio.Event) -> None:
         """Consume until ``stop`` is set; then flush, commit and leave the group."""
-        await self._start_consumer(stop)
         backoff = _Backoff(cap=self._backoff_cap)
         try:
+            await self._start_consumer(stop)
             while not stop.is_set():
                 try:
                     await self._step()
                     backoff.reset()
-                except StorageError as exc:
+                    continue
+                except (StorageError, KafkaError, BaseExceptionGroup) as caught:
+                    exc = _outage(caught)
+                    if exc is None:
+                        raise
+                if isinstance(exc, StorageError):
                     self.state.stores_ok = False
                     self.state.last_error = self.state.store_error = str(exc)
                     self.counters.inc("errors", "storage")
                     log.error("store failed; rewinding to committed offsets and retrying",
                               error=str(exc), retry_in_s=backoff.peek())
                     await self._retry_later(stop, backoff.next())
-                except KafkaError as exc:
+                else:
                     self.state.kafka_ok = False
                     self.state.last_error = self.state.kafka_error = f"Kafka: {exc}"
                     self.counters.inc("errors", "kafka")
@@ -214,7 +222,9 @@ class KafkaSource:
                               error=str(exc) or repr(exc), retry_in_s=backoff.peek())
                     await self._retry_later(stop, backoff.next())
         finally:
-            with anyio.CancelScope(shield=True):
+            # Shielded from the cancellation that may have ended the loop, but bounded:
+            # with Kafka gone, leaving the group could otherwise wait forever.
+            with anyio.move_on_after(self.settings.shutdown_timeout_s, shield=True):
                 await self._shutdown()
 
     async def _retry_later(self, stop: anyio.Event, delay: float) -> None:
@@ -252,16 +262,20 @@ class KafkaSource:
             self.consumer.subscribe(topics=list(k.topics), listener=_Listener(self))
         log.info("subscribed", topics=k.topics or None, pattern=pattern, group=k.group_id)
 
+    async def close(self) -> None:
+        """Release the consumer if :meth:`run` never did (stopped before it ran)."""
+        await _stop_client(self.consumer.stop, "consumer")
+
     async def _shutdown(self) -> None:
+        if not self.state.consumer_started:
+            await self.close()
+            return
         async with self._busy:
             try:
                 await self._commit()
             except Exception as exc:  # best effort: uncommitted records are re-read
                 log.warning("final commit failed", error=repr(exc))
-        try:
-            await self.consumer.stop()
-        except Exception as exc:
-            log.warning("consumer stop failed", error=repr(exc))
+        await _stop_client(self.consumer.stop, "consumer")
 
     # -- one batch ----------------------------------------------------------------------
     async def _step(self) -> None:
@@ -278,12 +292,19 @@ class KafkaSource:
                 return
             self._caught_up = False
             envelopes = []
+            # The consumer's own assignment, not state.assigned: aiokafka makes an
+            # assignment live (and fetches for it) before on_partitions_assigned has run,
+            # so records can arrive for a partition the listener has not recorded yet.
+            # Skipping those would move the position past records nobody stored.
+            owned = self.consumer.assignment()
             for tp, recs in records.items():
-                if (tp.topic, tp.partition) not in self.state.assigned:
+                if tp not in owned:
                     continue  # revoked while we waited for the lock: the new owner has it
                 if tp.topic.endswith(self.settings.kafka.dlq_suffix):
                     continue  # never ingest our own dead letters
                 tenant = tenant_for_topic(tp.topic, self.settings.tenants)
+                if recs:
+                    self._first_fetched.setdefault((tp.topic, tp.partition), recs[0].offset)
                 for r in recs:
                     envelopes.append(Envelope(
                         tp.topic, tp.partition, r.offset, r.value, r.key,
@@ -378,12 +399,13 @@ class KafkaSource:
         """After a failed batch: forget in-memory state, re-read from committed offsets."""
         self.ingestor.reset()
         for tp in list(self.state.assigned):
-            committed = self.state.committed.get(tp)
+            # Not seek_to_committed(): it does nothing while nothing is committed, and
+            # it waits for the group coordinator, which an outage may have taken away.
+            target = self.state.committed.get(tp, self._first_fetched.get(tp))
+            if target is None:
+                continue  # nothing handed to us from this partition: nothing to re-read
             try:
-                if committed is not None:
-                    self.consumer.seek(TopicPartition(*tp), committed)
-                else:
-                    await self.consumer.seek_to_committed(TopicPartition(*tp))
+                self.consumer.seek(TopicPartition(*tp), target)
             except Exception as exc:  # partition gone meanwhile: the next rebalance fixes it
                 log.warning("seek failed", partition=f"{tp[0]}:{tp[1]}", error=repr(exc))
         self.state.positions = {tp: off for tp, off in self.state.committed.items()
@@ -401,6 +423,7 @@ class KafkaSource:
             self.ingestor.drop_partitions(gone)
             self.state.assigned -= gone
             for tp in gone:
+                self._first_fetched.pop(tp, None)
                 self.state.positions.pop(tp, None)
                 self.state.committed.pop(tp, None)
                 self.state.highwater.pop(tp, None)
@@ -411,6 +434,7 @@ class KafkaSource:
     async def _on_assigned(self, assigned: list[TopicPartition]) -> None:
         dlq = self.settings.kafka.dlq_suffix
         mine = {(tp.topic, tp.partition) for tp in assigned}
+        self.state.assigned = mine  # before any await (see _step)
         for tp in assigned:
             if tp.topic.endswith(dlq):
                 log.warning("subscribed to a dead-letter topic; it is not ingested",
@@ -424,6 +448,45 @@ class KafkaSource:
             if self._on_ready is not None:
                 self._on_ready()
         log.info("partitions assigned", partitions=sorted(f"{t}:{p}" for t, p in mine))
+
+
+async def _stop_client(stop: Callable[[], Awaitable[None]], what: str) -> None:
+    """Stop an aiokafka client, tolerating what it raises when Kafka is gone.
+
+    With a fetch sleeping in a retry, aiokafka's close cancels that task and then
+    awaits it, re-raising *its* CancelledError in our task. That cancellation is not
+    ours (our task is not being cancelled), so it must not abort the shutdown.
+    """
+    try:
+        await stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        log.warning("Kafka client stopped uncleanly (Kafka unreachable?)", client=what)
+    except Exception as exc:
+        log.warning("Kafka client stop failed", client=what, error=repr(exc))
+
+
+def _outage(exc: BaseException) -> StorageError | KafkaError | None:
+    """The outage behind ``exc``: the error itself or, for a group raised by concurrent
+    writes, its first StorageError (else KafkaError) when every member is one of those.
+    None for anything else (a bug, a cancellation): that must not be retried forever."""
+    if isinstance(exc, StorageError | KafkaError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        leaves: list[BaseException] = []
+        todo: list[BaseException] = [exc]
+        while todo:
+            e = todo.pop(0)
+            if isinstance(e, BaseExceptionGroup):
+                todo[:0] = list(e.exceptions)
+            else:
+                leaves.append(e)
+        if leaves and all(isinstance(e, StorageError | KafkaError) for e in leaves):
+            return next((e for e in leaves if isinstance(e, StorageError)),
+                        leaves[0])
+    return None
 
 
 def _log_context(envelopes: list[Envelope]) -> dict[str, Any]:

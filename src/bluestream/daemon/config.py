@@ -138,7 +138,7 @@ class LimitSettings(_Section):
     park_max_count: int = Field(default=10_000, ge=0)
     park_max_age_s: float = Field(default=60.0, gt=0)
     #: Most records fetched and written as one batch (and one commit).
-    batch_max_records: int = Field(default=5_000, ge=1)
+    batch_max_records: int = Field(default=20_000, ge=1)
     #: Most message bytes held in one batch; bounds memory with large images.
     batch_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     #: Batches decoded ahead of the writer (the bounded queue between stages).

@@ -93,9 +93,9 @@ class HttpServer:
         head = b""
         with anyio.move_on_after(REQUEST_TIMEOUT_S) as scope:
             while b"\r\n\r\n" not in head and b"\n\n" not in head:
+                head += await stream.receive(4096)
                 if len(head) > MAX_HEAD_BYTES:
                     return Response(431, b"request head too large\n"), False
-                head += await stream.receive(4096)
         if scope.cancelled_caught:
             return Response(408, b"request timeout\n"), False
         request_line = head.split(b"\n", 1)[0].decode("latin-1").strip()

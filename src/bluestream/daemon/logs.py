@@ -5,6 +5,10 @@ object on stdout, including what third-party libraries (aiokafka, pymongo) log t
 the standard library, so the journal never mixes formats. Context bound with
 ``structlog.contextvars`` (topic, partition, tenant of the batch in hand) appears on
 every line logged while it is bound.
+
+During an outage aiokafka logs the same connection error many times a second; a
+filter lets each distinct library message through once per minute and says how many
+were held back, so a long outage does not flood the journal.
 """
 
 from __future__ import annotations
@@ -12,10 +16,36 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 import structlog
 
-__all__ = ["configure_logging"]
+__all__ = ["RepeatFilter", "configure_logging"]
+
+
+class RepeatFilter(logging.Filter):
+    """Passes each (logger, message template) at most once per ``window_s`` seconds;
+    the next one to pass says how many were suppressed meanwhile."""
+
+    def __init__(self, window_s: float = 60.0, max_keys: int = 1000) -> None:
+        super().__init__()
+        self.window_s = window_s
+        self.max_keys = max_keys
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}  # -> (passed at, held)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, str(record.msg))
+        now = time.monotonic()
+        passed_at, held = self._seen.get(key, (float("-inf"), 0))
+        if now - passed_at < self.window_s:
+            self._seen[key] = (passed_at, held + 1)
+            return False
+        if len(self._seen) >= self.max_keys:
+            self._seen.clear()
+        self._seen[key] = (now, 0)
+        if held:
+            record.msg = f"{record.msg} [{held} like this suppressed in {self.window_s:g} s]"
+        return True
 
 
 def _resolve(fmt: str) -> str:
@@ -54,6 +84,7 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
     # Third-party libraries log through stdlib logging: same renderer, same stream,
     # warnings and above (aiokafka is chatty at INFO), or everything at debug.
     handler = logging.StreamHandler(stream)
+    handler.addFilter(RepeatFilter())
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,

@@ -1,7 +1,8 @@
 """Operator commands: ``status`` (ask a running daemon) and ``dlq list|show|replay``.
 
 Kept out of ``cli.py`` so the main command module stays a list of commands;
-:func:`register` adds these to the application.
+:func:`register` adds these to the application. The Kafka tooling is imported when a
+``dlq`` command runs, so ``bluestream --help`` and ``status`` start fast.
 """
 
 from __future__ import annotations
@@ -11,22 +12,16 @@ import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import anyio
 import typer
 
 from bluestream.daemon.config import Settings, load_settings
-from bluestream.daemon.dlq_tool import (
-    DeadLetter,
-    DlqError,
-    dlq_topic_for,
-    read_dead_letters,
-    replay,
-    show_text,
-    summary_line,
-)
 from bluestream.errors import ConfigError
+
+if TYPE_CHECKING:
+    from bluestream.daemon.dlq_tool import DeadLetter
 
 __all__ = ["dlq_app", "register", "status"]
 
@@ -138,6 +133,8 @@ dlq_app = typer.Typer(
 
 def _read(settings: Settings, topic: str, partition: int | None,
           select: dict[int, set[int]] | None = None) -> list[DeadLetter]:
+    from bluestream.daemon.dlq_tool import DlqError, dlq_topic_for, read_dead_letters
+
     dlq = dlq_topic_for(topic, settings.kafka.dlq_suffix)
     try:
         return anyio.run(lambda: read_dead_letters(settings, dlq, partition=partition,
@@ -172,6 +169,8 @@ def dlq_list(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
 ) -> None:
     """List dead letters: partition:offset, time, reason, source record, size, error."""
+    from bluestream.daemon.dlq_tool import summary_line
+
     settings = _settings(config)
     letters = [d for d in _read(settings, topic, partition)
                if not reason or d.reason in reason]
@@ -201,6 +200,8 @@ def dlq_show(
 
     A value that does not decode is shown as its first bytes.
     """
+    from bluestream.daemon.dlq_tool import dlq_topic_for, show_text
+
     settings = _settings(config)
     select = _parse_offsets([offset], partition)
     letters = _read(settings, topic, None, select)
@@ -231,6 +232,7 @@ def dlq_replay(
     idempotent. Records whose value was too large for the DLQ are fetched from the
     source topic while its retention keeps them.
     """
+    from bluestream.daemon.dlq_tool import DlqError, replay
     if bool(offsets) == replay_all:
         raise typer.BadParameter("give --offset (repeatable) or --all, not both",
                                  param_hint="--offset / --all")

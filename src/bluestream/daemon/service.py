@@ -155,9 +155,9 @@ class Daemon:
                  pattern=s.kafka.effective_pattern(),
                  metadata=s.masked()["storage"]["metadata"], zarr_root=str(s.storage.zarr_root))
         self.notifier.status("starting")
-        if s.http.enabled:
-            await self._bind_http()
         try:
+            if s.http.enabled:
+                await self._bind_http()
             async with anyio.create_task_group() as tg:
                 if self.http is not None:
                     tg.start_soon(self.http.serve)
@@ -172,11 +172,14 @@ class Daemon:
                     await self.source.run(self.stop)
                 tg.cancel_scope.cancel()
         finally:
-            with anyio.CancelScope(shield=True):
-                self.notifier.stopping()
+            self.notifier.stopping()
+            self._remove_url_file()
+            with anyio.move_on_after(10, shield=True):  # bounded: Kafka may be gone
+                await self.source.close()
                 await dlq.stop()
+            with anyio.move_on_after(10, shield=True):
                 await self.registry.aclose()
-                self._remove_url_file()
+            self.notifier.close()
         log.info("stopped", counters=self.counters.snapshot())
 
     def _preflight(self) -> None:
@@ -247,20 +250,29 @@ class Daemon:
     # -- periodic tasks -----------------------------------------------------------------
     async def _health_loop(self) -> None:
         assert self.health is not None and self.source is not None
+        was_ready = False
         while True:
+            # A fresh event before checking: an assignment during the checks wakes the
+            # next round at once (READY=1 should not wait a whole interval).
+            wake = self._wake = anyio.Event()
             timeout = max(5.0, self.settings.health_check_interval_s)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.health.run_once)
                 tg.start_soon(self.source.probe, timeout)
-            if not self.announced_ready and self.ready:
+            reasons = self.not_ready_reasons()
+            if not reasons and not self.announced_ready:
                 self.announced_ready = True
                 log.info("ready", partitions=len(self.source.state.assigned))
                 self.notifier.ready(self.status_line())
             else:
+                if was_ready and reasons and not self.stop.is_set():
+                    log.warning("not ready", reasons=reasons)
+                elif self.announced_ready and not was_ready and not reasons:
+                    log.info("ready again")
                 self.notifier.status(self.status_line())
-            self._wake = anyio.Event()
+            was_ready = not reasons
             with anyio.move_on_after(self.settings.health_check_interval_s):
-                await self._wake.wait()
+                await wake.wait()
 
     async def _watchdog(self, interval: float) -> None:
         """WATCHDOG=1 from the event loop itself: if the loop hangs, the pings stop and
@@ -312,7 +324,7 @@ class Daemon:
             new = load_settings(self.config_path)
         except ConfigError as exc:
             log.error("reload failed; the running configuration stays", error=str(exc))
-            self.notifier.ready(self.status_line())
+            self._reloaded()
             return []
         changed = changed_keys(self.settings, new)
         applied = [k for k in changed if k in RELOADABLE]
@@ -325,18 +337,26 @@ class Daemon:
                 "park_max_count": new.limits.park_max_count,
                 "park_max_age_s": new.limits.park_max_age_s}),
         })
-        if "log.level" in applied and self.handle_signals:
-            configure_logging(self.settings.log.format, self.settings.log.level)
         if self.source is not None:
             parked = self.source.ingestor.parked
             parked.max_count = self.settings.limits.park_max_count
             parked.max_age_s = self.settings.limits.park_max_age_s
+        # Logged before a new level applies, so that raising the level still shows it.
         log.info("configuration reloaded", path=str(self.config_path) if self.config_path
                  else None, applied=applied, unchanged=not changed)
         if restart:
             log.warning("configuration changes need a restart to take effect", keys=restart)
-        self.notifier.ready(self.status_line())
+        if "log.level" in applied and self.handle_signals:
+            configure_logging(self.settings.log.format, self.settings.log.level)
+        self._reloaded()
         return applied
+
+    def _reloaded(self) -> None:
+        """READY=1 ends a reload for systemd, but must not claim a start not yet done."""
+        if self.announced_ready:
+            self.notifier.ready(self.status_line())
+        else:
+            self.notifier.status(self.status_line())
 
     # -- HTTP -----------------------------------------------------------------------------
     async def _healthz(self) -> Response:

@@ -65,7 +65,7 @@ class StreamUpdate:
     descriptor_uid: str
     run_start: str
     stream_name: str
-    zarr_path: str  # relative to the tenant's Zarr root
+    zarr_path: str  # relative to the Zarr root (starts with the tenant)
     length: int  # array length after the write = highest seq_num seen
     seq_num_min: int
     seq_num_max: int

@@ -75,7 +75,7 @@ Collection = AsyncCollection[Doc]
 
 log = structlog.get_logger("bluestream.storage.mongo")
 
-#: Whole-operation limit (retries included) for one bulk write or query.
+#: How long one network read may wait for the server (a big bulk write included).
 DEFAULT_OPERATION_TIMEOUT_MS = 60_000
 _DUPLICATE_KEY = 11000
 _INDEX_CONFLICT_CODES = (85, 86)  # IndexOptionsConflict, IndexKeySpecsConflict
@@ -137,8 +137,9 @@ class MongoMetadataStore(MetadataStore):
     Pass ``client`` to share one :class:`~pymongo.AsyncMongoClient` (connection pool)
     between tenants; the store then leaves closing it to the caller. Otherwise it makes
     its own with a short server-selection timeout (an outage surfaces quickly as
-    StorageUnavailable) and an overall per-operation timeout (``timeoutMS``: a server
-    that stops answering cannot hang a writer forever).
+    StorageUnavailable) and a socket timeout (a server that stops answering cannot hang
+    a writer forever). Not ``timeoutMS``: with it pymongo stretches server selection
+    to the whole operation budget, and an outage would take that long to report.
     """
 
     def __init__(self, uri: str, tenant: str, *,
@@ -204,7 +205,7 @@ class MongoMetadataStore(MetadataStore):
             if not self._native_text:
                 await self._ensure_indexes(db, {"run_search": _RUN_SEARCH_INDEXES})
                 await self._backfill_run_search(db)
-        log.info("mongo_store_opened", uri=self.uri, tenant=self.tenant,
+        log.debug("mongo_store_opened", uri=self.uri, tenant=self.tenant,
                  full_text="$text" if self._native_text else "run_search")
         self._db = db
 
@@ -213,7 +214,7 @@ class MongoMetadataStore(MetadataStore):
             return AsyncMongoClient(self._raw_uri, document_class=dict, tz_aware=False,
                                     serverSelectionTimeoutMS=self._timeout_ms,
                                     connectTimeoutMS=self._timeout_ms,
-                                    timeoutMS=self._operation_timeout_ms)
+                                    socketTimeoutMS=self._operation_timeout_ms)
         except (ConfigurationError, ValueError, TypeError) as exc:
             raise ConfigError(f"invalid MongoDB URI {self.uri!r}: {exc}") from exc
 

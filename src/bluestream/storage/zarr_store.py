@@ -38,7 +38,9 @@ __all__ = ["SCHEMA_VERSION", "ZarrEventStore", "descriptor_path", "safe_componen
 SCHEMA_VERSION = 1
 #: Bytes aimed at per chunk along the event axis.
 _CHUNK_TARGET_BYTES = 4 * 1024 * 1024
-_MAX_CHUNK_EVENTS = 65_536
+#: Each batch rewrites the partial chunk at its end, so long chunks of small scalar
+#: columns multiply the bytes re-encoded per batch (benchmarks/README.md, profile).
+_MAX_CHUNK_EVENTS = 8_192
 _SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,254}")
 
 
@@ -86,6 +88,10 @@ class ZarrEventStore:
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
+        # Event arrays are written densely by position: zarr's check of every written
+        # chunk against the fill value (np.array_equal on the event loop) never saves a
+        # write here and cost ~18% of an image ingest.
+        zarr.config.set({"array.write_empty_chunks": True})
         self._arrays: dict[tuple[str, str], AsyncArray[Any]] = {}
 
     # -- writing ----------------------------------------------------------------------
@@ -104,11 +110,23 @@ class ZarrEventStore:
             arrays = [await self._array(group, path, col) for col in columns]
             self._check_dtypes(arrays, columns)
             arrays = await self._grow(path, arrays, needed)
+            # seq_num last: a reader that sees a row's seq_num sees the whole row.
             async with anyio.create_task_group() as tg:
                 for arr, col in zip(arrays, columns, strict=True):
-                    tg.start_soon(_write_runs, arr, positions, values[col.name])
+                    if col.name != "seq_num":
+                        tg.start_soon(_write_runs, arr, positions, values[col.name])
+            seq = next(a for a, c in zip(arrays, columns, strict=True) if c.name == "seq_num")
+            await _write_runs(seq, positions, values["seq_num"])
         except (OSError, zarr.errors.BaseZarrError) as exc:
             raise StorageError(f"writing Zarr group {self.root / path} failed: {exc}") from exc
+        except BaseExceptionGroup as group:  # the concurrent array writes above failed
+            io, rest = group.split((OSError, zarr.errors.BaseZarrError))
+            if io is None or rest is not None:
+                raise
+            first: BaseException = io
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise StorageError(f"writing Zarr group {self.root / path} failed: {first}") from group
         return StreamUpdate(
             descriptor_uid=str(descriptor["uid"]),
             run_start=run_start,
@@ -250,16 +268,21 @@ def _last_wins_order(seq_num: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _column_values(page: Page, order: np.ndarray) -> dict[str, np.ndarray]:
+    # The common case is a page already in seq_num order without duplicates: take views
+    # instead of fancy-indexed copies (a 64 MB batch of images was copied once more).
+    take: slice | np.ndarray = order
+    if order.size == len(page) and bool((order == np.arange(order.size)).all()):
+        take = slice(None)
     vals: dict[str, np.ndarray] = {
-        "time": page.time[order],
-        "seq_num": page.seq_num[order],
-        "uid": page.uid[order],
+        "time": page.time[take],
+        "seq_num": page.seq_num[take],
+        "uid": page.uid[take],
     }
     for key, arr in page.data.items():
-        vals[f"data/{key}"] = arr[order]
-        vals[f"timestamps/{key}"] = page.timestamps[key][order]
+        vals[f"data/{key}"] = arr[take]
+        vals[f"timestamps/{key}"] = page.timestamps[key][take]
     for key, arr in page.filled.items():
-        vals[f"filled/{key}"] = arr[order]
+        vals[f"filled/{key}"] = arr[take]
     return vals
 
 

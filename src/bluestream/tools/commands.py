@@ -9,6 +9,7 @@ rejected or the command failed, 2 bad configuration or usage.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Mapping
@@ -169,6 +170,9 @@ def export(tenant: TenantOpt,
     """Write runs out as documents, one <uid>.jsonl / <uid>.msgpack file per run."""
     from bluestream.tools.export import export_runs
 
+    unknown = [r for r in runs or [] if r.startswith("-") and not r[1:].isdigit()]
+    if unknown:
+        _fail(f"no such option: {unknown[0]} (see bluestream export --help)", 2)
     if not runs and not all_runs:
         _fail("name at least one RUN, or give --all", 2)
     settings = _settings(config, metadata=metadata,
@@ -206,6 +210,9 @@ def demo(out: Annotated[Path, typer.Option("--out", "-o", help="Directory for th
 
     settings = _settings(config)
     configure_logging("console", "warning")
+    # aiokafka logs transient errors of a broker that just started (no group coordinator
+    # yet) at error level; the demo checks the outcome end to end instead.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
     def say(text: str) -> None:
         print(text, flush=True)
@@ -226,5 +233,6 @@ def register(app: typer.Typer) -> None:
     app.command("publish")(publish)
     app.command("ingest")(ingest)
     app.command("ingest-mongo")(ingest_mongo)
-    app.command("export")(export)
+    # "-1" (the newest run) must reach RUNS instead of being taken for an option.
+    app.command("export", context_settings={"ignore_unknown_options": True})(export)
     app.command("demo")(demo)

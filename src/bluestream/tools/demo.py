@@ -12,6 +12,7 @@ Each demo uses a fresh topic ``demo-<random>.bluesky.runengine.documents`` (tena
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import socket
@@ -69,62 +70,106 @@ def _is_local(hostport: str) -> bool:
     return host in ("127.0.0.1", "localhost", "::1", "")
 
 
-def _mongo_port() -> str:
-    return os.environ.get("BLUESTREAM_SERVICES_MONGO_PORT", "27017")
-
-
 async def _ensure_kafka(settings: Settings, opts: DemoOptions, step: str) -> Callable[[], None]:
     """Use the configured broker if it answers; else start the local services.
 
-    Returns the cleanup to run at the end. ``scripts/services down`` stops Kafka and
-    Mongo together, so services are stopped only if neither ran before the demo.
+    Returns the cleanup to run at the end. ``scripts/services up`` starts Kafka and
+    Mongo; the cleanup stops Kafka, and Mongo too unless it was running before.
     """
     bootstrap = settings.kafka.bootstrap
-    if _reachable(bootstrap):
+    if await _kafka_answers(settings):
         opts.say(f"{step} Kafka broker at {bootstrap} answers; using it")
         return lambda: None
-    if not opts.start_services or not _is_local(bootstrap):
+    if not _is_local(bootstrap):
         raise DemoError(f"no Kafka broker answers at {bootstrap} (kafka.bootstrap / "
-                        "BLUESTREAM_KAFKA_BOOTSTRAP); start one, or run the demo without "
-                        "--no-services to start the local one")
+                        "BLUESTREAM_KAFKA_BOOTSTRAP); the demo starts a broker of its own "
+                        "only on this host (127.0.0.1 / localhost)")
+    if not opts.start_services:
+        raise DemoError(f"no Kafka broker answers at {bootstrap}: start one "
+                        "(scripts/services up), or run the demo without --no-services")
     script = opts.services_script or find_services_script()
     if script is None:
         raise DemoError(f"no Kafka broker answers at {bootstrap}, and scripts/services "
                         "(which starts one) was not found: run the demo from the "
                         "bluestream source tree, or start Kafka yourself")
-    mongo_was_up = _reachable(f"127.0.0.1:{_mongo_port()}")
+    env = _services_env(bootstrap)
+    mongo_was_up = _reachable(f"127.0.0.1:{env.get('BLUESTREAM_SERVICES_MONGO_PORT', '27017')}")
     opts.say(f"{step} no Kafka broker at {bootstrap}: starting the local services "
              f"({script} up; the first time downloads the Kafka jars) ...")
     proc = await anyio.run_process([str(script), "up"], check=False, stdout=None,
-                                   stderr=None)
-    if proc.returncode != 0 or not _reachable(bootstrap):
-        raise DemoError(f"{script} up failed (exit {proc.returncode}); see "
-                        f"`{script} logs kafka`")
-    opts._started_services = True
+                                   stderr=None, env=env)
+    opts._started_services = True  # perhaps only in part: clean up either way
 
     def stop() -> None:
         if opts.keep_services:
             opts.say(f"local services left running (--keep-services); stop them with "
                      f"`{script} down`")
-        elif mongo_was_up:
-            opts.say(f"Kafka was started by the demo but Mongo was already running, and "
-                     f"they stop together: stop both with `{script} down` when done")
         else:
-            opts.say(f"stopping the local services the demo started ({script} down)")
-            subprocess.run([str(script), "down"], check=False, stdout=subprocess.DEVNULL)
+            which = ["kafka"] if mongo_was_up else []  # leave a Mongo that ran before
+            opts.say(f"stopping the local services the demo started "
+                     f"({' '.join([str(script), 'down', *which])})")
+            subprocess.run([str(script), "down", *which], check=False,
+                           stdout=subprocess.DEVNULL, env=env)
 
+    if proc.returncode != 0 or not await _kafka_answers(settings):
+        stop()
+        raise DemoError(f"{script} up failed (exit {proc.returncode}); see "
+                        f"`{script} logs kafka`")
     return stop
+
+
+def _services_env(bootstrap: str) -> dict[str, str]:
+    """The environment for ``scripts/services``: start Kafka on the configured port.
+
+    ``BLUESTREAM_KAFKA_BOOTSTRAP`` is removed: to the script it means "Kafka is
+    external, do not start it", the opposite of what the demo asks for here.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "BLUESTREAM_KAFKA_BOOTSTRAP"}
+    port = bootstrap.split(",")[0].strip().rpartition(":")[2]
+    if port.isdigit():
+        env["BLUESTREAM_SERVICES_KAFKA_PORT"] = port
+    return env
+
+
+async def _kafka_answers(settings: Settings) -> bool:
+    """A Kafka metadata round trip, not just a TCP connect (proxies accept those)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.errors import KafkaError
+
+    from bluestream.consumers.kafka import kafka_client_options
+
+    if not _reachable(settings.kafka.bootstrap):
+        return False
+    quiet = logging.getLogger("aiokafka")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # a failed probe is an answer, not an error to log
+    admin = AIOKafkaAdminClient(**kafka_client_options(settings.kafka),
+                                request_timeout_ms=5_000)
+    try:
+        with anyio.move_on_after(10):
+            await admin.start()
+            return True
+        return False
+    except (KafkaError, OSError):
+        return False
+    finally:
+        await admin.close()
+        quiet.setLevel(level)
 
 
 async def _create_topic(settings: Settings, topic: str) -> None:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import KafkaError
 
     from bluestream.consumers.kafka import kafka_client_options
 
     admin = AIOKafkaAdminClient(**kafka_client_options(settings.kafka))
-    await admin.start()
     try:
+        await admin.start()
         await admin.create_topics([NewTopic(topic, 1, 1)])
+    except KafkaError as exc:
+        raise DemoError(f"creating topic {topic!r} on Kafka at {settings.kafka.bootstrap} "
+                        f"failed: {type(exc).__name__}: {exc}") from None
     finally:
         await admin.close()
 
