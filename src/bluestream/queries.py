@@ -77,23 +77,27 @@ class NotEq(Query):
 
 
 @dataclass(frozen=True)
-class In(Query):
+class _KeyValues(Query):
     key: str
     values: tuple[Any, ...]
 
     def __init__(self, key: str, values: Any) -> None:
+        if isinstance(values, str | bytes):
+            # tuple("scan") would silently search for the letters s, c, a, n.
+            raise TypeError(f"{type(self).__name__}({key!r}, ...) takes a list of values, "
+                            f"not a single string: use [{values!r}]")
         object.__setattr__(self, "key", key)
         object.__setattr__(self, "values", tuple(values))
 
 
-@dataclass(frozen=True)
-class NotIn(Query):
-    key: str
-    values: tuple[Any, ...]
+@dataclass(frozen=True, init=False)
+class In(_KeyValues):
+    """The value at ``key`` is one of ``values``."""
 
-    def __init__(self, key: str, values: Any) -> None:
-        object.__setattr__(self, "key", key)
-        object.__setattr__(self, "values", tuple(values))
+
+@dataclass(frozen=True, init=False)
+class NotIn(_KeyValues):
+    """The value at ``key`` is none of ``values``."""
 
 
 @dataclass(frozen=True)
