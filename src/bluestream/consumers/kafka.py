@@ -75,7 +75,7 @@ class KafkaDeadLetters:
             + 1024 * 1024,
             request_timeout_ms=30_000,
         )
-        self._pending: list[asyncio.Future[Any]] = []
+        self._pending: list[tuple[Envelope, list[tuple[str, bytes]], asyncio.Future[Any]]] = []
 
     async def start(self) -> None:
         await self._producer.start()
@@ -96,18 +96,33 @@ class KafkaDeadLetters:
             fut = await self._producer.send(env.topic + self._suffix, value=env.value,
                                             key=env.key, headers=headers)
         except MessageSizeTooLargeError:
-            # Too big even for the dead-letter topic: keep the record's coordinates (the
-            # original stays in the source topic until retention) and say so.
-            headers.append(("value-omitted", str(len(env.value or b"")).encode()))
-            fut = await self._producer.send(env.topic + self._suffix, value=None,
-                                            key=env.key, headers=headers)
-        self._pending.append(fut)
+            fut = await self._send_without_value(env, headers)
+        self._pending.append((env, headers, fut))
+
+    async def _send_without_value(self, env: Envelope,
+                                  headers: list[tuple[str, bytes]]) -> asyncio.Future[Any]:
+        """Too big even for the dead-letter topic: keep the record's coordinates (the
+        original stays in the source topic until retention) and say so."""
+        headers = [*headers, ("value-omitted", str(len(env.value or b"")).encode())]
+        fut: asyncio.Future[Any] = await self._producer.send(
+            env.topic + self._suffix, value=None, key=env.key, headers=headers)
+        return fut
 
     async def flush(self) -> None:
-        """Wait until every dead letter sent so far is acknowledged by the broker."""
+        """Wait until every dead letter sent so far is acknowledged by the broker.
+
+        A dead letter the broker refuses as too large (the dead-letter topic may have a
+        smaller ``max.message.bytes`` than its source) is sent again without its value,
+        so one oversized record cannot block its partition forever."""
         pending, self._pending = self._pending, []
-        if pending:
-            await asyncio.gather(*pending)
+        retry = []
+        for env, headers, fut in pending:
+            try:
+                await fut
+            except MessageSizeTooLargeError:
+                retry.append(await self._send_without_value(env, headers))
+        if retry:
+            await asyncio.gather(*retry)
 
 
 _DLQ_HEADERS = {"error", "reason", "source-topic", "source-partition", "source-offset"}
@@ -297,6 +312,7 @@ class KafkaSource:
             # so records can arrive for a partition the listener has not recorded yet.
             # Skipping those would move the position past records nobody stored.
             owned = self.consumer.assignment()
+            fetched: dict[tuple[str, int], int] = {}
             for tp, recs in records.items():
                 if tp not in owned:
                     continue  # revoked while we waited for the lock: the new owner has it
@@ -309,11 +325,15 @@ class KafkaSource:
                     envelopes.append(Envelope(
                         tp.topic, tp.partition, r.offset, r.value, r.key,
                         list(r.headers or ()), tenant))
-                    self.state.positions[(tp.topic, tp.partition)] = r.offset + 1
+                    fetched[(tp.topic, tp.partition)] = r.offset + 1
             started = time.perf_counter()
             with structlog.contextvars.bound_contextvars(**_log_context(envelopes)):
                 await self.ingestor.process(envelopes)
             self.counters.observe("write_seconds", time.perf_counter() - started)
+            # Positions advance only once the batch is stored: however we leave this
+            # method otherwise (error, cancellation at shutdown), nothing unstored is
+            # ever committed.
+            self.state.positions.update(fetched)
             self.state.stores_ok = True
             self.state.last_batch_at = time.time()
             await self._commit()
@@ -398,7 +418,8 @@ class KafkaSource:
     async def _rewind(self) -> None:
         """After a failed batch: forget in-memory state, re-read from committed offsets."""
         self.ingestor.reset()
-        for tp in list(self.state.assigned):
+        live = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+        for tp in sorted(self.state.assigned | live):
             # Not seek_to_committed(): it does nothing while nothing is committed, and
             # it waits for the group coordinator, which an outage may have taken away.
             target = self.state.committed.get(tp, self._first_fetched.get(tp))

@@ -77,6 +77,7 @@ class Ingestor:
 
     def __init__(self, *, store_for: StoreFor, arrays: ZarrEventStore, dlq: DeadLetterSink,
                  limits: Limits, park_max_count: int = 10_000, park_max_age_s: float = 60.0,
+                 park_max_bytes: int = 256 * 1024 * 1024,
                  counters: Counters | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._store_for = store_for
@@ -84,7 +85,8 @@ class Ingestor:
         self.dlq = dlq
         self.limits = limits
         self.counters = counters or Counters()
-        self.parked = ParkingLot(park_max_count, park_max_age_s, clock)
+        self.parked = ParkingLot(park_max_count, park_max_age_s, clock,
+                                 max_bytes=park_max_bytes)
         self.index = RunIndex(self._load, limits)
         self._clock = clock
         self._host = socket.gethostname()
@@ -198,11 +200,13 @@ class Ingestor:
         else:
             clean = to_jsonable(doc)
             key = key_of(name, clean)
+            if name == "descriptor":
+                # Refuse bad data keys before the descriptor is remembered as accepted.
+                field_specs(clean, self.limits)
             if name in CHECKED_KINDS and not await self._accept(tenant, name, key, clean):
                 batch.note(tenant, run_start, item.env)
+                await self._release(tenant, name, key, batch)
                 return  # an identical replay: already stored
-            if name == "descriptor":
-                field_specs(clean, self.limits)  # refuse bad data keys before storing
             batch.metadata[tenant][name].append((item, clean))
             if name == "start":
                 self.open_runs[(tenant, key)] = self._clock()

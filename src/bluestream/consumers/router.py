@@ -116,6 +116,9 @@ class ParkingLot:
     max_count: int
     max_age_s: float
     clock: Callable[[], float] = time.monotonic
+    #: Most message bytes held parked: images waiting for a descriptor must not grow
+    #: memory beyond what the count limit alone would allow for small documents.
+    max_bytes: int = 256 * 1024 * 1024
     _waiting: dict[tuple[str, str, str], list[Routed]] = field(default_factory=dict)
     _count: int = 0
 
@@ -134,11 +137,17 @@ class ParkingLot:
         return items
 
     def evict(self) -> list[Routed]:
-        """Items too old, and the oldest beyond the count limit, in arrival order."""
+        """Items too old, and the oldest beyond the count or byte limit, in arrival order."""
         now = self.clock()
         items = sorted((i for lst in self._waiting.values() for i in lst),
                        key=lambda r: r.extra["parked_at"])
         over = max(0, len(items) - self.max_count)
+        excess = sum(len(r.env.value or b"") for r in items) - self.max_bytes
+        for n, r in enumerate(items):  # oldest first until the byte budget holds
+            if excess <= 0:
+                break
+            excess -= len(r.env.value or b"")
+            over = max(over, n + 1)
         out = [r for n, r in enumerate(items)
                if n < over or now - r.extra["parked_at"] >= self.max_age_s]
         if out:

@@ -137,6 +137,7 @@ class LimitSettings(_Section):
     max_data_keys: int = Field(default=10_000, ge=1)
     park_max_count: int = Field(default=10_000, ge=0)
     park_max_age_s: float = Field(default=60.0, gt=0)
+    park_max_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     #: Most records fetched and written as one batch (and one commit).
     batch_max_records: int = Field(default=20_000, ge=1)
     #: Most message bytes held in one batch; bounds memory with large images.

@@ -144,6 +144,7 @@ class Daemon:
         ingestor = Ingestor(
             store_for=self.registry, arrays=arrays, dlq=dlq, limits=s.limits.limits(),
             park_max_count=s.limits.park_max_count, park_max_age_s=s.limits.park_max_age_s,
+            park_max_bytes=s.limits.park_max_bytes,
             counters=self.counters,
         )
         self.source = KafkaSource(s, ingestor, self.counters, on_ready=self._assigned)
