@@ -48,6 +48,9 @@ WRITE_ORDER = ("start", "descriptor", "resource", "stream_resource", "datum", "s
 #: Kinds whose uid may be replayed: checked against what is stored when routed.
 CHECKED_KINDS = ("start", "descriptor", "resource", "stream_resource")
 
+#: Runs reported as open (``status``); the oldest are forgotten beyond this.
+_MAX_OPEN_RUNS = 1_000
+
 StoreFor = Callable[[str], Awaitable[MetadataStore]]
 
 
@@ -210,6 +213,8 @@ class Ingestor:
             batch.metadata[tenant][name].append((item, clean))
             if name == "start":
                 self.open_runs[(tenant, key)] = self._clock()
+                if len(self.open_runs) > _MAX_OPEN_RUNS:  # runs whose stop never came
+                    del self.open_runs[min(self.open_runs, key=self.open_runs.__getitem__)]
             await self._release(tenant, name, key, batch)
         batch.note(tenant, run_start, item.env)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ _CHUNK_TARGET_BYTES = 4 * 1024 * 1024
 #: Each batch rewrites the partial chunk at its end, so long chunks of small scalar
 #: columns multiply the bytes re-encoded per batch (benchmarks/README.md, profile).
 _MAX_CHUNK_EVENTS = 8_192
+_MAX_OPEN_ARRAYS = 4_096
 _SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,254}")
 
 
@@ -92,7 +94,9 @@ class ZarrEventStore:
         # chunk against the fill value (np.array_equal on the event loop) never saves a
         # write here and cost ~18% of an image ingest.
         zarr.config.set({"array.write_empty_chunks": True})
-        self._arrays: dict[tuple[str, str], AsyncArray[Any]] = {}
+        # Open array handles, most recently used last; bounded because runs that never
+        # send a stop (aborted, or stopped on another daemon) would otherwise pile up.
+        self._arrays: OrderedDict[tuple[str, str], AsyncArray[Any]] = OrderedDict()
 
     # -- writing ----------------------------------------------------------------------
     async def write_page(self, tenant: str, run_start: str, descriptor: Mapping[str, Any],
@@ -177,6 +181,7 @@ class ZarrEventStore:
         key = (path, col.name)
         cached = self._arrays.get(key)
         if cached is not None:
+            self._arrays.move_to_end(key)
             return cached
         try:
             arr = await group.getitem(col.name)
@@ -194,6 +199,8 @@ class ZarrEventStore:
         if not isinstance(arr, AsyncArray):
             raise StorageError(f"{path}/{col.name} is a group, expected an array")
         self._arrays[key] = arr
+        while len(self._arrays) > _MAX_OPEN_ARRAYS:
+            self._arrays.popitem(last=False)
         return arr
 
     @staticmethod
