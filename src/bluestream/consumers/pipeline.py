@@ -99,14 +99,12 @@ class Ingestor:
     async def process(self, envelopes: Iterable[Envelope]) -> None:
         """Store, dead-letter or park every envelope; return when that is durable."""
         batch = _Batch()
-        for env in envelopes:
-            routed = await self._decode(env)
-            if routed is not None:
-                await self._route(routed, batch)
-        for item in self.parked.evict():
-            await self._dead(item.env, self._orphan_error(item))
-        self.counters.set("parked", "", float(len(self.parked)))
         try:
+            for env in envelopes:
+                routed = await self._decode(env)
+                if routed is not None:
+                    await self._route(routed, batch)
+            await self._evict_parked(batch)
             await self._flush(batch)
         except BaseException:
             # Nothing of this batch may be taken as stored: forget what routing learnt,
@@ -123,9 +121,17 @@ class Ingestor:
 
     async def expire_parked(self) -> None:
         """Dead-letter parked documents that waited too long (called when idle too)."""
+        await self.process(())
+
+    async def _evict_parked(self, batch: _Batch) -> None:
+        """Parked documents past the age, count or byte limits: routed after all if their
+        parent was stored meanwhile (by another daemon, say), else dead-lettered."""
         for item in self.parked.evict():
-            await self._dead(item.env, self._orphan_error(item))
-        await self.dlq.flush()
+            tenant, kind, key = item.extra["waiting_for"]
+            if await self._parent(tenant, kind, key) is not None:
+                await self._route(item, batch)
+            else:
+                await self._dead(item.env, self._orphan_error(item))
         self.counters.set("parked", "", float(len(self.parked)))
 
     def held_offsets(self) -> dict[tuple[str, int], int]:
