@@ -409,32 +409,28 @@ class SqliteMetadataStore(MetadataStore):
         return await self._run(f"read {kind} documents", _find)
 
     async def streams(self, run_start: str) -> list[Doc]:
-        sql = (f"SELECT {', '.join(_STREAM_COLUMNS)} FROM event_stream WHERE tenant = ? "
-               "AND run_start = ? ORDER BY stream_name, descriptor_uid")
-
-        def _streams(conn: sqlite3.Connection) -> list[Doc]:
-            out = []
-            for row in conn.execute(sql, (self.tenant, run_start)):
-                rec = dict(zip(_STREAM_COLUMNS, row, strict=True))
-                rec["data_keys"] = json.loads(rec["data_keys"])
-                out.append(rec)
-            return out
-
-        return await self._run("read event_stream", _streams)
+        return await self._records("event_stream", _STREAM_COLUMNS, "data_keys", run_start,
+                                   "stream_name, descriptor_uid")
 
     async def ingest_log(self, run_start: str) -> list[Doc]:
-        sql = (f"SELECT {', '.join(_INGEST_COLUMNS)} FROM ingest_log WHERE tenant = ? "
-               "AND run_start = ? ORDER BY topic, partition")
+        return await self._records("ingest_log", _INGEST_COLUMNS, "extra", run_start,
+                                   "topic, partition")
 
-        def _ingest(conn: sqlite3.Connection) -> list[Doc]:
+    async def _records(self, table: str, columns: Sequence[str], json_column: str,
+                       run_start: str, order: str) -> list[Doc]:
+        """Rows of one of our own tables for a run, one JSON-encoded column decoded."""
+        sql = (f"SELECT {', '.join(columns)} FROM {table} WHERE tenant = ? "
+               f"AND run_start = ? ORDER BY {order}")
+
+        def _read(conn: sqlite3.Connection) -> list[Doc]:
             out = []
             for row in conn.execute(sql, (self.tenant, run_start)):
-                rec = dict(zip(_INGEST_COLUMNS, row, strict=True))
-                rec["extra"] = json.loads(rec["extra"])
+                rec = dict(zip(columns, row, strict=True))
+                rec[json_column] = json.loads(rec[json_column])
                 out.append(rec)
             return out
 
-        return await self._run("read ingest_log", _ingest)
+        return await self._run(f"read {table}", _read)
 
     async def search(self, query: Query | None, *, skip: int = 0,
                      limit: int | None = None) -> list[Doc]:
