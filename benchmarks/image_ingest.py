@@ -22,8 +22,8 @@ from benchmarks.docs import image_frames, image_run
 from benchmarks.infra import checked_ingest, create_topic, end_offsets, publish
 from benchmarks.scalar_ingest import raw_consume
 from bluestream.consumers.decode import encode_message
-from bluestream.daemon.config import LimitSettings
-from bluestream.storage.zarr_store import descriptor_path
+from bluestream.layout import descriptor_path
+from bluestream.settings import LimitSettings
 
 NAME = "image_ingest"
 __all__ = ["NAME", "plain_zarr_write", "run"]

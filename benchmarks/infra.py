@@ -25,7 +25,7 @@ import anyio
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from bluestream.storage.factory import open_metadata_store
+from bluestream.storage.backends import open_metadata_store
 
 __all__ = ["DaemonProcess", "IngestTiming", "Message", "checked_ingest", "committed_offsets",
            "create_topic", "delete_topics", "drop_databases", "end_offsets", "metadata_uri",

@@ -24,8 +24,8 @@ import bluestream.consumers.pipeline as pipeline
 from bluestream.consumers.decode import encode_message
 from bluestream.consumers.envelope import Envelope
 from bluestream.consumers.pipeline import Ingestor
-from bluestream.daemon.config import LimitSettings
 from bluestream.errors import DocumentError
+from bluestream.settings import LimitSettings
 from bluestream.storage.base import MetadataStore
 from bluestream.storage.registry import StoreRegistry
 from bluestream.storage.zarr_store import ZarrEventStore

@@ -22,7 +22,7 @@ from benchmarks.docs import scalar_run
 from benchmarks.incumbent import client_side_ingest, consume_into_mongo, count_events
 from benchmarks.infra import Message, checked_ingest, create_topic, end_offsets, publish
 from bluestream.consumers.decode import decode_message
-from bluestream.daemon.config import LimitSettings
+from bluestream.settings import LimitSettings
 
 NAME = "scalar_ingest"
 __all__ = ["NAME", "raw_consume", "run"]

@@ -21,9 +21,10 @@ from bluestream.consumers.decode import encode_message
 from bluestream.consumers.envelope import Envelope
 from bluestream.consumers.pipeline import Ingestor
 from bluestream.errors import DocumentError
+from bluestream.layout import descriptor_path
 from bluestream.limits import Limits
 from bluestream.storage.registry import StoreRegistry
-from bluestream.storage.zarr_store import ZarrEventStore, descriptor_path
+from bluestream.storage.zarr_store import ZarrEventStore
 
 Doc = dict[str, Any]
 

@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from bluestream.daemon.cli import app
-from bluestream.daemon.config import changed_keys, load_settings
+from bluestream.settings import changed_keys, load_settings
 from test_ops_support import daemon_env
 
 #: (TOML text, text the error must contain)

@@ -12,9 +12,9 @@ import anyio
 import numpy as np
 import pytest
 
-from bluestream.daemon.config import load_settings
 from bluestream.daemon.service import Daemon
-from bluestream.storage.factory import open_metadata_store
+from bluestream.settings import load_settings
+from bluestream.storage.backends import open_metadata_store
 from helpers import assert_stored_events
 
 pytestmark = [pytest.mark.kafka, pytest.mark.anyio]

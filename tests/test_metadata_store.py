@@ -19,8 +19,8 @@ import pytest
 
 from bluestream.errors import ConfigError, StorageError, StorageUnavailable
 from bluestream.queries import Eq, FullText
+from bluestream.storage.backends import open_metadata_store
 from bluestream.storage.base import MetadataStore, PutOutcome
-from bluestream.storage.factory import open_metadata_store
 from bluestream.storage.mongo import MongoMetadataStore
 from bluestream.storage.sqlite import SqliteMetadataStore
 from storage_conformance import DOCS, RUNS, MetadataStoreTests, uid

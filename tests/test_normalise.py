@@ -19,13 +19,10 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from bluestream.errors import DocumentError, LimitExceeded, ValidationError
+from bluestream.layout import STRING, FieldSpec, Page, field_specs
 from bluestream.limits import Limits
 from bluestream.schemas.normalise import (
-    STRING,
-    FieldSpec,
-    Page,
     datum_page_to_datums,
-    field_specs,
     page_from_event_page,
     page_from_events,
     page_to_event_page,
@@ -437,7 +434,8 @@ def _streams(draw: st.DrawFn) -> tuple[Doc, list[Doc]]:
         events.append({
             "descriptor": "desc", "uid": f"u{i}", "seq_num": seq_num,
             "time": draw(st.floats(0, 2e9)),
-            "data": data, "timestamps": {k: draw(_floats) for k in keys},
+            "data": data, "timestamps": {k: draw(st.floats(allow_nan=False, allow_infinity=False))
+                                           for k in keys},
             "filled": {k: False for k, kind in keys.items() if kind == "ext"},
         })
     return descriptor, events

@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from bluestream.consumers.decode import encode_message
 from bluestream.daemon.service import Daemon
-from bluestream.storage.factory import open_metadata_store
+from bluestream.storage.backends import open_metadata_store
 from helpers import read_stream_arrays, scalar_run
 from test_ingest_kafka import settings_for, wait_for
 

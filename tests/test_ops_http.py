@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bluestream.consumers.decode import encode_message
 from bluestream.daemon.http import HttpServer, Response
 from bluestream.daemon.service import Daemon
-from bluestream.storage.factory import open_metadata_store
+from bluestream.storage.backends import open_metadata_store
 from helpers import scalar_run
 from test_ingest_kafka import settings_for, wait_for
 

@@ -12,8 +12,8 @@ import anyio
 import pytest
 from structlog.testing import capture_logs
 
-from bluestream.daemon.config import load_settings
 from bluestream.daemon.service import Daemon
+from bluestream.settings import load_settings
 from test_ingest_kafka import wait_for
 from test_ops_support import daemon_config, write_config
 

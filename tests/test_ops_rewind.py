@@ -17,7 +17,7 @@ import bluestream.daemon.service as service_module
 from bluestream.consumers.decode import encode_message
 from bluestream.daemon.service import Daemon
 from bluestream.errors import StorageError
-from bluestream.storage.factory import open_metadata_store
+from bluestream.storage.backends import open_metadata_store
 from bluestream.storage.zarr_store import ZarrEventStore
 from helpers import assert_stored_events, scalar_run
 from test_ingest_kafka import settings_for, wait_for

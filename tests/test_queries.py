@@ -32,9 +32,11 @@ from bluestream.queries import (
     ScanID,
     TimeRange,
 )
-from bluestream.storage.factory import mask_uri, open_metadata_store, search_text
+from bluestream.storage.backends import open_metadata_store
 from bluestream.storage.mongo import MongoMetadataStore
-from bluestream.storage.mongo_query import epoch_seconds, to_mongo
+from bluestream.storage.mongo_query import to_mongo
+from bluestream.storage.query_rules import epoch_seconds
+from bluestream.storage.rules import mask_uri, search_text
 from bluestream.storage.sqlite import SqliteMetadataStore, sqlite_path
 from bluestream.storage.sqlite_query import json_path, register_functions, to_sql
 from storage_conformance import QUERY_CASES, RUNS

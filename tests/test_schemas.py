@@ -15,8 +15,9 @@ from event_model import DocumentNames, StreamRange, compose_run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bluestream.documents import DOCUMENT_NAMES as KINDS
 from bluestream.errors import SchemaViolation, ValidationError
-from bluestream.schemas.validate import KINDS, draft07_schema, to_draft07, validate
+from bluestream.schemas.validate import draft07_schema, to_draft07, validate
 
 Doc = dict[str, Any]
 

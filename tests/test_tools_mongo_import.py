@@ -12,7 +12,7 @@ import pymongo
 import pytest
 
 from bluestream.catalog.core import open_catalog_async
-from bluestream.daemon.config import Settings
+from bluestream.settings import Settings
 from bluestream.tools.ingest_mongo import ingest_mongo
 from test_catalog_support import assert_valid_order, canonical, re_runs
 from test_tools_support import (  # noqa: F401  (fixtures)

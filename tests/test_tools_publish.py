@@ -14,8 +14,8 @@ from aiokafka import AIOKafkaConsumer
 
 from bluestream.catalog.core import open_catalog_async
 from bluestream.consumers.decode import decode_message
-from bluestream.daemon.config import Settings
 from bluestream.daemon.service import Daemon
+from bluestream.settings import Settings
 from bluestream.tools.publish import publish_files
 from test_catalog_support import canonical, re_runs
 from test_tools_support import make_settings, write_suitcase

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bluestream.daemon.config import Settings
+from bluestream.settings import Settings
 from bluestream.tools.export import export_runs
 from bluestream.tools.files import iter_records
 from bluestream.tools.ingest import ingest_files

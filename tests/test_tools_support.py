@@ -16,7 +16,7 @@ import structlog
 from typer.testing import CliRunner
 
 from bluestream.daemon.cli import app
-from bluestream.daemon.config import Settings, load_settings
+from bluestream.settings import Settings, load_settings
 
 Doc = dict[str, Any]
 Docs = list[tuple[str, Doc]]

@@ -12,13 +12,9 @@ from contextlib import asynccontextmanager
 import anyio
 from anyio.abc import TaskGroup
 
+from bluestream.errors import leaf_errors
+
 __all__ = ["task_group"]
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for e in exc.exceptions for leaf in _leaves(e)]
-    return [exc]
 
 
 @asynccontextmanager
@@ -30,7 +26,7 @@ async def task_group() -> AsyncIterator[TaskGroup]:
             yield tg
     except BaseExceptionGroup as group:
         cancelled = anyio.get_cancelled_exc_class()
-        leaves = _leaves(group)
+        leaves = leaf_errors(group)
         real = [e for e in leaves if not isinstance(e, cancelled)]
         if not real:
             raise

@@ -1,5 +1,5 @@
 """Reading one descriptor's event arrays back from Zarr (the layout of
-:mod:`bluestream.storage.zarr_store`).
+:mod:`bluestream.layout`).
 
 Row ``i`` holds the event with ``seq_num == i + 1``; rows never written hold
 ``seq_num == 0`` and are skipped. Lengths are never cached: every read takes the length
@@ -26,7 +26,7 @@ from zarr.storage import LocalStore
 
 from bluestream.catalog._tasks import task_group
 from bluestream.errors import StorageError, StorageUnavailable
-from bluestream.schemas.normalise import Page
+from bluestream.layout import SEQ_NUM, STRING, TIME, UID, Page, column_names
 
 __all__ = ["ArrayReader", "Rows", "row_bytes"]
 
@@ -95,7 +95,7 @@ class ArrayReader:
                                f"{exc}") from exc
 
     async def open_arrays(self, zarr_path: str, names: Sequence[str],
-                          required: Sequence[str] = ("seq_num",)) -> dict[str, AsyncArray[Any]]:
+                          required: Sequence[str] = (SEQ_NUM,)) -> dict[str, AsyncArray[Any]]:
         """The arrays ``names`` of a group that exist (those in ``required`` must)."""
         out: dict[str, AsyncArray[Any]] = {}
 
@@ -127,7 +127,7 @@ class ArrayReader:
         stop = n if stop is None else min(stop, n)
         start = min(max(start, 0), stop)
         with self._errors(path):
-            seq = np.asarray(await arrays["seq_num"].getitem(slice(start, stop)))
+            seq = np.asarray(await arrays[SEQ_NUM].getitem(slice(start, stop)))
             keep = seq > 0
             sel: slice | Array = slice(None) if keep.all() else np.flatnonzero(keep)
             values: dict[str, Array] = {}
@@ -138,12 +138,12 @@ class ArrayReader:
 
             async with task_group() as tg:
                 for name, arr in arrays.items():
-                    if name != "seq_num" and _wanted(name, keys, timestamps):
+                    if name != SEQ_NUM and _wanted(name, keys, timestamps):
                         tg.start_soon(one, name, arr)
         positions = np.arange(start, stop, dtype=np.int64)[sel]
         rows = Rows(str(record["descriptor_uid"]), positions, seq[sel].astype(np.int64),
-                    values.get("time", np.full(len(positions), np.nan)),
-                    values.get("uid", np.full(len(positions), "", dtype=np.dtypes.StringDType())))
+                    values.get(TIME, np.full(len(positions), np.nan)),
+                    values.get(UID, np.full(len(positions), "", dtype=STRING)))
         for name, v in values.items():
             sub, _, key = name.partition("/")
             if sub == "data":
@@ -157,8 +157,8 @@ class ArrayReader:
     async def written_positions(self, record: dict[str, Any], start: int = 0) -> Array:
         """Positions ``>= start`` that hold an event (a cheap read: seq_num only)."""
         path = str(record["zarr_path"])
-        arrays = await self.open_arrays(path, ["seq_num"])
-        arr = arrays["seq_num"]
+        arrays = await self.open_arrays(path, [SEQ_NUM])
+        arr = arrays[SEQ_NUM]
         n = min(int(record["length"]), int(arr.shape[0]))
         if start >= n:
             return np.zeros(0, dtype=np.int64)
@@ -169,16 +169,6 @@ class ArrayReader:
     def sync_array(self, arr: AsyncArray[Any]) -> zarr.Array[Any]:
         """A synchronous handle (for dask) on an array opened here."""
         return zarr.Array(arr)
-
-
-def column_names(keys: Sequence[str], timestamps: bool = True) -> list[str]:
-    names = ["seq_num", "time", "uid"]
-    for key in keys:
-        names.append(f"data/{key}")
-        if timestamps:
-            names.append(f"timestamps/{key}")
-        names.append(f"filled/{key}")
-    return names
 
 
 def _wanted(name: str, keys: Sequence[str], timestamps: bool) -> bool:

@@ -3,7 +3,7 @@ handlers. One per ``open_catalog`` call; sub-catalogs from ``search`` reuse it."
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -12,34 +12,14 @@ import anyio
 
 from bluestream.catalog.arrays import ArrayReader
 from bluestream.catalog.fill import DatumResolver
-from bluestream.errors import BluestreamError, StorageUnavailable
+from bluestream.errors import StorageUnavailable
 from bluestream.handlers import HandlerClass
-from bluestream.limits import Limits
-from bluestream.schemas.normalise import FieldSpec, field_specs
 from bluestream.storage.base import MetadataStore
-from bluestream.storage.factory import mask_uri
+from bluestream.storage.rules import mask_uri
 
-__all__ = ["CatalogContext", "specs_of"]
+__all__ = ["CatalogContext"]
 
 T = TypeVar("T")
-
-#: Reading applies no size limits: what was stored was already checked when written.
-_NO_LIMITS = Limits(max_message_bytes=2**62, max_shape_elements=2**62, max_seq_num=2**62,
-                    max_page_events=2**62, max_data_keys=2**62)
-
-
-def specs_of(descriptor: Mapping[str, Any]) -> dict[str, FieldSpec]:
-    """How each data key of ``descriptor`` is stored (the writer's own rules)."""
-    return field_specs(descriptor, _NO_LIMITS)
-
-
-def _driver_errors() -> tuple[type[BaseException], ...]:
-    import sqlite3
-
-    from pymongo.errors import PyMongoError
-
-    return (OSError, sqlite3.Error, PyMongoError)
-
 
 @dataclass
 class CatalogContext:
@@ -78,18 +58,13 @@ class CatalogContext:
 
     async def call(self, what: str, fn: Callable[..., Awaitable[T]], *args: Any,
                    **kwargs: Any) -> T:
-        """``await fn(...)`` with a deadline; foreign errors become StorageUnavailable."""
+        """``await fn(...)`` with a deadline (stores translate their own driver errors)."""
         try:
             with anyio.fail_after(self.timeout):
                 return await fn(*args, **kwargs)
         except TimeoutError:
             raise StorageUnavailable(f"metadata store {self.where} did not answer within "
                                      f"{self.timeout:g} s ({what})") from None
-        except BluestreamError:
-            raise
-        except _driver_errors() as exc:  # not translated by the store itself
-            raise StorageUnavailable(f"metadata store {self.where} failed ({what}): "
-                                     f"{type(exc).__name__}: {exc}") from exc
 
     async def close(self) -> None:
         """Close the store (also after a failed open: it may hold a client)."""

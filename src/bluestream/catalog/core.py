@@ -15,14 +15,16 @@ from typing import Any
 
 import numpy as np
 
-from bluestream.catalog._portal import LoopThread
 from bluestream.catalog.context import CatalogContext
+from bluestream.catalog.loop_thread import LoopThread
 from bluestream.catalog.run import AsyncBlueskyRun, BlueskyRun
-from bluestream.errors import AmbiguousUID, NotFound, StorageUnavailable
+from bluestream.errors import AmbiguousUID, NotFound
 from bluestream.handlers import HandlerClass
 from bluestream.queries import And, Query, ScanID, as_query
-from bluestream.storage.base import MetadataStore
-from bluestream.storage.factory import check_tenant, mask_uri, open_metadata_store
+from bluestream.settings import load_settings
+from bluestream.storage.backends import is_mongo_uri, open_metadata_store
+from bluestream.storage.query_rules import MIN_PARTIAL_UID
+from bluestream.storage.rules import check_tenant, mask_uri
 
 __all__ = [
     "MIN_PARTIAL_UID",
@@ -34,7 +36,6 @@ __all__ = [
 ]
 
 Doc = dict[str, Any]
-MIN_PARTIAL_UID = 5
 _PAGE = 100
 _CANDIDATES = 10
 
@@ -42,8 +43,6 @@ _CANDIDATES = 10
 def _resolve_storage(metadata: str | None, zarr_root: str | os.PathLike[str] | None,
                      config: str | os.PathLike[str] | None) -> tuple[str, Path, int]:
     """Explicit arguments first, then the daemon's configuration (file + BLUESTREAM_*)."""
-    from bluestream.daemon.config import load_settings
-
     timeout_ms = 5_000
     if metadata is None or zarr_root is None:
         path = config if config is not None else os.environ.get("BLUESTREAM_CONFIG") or None
@@ -54,18 +53,6 @@ def _resolve_storage(metadata: str | None, zarr_root: str | os.PathLike[str] | N
     return metadata, Path(zarr_root), timeout_ms
 
 
-def _make_store(uri: str, tenant: str, timeout_ms: int) -> MetadataStore:
-    if uri.startswith("sqlite:///"):
-        from bluestream.storage.sqlite import sqlite_path
-
-        path = sqlite_path(uri)
-        if path != ":memory:" and not Path(path).is_file():
-            # Opening would create an empty database: say what is wrong instead.
-            raise StorageUnavailable(f"metadata store {uri}: SQLite file {path} does not "
-                                     "exist (wrong path, or nothing was ingested yet)")
-    return open_metadata_store(uri, tenant, server_selection_timeout_ms=timeout_ms)
-
-
 def make_context(tenant: str, *, metadata: str | None = None,
                  zarr_root: str | os.PathLike[str] | None = None,
                  config: str | os.PathLike[str] | None = None,
@@ -74,7 +61,8 @@ def make_context(tenant: str, *, metadata: str | None = None,
                  timeout: float = 30.0, poll_interval: float = 0.2) -> CatalogContext:
     check_tenant(tenant)
     uri, root, timeout_ms = _resolve_storage(metadata, zarr_root, config)
-    store = _make_store(uri, tenant, timeout_ms)
+    store = open_metadata_store(uri, tenant, server_selection_timeout_ms=timeout_ms,
+                                readonly=True)
     return CatalogContext(tenant, store, root, dict(handlers or {}), dict(root_map or {}),
                           timeout=timeout, poll_interval=poll_interval)
 
@@ -361,7 +349,7 @@ def from_uri(uri: str, *, zarr_root: str | os.PathLike[str], tenant: str | None 
     """``Catalog.from_uri("mongodb://host/csx", zarr_root=...)``: the tenant is the
     MongoDB database named in the URI path unless given."""
     if tenant is None:
-        if not uri.startswith(("mongodb://", "mongodb+srv://")):
+        if not is_mongo_uri(uri):
             raise ValueError(f"give tenant= for {mask_uri(uri)}: only MongoDB URIs name one")
         rest = uri.split("://", 1)[1].split("?", 1)[0]
         _, _, db = rest.partition("/")

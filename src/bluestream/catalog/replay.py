@@ -27,9 +27,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from bluestream.catalog._tasks import task_group
-from bluestream.catalog.arrays import Rows, column_names, row_bytes
-from bluestream.catalog.context import CatalogContext, specs_of
+from bluestream.catalog.arrays import Rows, row_bytes
+from bluestream.catalog.context import CatalogContext
 from bluestream.errors import NotFound
+from bluestream.layout import column_names, reader_specs
 from bluestream.schemas.normalise import page_to_event_page, page_to_events
 
 __all__ = ["PAGE_BYTES", "PAGE_EVENTS", "follow", "replay"]
@@ -127,7 +128,7 @@ class _Emitter:
 
     async def datums_for(self, rows: Rows, descriptor: Mapping[str, Any]) -> list[Item]:
         """Datums (and unseen resources) referenced by ``rows``, not emitted yet."""
-        specs = specs_of(descriptor)
+        specs = reader_specs(descriptor)
         ids: list[str] = []
         for key, spec in specs.items():
             dk = descriptor["data_keys"][key]

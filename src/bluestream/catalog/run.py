@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from bluestream.catalog._portal import LoopThread
 from bluestream.catalog._tasks import task_group
 from bluestream.catalog.context import CatalogContext
+from bluestream.catalog.loop_thread import LoopThread
 from bluestream.catalog.replay import PAGE_BYTES, PAGE_EVENTS, follow, replay
 from bluestream.catalog.stream import AsyncEventStream
 

@@ -15,12 +15,12 @@ import numpy as np
 from numpy.typing import NDArray
 
 from bluestream.catalog._tasks import task_group
-from bluestream.catalog.arrays import Rows, column_names
-from bluestream.catalog.columns import Part, build_dataset, decode_json_column, to_str
-from bluestream.catalog.context import CatalogContext, specs_of
+from bluestream.catalog.arrays import Rows
+from bluestream.catalog.context import CatalogContext
+from bluestream.catalog.dataset import Part, build_dataset, decode_json_column, to_str
 from bluestream.catalog.fill import LoadPlan, StreamSlice, expected_shape, stack_values
 from bluestream.catalog.replay import follow
-from bluestream.schemas.normalise import FieldSpec
+from bluestream.layout import FieldSpec, column_names, data_path, reader_specs
 
 if TYPE_CHECKING:
     import xarray
@@ -136,7 +136,7 @@ class AsyncEventStream:
         ctx = self._ctx
         data_keys: dict[str, Any] = desc.get("data_keys", {})
         keys = [k for k in data_keys if wanted is None or k in wanted]
-        specs = specs_of(desc)
+        specs = reader_specs(desc)
         skeys = [k for k in keys if is_stream_key(data_keys[k])]
         zkeys = [k for k in keys if k not in skeys]
         part = Part(desc, np.zeros(0, np.int64), np.zeros(0), np.zeros(0, "<U1"))
@@ -144,7 +144,7 @@ class AsyncEventStream:
             names = column_names(zkeys, timestamps=False)
             arrays = await ctx.arrays.open_arrays(str(record["zarr_path"]), names)
             lazy_keys = [k for k in zkeys if lazy and _plain_numeric(specs[k])
-                         and f"data/{k}" in arrays]
+                         and data_path(k) in arrays]
             eager = [k for k in zkeys if k not in lazy_keys]
             rows = await ctx.arrays.read_rows(
                 record, eager, timestamps=False,
@@ -152,7 +152,7 @@ class AsyncEventStream:
                         if n.partition("/")[2] not in lazy_keys})
             part = Part(desc, rows.seq_num, rows.time, to_str(rows.uid))
             for key in lazy_keys:
-                part.columns[key] = _lazy_column(ctx, arrays[f"data/{key}"], rows)
+                part.columns[key] = _lazy_column(ctx, arrays[data_path(key)], rows)
             for key in eager:
                 if key in rows.data:
                     part.columns[key] = await self._column(key, data_keys[key], specs[key],

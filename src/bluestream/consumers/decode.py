@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from bluestream.errors import DecodeError, LimitExceeded
+from bluestream.documents import DOCUMENT_NAMES
+from bluestream.errors import DecodeError, LimitExceeded, Reason
 
 try:  # the C extension; fallback only where it was not built
     from msgpack._cmsgpack import Packer as _Packer
@@ -27,14 +28,9 @@ except ImportError:  # pragma: no cover
     from msgpack.fallback import Packer as _Packer
     from msgpack.fallback import unpackb as _unpackb
 
-__all__ = ["DOCUMENT_NAMES", "decode_message", "encode_message"]
+__all__ = ["decode_message", "encode_message"]
 
-DOCUMENT_NAMES = frozenset(
-    {
-        "start", "stop", "descriptor", "event", "event_page", "resource", "datum",
-        "datum_page", "stream_resource", "stream_datum",
-    }
-)
+_NAMES = frozenset(DOCUMENT_NAMES)
 
 _ND = b"nd"
 
@@ -80,15 +76,15 @@ def _ndarray_hook(obj: dict[Any, Any]) -> Any:
 def decode_message(value: bytes | None, *, max_bytes: int) -> tuple[str, dict[str, Any]]:
     """Decode one message value. Raises :class:`DecodeError` or :class:`LimitExceeded`."""
     if value is None:
-        raise DecodeError("message has no value (a tombstone?)", reason="empty")
+        raise DecodeError("message has no value (a tombstone?)", reason=Reason.EMPTY)
     if len(value) > max_bytes:
         raise LimitExceeded(
             f"message of {len(value)} bytes exceeds the limit of {max_bytes} bytes "
             "(limits.max_message_bytes)",
-            reason="too-large",
+            reason=Reason.TOO_LARGE,
         )
     if not value:
-        raise DecodeError("message value is empty", reason="empty")
+        raise DecodeError("message value is empty", reason=Reason.EMPTY)
     first = value[:1]
     try:
         if first in (b"[", b" ", b"\n", b"\t", b"\r"):
@@ -97,7 +93,7 @@ def decode_message(value: bytes | None, *, max_bytes: int) -> tuple[str, dict[st
             message = _unpackb(value, object_hook=_ndarray_hook, strict_map_key=False,
                                use_list=True)
     except _UnsafeArray as exc:
-        raise DecodeError(f"refused a numpy value: {exc}", reason="unsafe-value") from exc
+        raise DecodeError(f"refused a numpy value: {exc}", reason=Reason.UNSAFE_VALUE) from exc
     except Exception as exc:  # msgpack raises a zoo of types (ExtraData, ValueError, ...)
         raise DecodeError(
             f"not a msgpack or JSON (name, doc) message: {type(exc).__name__}: {exc}"
@@ -112,8 +108,8 @@ def decode_message(value: bytes | None, *, max_bytes: int) -> tuple[str, dict[st
         name = name.decode("utf-8", "replace")
     if not isinstance(name, str):
         raise DecodeError(f"document name must be a string, got {type(name).__name__}")
-    if name not in DOCUMENT_NAMES:
-        raise DecodeError(f"unknown document name {name[:64]!r}", reason="unknown-document")
+    if name not in _NAMES:
+        raise DecodeError(f"unknown document name {name[:64]!r}", reason=Reason.UNKNOWN_DOCUMENT)
     if not isinstance(doc, dict):
         raise DecodeError(f"{name} document must be a map, got {type(doc).__name__}")
     if any(not isinstance(k, str) for k in doc):

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bluestream.errors import DocumentError
+
+if TYPE_CHECKING:
+    from bluestream.consumers.run_index import DescriptorInfo
 
 __all__ = ["DeadLetterSink", "Envelope", "Routed"]
 
@@ -38,6 +41,8 @@ class Routed:
     doc: dict[str, Any]
     env: Envelope
     extra: dict[str, Any] = field(default_factory=dict)
+    #: For events and event pages: their descriptor, resolved once when routed.
+    descriptor: DescriptorInfo | None = None
 
 
 class DeadLetterSink(Protocol):

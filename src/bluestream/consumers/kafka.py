@@ -30,8 +30,8 @@ from aiokafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeEr
 from bluestream.consumers.envelope import Envelope
 from bluestream.consumers.pipeline import Ingestor
 from bluestream.counters import Counters
-from bluestream.daemon.config import KafkaSettings, Settings, tenant_for_topic
-from bluestream.errors import DocumentError, StorageError
+from bluestream.errors import DocumentError, StorageError, leaf_errors
+from bluestream.settings import KafkaSettings, Settings, tenant_for_topic
 
 __all__ = ["KafkaDeadLetters", "KafkaSource", "SourceState", "kafka_client_options"]
 
@@ -496,14 +496,7 @@ def _outage(exc: BaseException) -> StorageError | KafkaError | None:
     if isinstance(exc, StorageError | KafkaError):
         return exc
     if isinstance(exc, BaseExceptionGroup):
-        leaves: list[BaseException] = []
-        todo: list[BaseException] = [exc]
-        while todo:
-            e = todo.pop(0)
-            if isinstance(e, BaseExceptionGroup):
-                todo[:0] = list(e.exceptions)
-            else:
-                leaves.append(e)
+        leaves = leaf_errors(exc)
         if leaves and all(isinstance(e, StorageError | KafkaError) for e in leaves):
             return next((e for e in leaves if isinstance(e, StorageError)),
                         leaves[0])

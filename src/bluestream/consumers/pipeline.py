@@ -22,20 +22,22 @@ import structlog
 from bluestream._version import __version__
 from bluestream.consumers.decode import decode_message
 from bluestream.consumers.envelope import DeadLetterSink, Envelope, Routed
-from bluestream.consumers.router import PARENT_FIELD, DescriptorInfo, ParkingLot, RunIndex
+from bluestream.consumers.parking import ParkingLot
+from bluestream.consumers.run_index import DescriptorInfo, RunIndex
 from bluestream.counters import Counters
-from bluestream.errors import ConflictError, DocumentError, RoutingError, ValidationError
+from bluestream.documents import PARENT_FIELD
+from bluestream.errors import ConflictError, DocumentError, Reason, RoutingError, ValidationError
+from bluestream.layout import Page, field_specs
 from bluestream.limits import Limits
 from bluestream.schemas.normalise import (
-    Page,
     datum_page_to_datums,
-    field_specs,
     page_from_event_page,
     page_from_events,
     to_jsonable,
 )
 from bluestream.schemas.validate import validate
 from bluestream.storage.base import IngestLogEntry, MetadataStore, PutOutcome, StreamUpdate, key_of
+from bluestream.storage.rules import same_content
 from bluestream.storage.zarr_store import ZarrEventStore
 
 __all__ = ["Ingestor", "concat_pages"]
@@ -99,6 +101,7 @@ class Ingestor:
     async def process(self, envelopes: Iterable[Envelope]) -> None:
         """Store, dead-letter or park every envelope; return when that is durable."""
         batch = _Batch()
+        self.index.begin_batch()
         try:
             for env in envelopes:
                 routed = await self._decode(env)
@@ -128,7 +131,7 @@ class Ingestor:
         parent was stored meanwhile (by another daemon, say), else dead-lettered."""
         for item in self.parked.evict():
             tenant, kind, key = item.extra["waiting_for"]
-            if await self._parent(tenant, kind, key) is not None:
+            if await self._parent(tenant, kind, key, fresh=True) is not None:
                 await self._route(item, batch)
             else:
                 await self._dead(item.env, self._orphan_error(item))
@@ -169,7 +172,7 @@ class Ingestor:
         return RoutingError(
             f"{item.name} refers to {kind} {key!r}, which did not arrive within "
             f"{waited:.0f} s (or the parking lot overflowed)",
-            reason=f"unknown-{kind.replace('_', '-')}")
+            reason=Reason.unknown(kind))
 
     # -- routing ------------------------------------------------------------------------
     async def _route(self, item: Routed, batch: _Batch) -> None:
@@ -191,12 +194,17 @@ class Ingestor:
             if parent_key is None and name == "resource":
                 pass  # old-style resource without run_start: nothing to wait for
             elif not isinstance(parent_key, str):
-                raise ValidationError(f"{name} has no {fld}", reason="schema-violation")
+                raise ValidationError(f"{name} has no {fld}", reason=Reason.SCHEMA_VIOLATION)
+            elif kind == "descriptor":
+                item.descriptor = await self.index.descriptor(tenant, parent_key)
+                if item.descriptor is None:
+                    self._park(tenant, kind, parent_key, item)
+                    return
+                run_start = item.descriptor.run_start
             else:
                 parent = await self._parent(tenant, kind, parent_key)
                 if parent is None:
-                    self.parked.park((tenant, kind, parent_key), item)
-                    self.counters.inc("parked_total", name)
+                    self._park(tenant, kind, parent_key, item)
                     return
                 run_start = parent_key if kind == "start" else parent
         if name == "start":
@@ -224,12 +232,17 @@ class Ingestor:
             await self._release(tenant, name, key, batch)
         batch.note(tenant, run_start, item.env)
 
-    async def _parent(self, tenant: str, kind: str, key: str) -> str | None:
+    def _park(self, tenant: str, kind: str, key: str, item: Routed) -> None:
+        self.parked.park((tenant, kind, key), item)
+        self.counters.inc("parked_total", item.name)
+
+    async def _parent(self, tenant: str, kind: str, key: str, *,
+                      fresh: bool = False) -> str | None:
         """The parent's run uid ("" if unknown but present), or None if absent."""
         if kind == "descriptor":
-            info = await self.index.descriptor(tenant, key)
+            info = await self.index.descriptor(tenant, key, fresh=fresh)
             return None if info is None else info.run_start
-        doc = await self.index.lookup(tenant, kind, key)
+        doc = await self.index.lookup(tenant, kind, key, fresh=fresh)
         if doc is None:
             return None
         if kind == "start":
@@ -242,12 +255,12 @@ class Ingestor:
         if known is None:
             self.index.remember(tenant, kind, key, doc)
             return True
-        if _same(known, doc):
+        if same_content(known, doc):
             return False
         raise ConflictError(
             f"{kind} {key!r} was already stored with different content "
             f"(differing fields: {', '.join(_diff_keys(known, doc)) or '?'})",
-            reason=f"conflicting-{kind.replace('_', '-')}")
+            reason=Reason.conflicting(kind))
 
     async def _release(self, tenant: str, kind: str, key: str, batch: _Batch) -> None:
         for child in self.parked.release((tenant, kind, key)):
@@ -303,14 +316,14 @@ class Ingestor:
                                         await store.get(kind, key_of(kind, doc)) or doc)
                 await self._dead(item.env, ConflictError(
                     f"{kind} {key_of(kind, doc)!r} was already stored with different "
-                    "content", reason=f"conflicting-{kind.replace('_', '-')}"))
+                    "content", reason=Reason.conflicting(kind)))
 
     async def _write_events(self, tenant: str, desc_uid: str,
                             items: list[Routed]) -> StreamUpdate | None:
-        info = await self.index.descriptor(tenant, desc_uid)
-        if info is None:  # cannot happen: routing checked it; keep the promise anyway
+        info = items[0].descriptor  # resolved when the events were routed
+        if info is None:  # cannot happen: routing attaches it; keep the promise anyway
             for item in items:
-                await self._dead(item.env, RoutingError(f"descriptor {desc_uid!r} vanished"))
+                await self._dead(item.env, RoutingError(f"descriptor {desc_uid!r} unknown"))
             return None
         pages: list[Page] = []
         for group in _runs_of_kind(items):
@@ -387,16 +400,6 @@ def _concat(arrays: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(arrays)
 
 
-def _same(a: Any, b: Any) -> bool:
-    """Content equality that treats NaN as equal to NaN (replays of NaN-bearing docs)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
-        return True
-    return isinstance(a, bool) == isinstance(b, bool) and bool(a == b)
-
-
 def _diff_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    return sorted(k for k in set(a) | set(b) if k not in a or k not in b or not _same(a[k], b[k]))
+    return sorted(k for k in set(a) | set(b)
+                  if k not in a or k not in b or not same_content(a[k], b[k]))

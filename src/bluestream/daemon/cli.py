@@ -9,10 +9,10 @@ from typing import Annotated
 import typer
 
 from bluestream._version import __version__
-from bluestream.daemon.config import load_settings
 from bluestream.daemon.logs import configure_logging
 from bluestream.daemon.ops_cli import register as _register_ops
 from bluestream.errors import ConfigError
+from bluestream.settings import load_settings
 from bluestream.tools.commands import register as _register_tools
 
 __all__ = ["app", "main"]

@@ -28,9 +28,9 @@ from aiokafka.errors import KafkaError
 
 from bluestream.consumers.decode import decode_message
 from bluestream.consumers.kafka import kafka_client_options
-from bluestream.daemon.config import Settings
 from bluestream.errors import BluestreamError, DocumentError
 from bluestream.schemas.normalise import to_jsonable
+from bluestream.settings import Settings
 
 __all__ = ["DeadLetter", "DlqError", "ReplayResult", "dlq_topic_for", "read_dead_letters",
            "replay", "show_text", "summary_line"]

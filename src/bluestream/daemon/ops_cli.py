@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import anyio
 import typer
 
-from bluestream.daemon.config import Settings, load_settings
 from bluestream.errors import ConfigError
+from bluestream.settings import Settings, load_settings
 
 if TYPE_CHECKING:
     from bluestream.daemon.dlq_tool import DeadLetter

@@ -27,13 +27,13 @@ from bluestream._version import __version__
 from bluestream.consumers.kafka import KafkaDeadLetters, KafkaSource
 from bluestream.consumers.pipeline import Ingestor
 from bluestream.counters import Counters
-from bluestream.daemon.config import RELOADABLE, Settings, changed_keys, load_settings
 from bluestream.daemon.health import HealthChecks
 from bluestream.daemon.http import HttpServer, Response, json_response
 from bluestream.daemon.logs import configure_logging
 from bluestream.daemon.metrics import CONTENT_TYPE, DaemonGauges, MetricsCollector
 from bluestream.daemon.notify import Notifier
 from bluestream.errors import ConfigError
+from bluestream.settings import RELOADABLE, Settings, changed_keys, load_settings
 from bluestream.storage.registry import StoreRegistry
 from bluestream.storage.zarr_store import ZarrEventStore
 

@@ -8,24 +8,17 @@ documents into plain JSON values for the metadata stores.
 from __future__ import annotations
 
 from bluestream.schemas.normalise import (
-    FieldSpec,
-    Page,
     datum_page_to_datums,
-    field_specs,
     page_from_event_page,
     page_from_events,
     page_to_event_page,
     page_to_events,
     to_jsonable,
 )
-from bluestream.schemas.validate import KINDS, validate
+from bluestream.schemas.validate import validate
 
 __all__ = [
-    "KINDS",
-    "FieldSpec",
-    "Page",
     "datum_page_to_datums",
-    "field_specs",
     "page_from_event_page",
     "page_from_events",
     "page_to_event_page",

@@ -1,27 +1,16 @@
 """Events <-> column pages, and numpy -> JSON for metadata documents. Pure, no I/O.
 
-Why pages: the writer stores events by position in one array per data key (DESIGN I2),
-so the unit it can write in one assignment is a page of columns whose shapes and dtypes
-are already checked against the descriptor. Every check that depends on a size taken
-from a document runs *before* anything is allocated from that size (DESIGN I5).
-
-How a descriptor's data key is stored (its :class:`FieldSpec`):
-
-* number / integer / boolean: a numeric column of the descriptor's ``dtype_numpy`` when
-  it fits the JSON type (else float64 / int64 / bool), per-event ``shape``.
-* string (scalar): a ``StringDType`` column.
-* array: ``dtype_numpy`` if numeric, else the dtype of the first page's values.
-* external (value is a datum id or similar reference): a string column plus ``filled``.
-* variable (a ``None`` or negative dimension), structured ``dtype_numpy`` (list form),
-  a non-numeric array dtype, or a string key with a non-scalar shape: every value is
-  stored as its JSON text, because Zarr v3 has neither ragged nor portable structured
-  or fixed-width-string arrays.
+Why pages: events are stored by position, one column per data key (DESIGN I2), so
+the unit a writer can store in one assignment is a page of columns whose shapes and
+dtypes are already checked against the descriptor's :class:`~bluestream.layout.FieldSpec`
+(how each key is typed is defined once, in :mod:`bluestream.layout`). Every check that
+depends on a size taken from a document runs *before* anything is allocated from that
+size (DESIGN I5).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,15 +18,12 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from bluestream.errors import LimitExceeded, ValidationError
+from bluestream.errors import LimitExceeded, Reason, ValidationError
+from bluestream.layout import STRING, FieldSpec, Page, reader_specs
 from bluestream.limits import Limits
 
 __all__ = [
-    "STRING",
-    "FieldSpec",
-    "Page",
     "datum_page_to_datums",
-    "field_specs",
     "page_from_event_page",
     "page_from_events",
     "page_to_event_page",
@@ -47,168 +33,10 @@ __all__ = [
 
 Array = NDArray[Any]
 
-#: The dtype of every string column (uids, string fields, references, JSON text).
-STRING = np.dtypes.StringDType()
-_KINDS = frozenset({"number", "integer", "boolean", "string", "array"})
 _DEFAULT_LIMITS = Limits()
-_MAX_NDIM = 32
-_MAX_KEY_LEN = 255
-
-
-# -- field specs ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class FieldSpec:
-    """How one data key of a descriptor is stored; derived once per descriptor."""
-
-    key: str
-    #: The descriptor's JSON type: "number" | "integer" | "boolean" | "string" | "array".
-    kind: str
-    #: Column dtype; None only for "array" without a usable dtype_numpy (first page decides).
-    dtype: np.dtype[Any] | None
-    #: Per-event shape of the stored value; () for scalars, references and JSON text.
-    shape: tuple[int, ...]
-    #: Values are references (datum ids) kept as strings, with a ``filled`` column.
-    external: bool
-    #: Values are stored as JSON text (variable shape, structured or non-numeric array).
-    variable: bool
-
-
-def field_specs(descriptor: Mapping[str, Any], limits: Limits) -> dict[str, FieldSpec]:
-    """Storage specs for every data key of ``descriptor``, or a ValidationError.
-
-    Rejects key names that are unsafe as Zarr path components (``bad-key``), unknown
-    JSON types or numpy dtype strings (``bad-dtype``), malformed shapes (``bad-shape``)
-    and, with :class:`LimitExceeded`, too many keys or too many elements per event
-    (computed with Python integers, before anything is allocated).
-    """
-    return _field_specs(descriptor, limits)
-
-
-def _field_specs(descriptor: Mapping[str, Any], limits: Limits | None) -> dict[str, FieldSpec]:
-    data_keys = descriptor.get("data_keys")
-    if not isinstance(data_keys, Mapping):
-        raise ValidationError("descriptor has no data_keys mapping", reason="schema-violation")
-    if limits is not None and len(data_keys) > limits.max_data_keys:
-        raise LimitExceeded(f"descriptor has {len(data_keys)} data keys, more than the limit "
-                            f"{limits.max_data_keys}")
-    return {key: _spec(_safe_key(key), entry, limits) for key, entry in data_keys.items()}
-
-
-def _safe_key(key: Any) -> str:
-    """Data keys become Zarr path components: nothing that could escape or hide."""
-    problem = None
-    if not isinstance(key, str) or not key:
-        problem = "is empty or not a string"
-    elif len(key) > _MAX_KEY_LEN:
-        problem = f"is longer than {_MAX_KEY_LEN} characters"
-    elif any(c in key for c in "/\\\x00"):
-        problem = "contains '/', '\\\\' or NUL"
-    elif key.startswith((".", "__")):
-        problem = "starts with '.' or '__'"
-    if problem:
-        raise ValidationError(f"data key {str(key)[:80]!r} {problem}; it cannot name an array",
-                              reason="bad-key")
-    return str(key)
-
-
-def _spec(key: str, entry: Any, limits: Limits | None) -> FieldSpec:
-    if not isinstance(entry, Mapping):
-        raise ValidationError(f"data key {key!r}: description is not a mapping",
-                              reason="schema-violation")
-    kind = entry.get("dtype")
-    if kind not in _KINDS:
-        raise ValidationError(f"data key {key!r}: dtype {kind!r} is not one of "
-                              f"{sorted(_KINDS)}", reason="bad-dtype")
-    shape, variable = _shape(key, entry.get("shape"))
-    numpy_dtype, structured = _dtype_numpy(key, entry.get("dtype_numpy"))
-    if entry.get("external"):
-        return FieldSpec(key, kind, STRING, (), external=True, variable=False)
-    if not variable and limits is not None:
-        elements = math.prod(shape)
-        if elements > limits.max_shape_elements:
-            raise LimitExceeded(f"data key {key!r}: shape {list(shape)} has {elements} elements "
-                                f"per event, more than the limit {limits.max_shape_elements}")
-    dtype = _column_dtype(kind, numpy_dtype)
-    if variable or structured or (kind == "array" and numpy_dtype is not None and dtype is None) \
-            or (kind == "string" and shape != ()):
-        return FieldSpec(key, kind, STRING, (), external=False, variable=True)
-    return FieldSpec(key, kind, dtype, shape, external=False, variable=False)
-
-
-def _shape(key: str, raw: Any) -> tuple[tuple[int, ...], bool]:
-    """(known dims, variable?) with None or negative dims meaning variable."""
-    if not isinstance(raw, list | tuple) or len(raw) > _MAX_NDIM:
-        raise ValidationError(f"data key {key!r}: shape {raw!r} is not a list of at most "
-                              f"{_MAX_NDIM} dimensions", reason="bad-shape")
-    dims: list[int] = []
-    variable = False
-    for dim in raw:
-        if dim is None:
-            variable = True
-        elif isinstance(dim, int | np.integer) and not isinstance(dim, bool | np.bool_):
-            dims.append(int(dim))
-            variable = variable or int(dim) < 0
-        elif isinstance(dim, float) and dim.is_integer():
-            dims.append(int(dim))
-            variable = variable or dim < 0
-        else:
-            raise ValidationError(f"data key {key!r}: shape {raw!r} has a dimension that is "
-                                  "not an integer or None", reason="bad-shape")
-    return tuple(dims), variable
-
-
-def _dtype_numpy(key: str, raw: Any) -> tuple[np.dtype[Any] | None, bool]:
-    """(parsed dtype_numpy or None, structured?)."""
-    if raw is None or raw == "":
-        return None, False
-    if isinstance(raw, list | tuple):
-        return None, True  # structured dtype, list form: stored as JSON text
-    try:
-        if not isinstance(raw, str) or len(raw) > 64:
-            raise TypeError(raw)
-        dtype = np.dtype(raw)
-    except (TypeError, ValueError):
-        raise ValidationError(f"data key {key!r}: dtype_numpy {str(raw)[:80]!r} is not a numpy "
-                              "dtype", reason="bad-dtype") from None
-    if dtype.subdtype is not None or dtype.fields is not None:
-        # "(1000000,1000000)f8" is a valid dtype string whose items are huge: refuse it.
-        raise ValidationError(f"data key {key!r}: dtype_numpy {raw!r} is a sub-array or "
-                              "structured dtype given as a string", reason="bad-dtype")
-    return dtype, False
-
-
-def _column_dtype(kind: str, given: np.dtype[Any] | None) -> np.dtype[Any] | None:
-    storable = given is not None and given.kind in "biufc" and given.itemsize <= (
-        16 if given.kind == "c" else 8)
-    native = given.newbyteorder("=") if given is not None and storable else None
-    if kind == "number":
-        return native if native is not None and native.kind in "iufc" else np.dtype(np.float64)
-    if kind == "integer":
-        return native if native is not None and native.kind in "iu" else np.dtype(np.int64)
-    if kind == "boolean":
-        return np.dtype(np.bool_)
-    if kind == "string":
-        return STRING
-    return native  # array: None means infer (no dtype_numpy) or JSON (unusable dtype_numpy)
 
 
 # -- pages ----------------------------------------------------------------------------------
-@dataclass
-class Page:
-    """A normalised event page: the writer's unit of work. All columns have n rows."""
-
-    descriptor: str
-    uid: Array  # (n,) StringDType
-    seq_num: Array  # (n,) int64
-    time: Array  # (n,) float64
-    data: dict[str, Array]  # key -> (n, *spec.shape) of the spec's dtype
-    timestamps: dict[str, Array]  # key -> (n,) float64
-    filled: dict[str, Array]  # external keys only -> (n,) bool
-
-    def __len__(self) -> int:
-        return int(self.uid.shape[0])
-
-
 @dataclass
 class _Columns:
     """A page before conversion: per-key sequences (lists or arrays) of n values."""
@@ -230,7 +58,7 @@ def page_from_events(events: Sequence[Mapping[str, Any]], specs: Mapping[str, Fi
     ``limits.max_page_events`` is not applied here; seq_num limits are.
     """
     if not events:
-        raise ValidationError("no events to make a page of", reason="empty-page")
+        raise ValidationError("no events to make a page of", reason=Reason.EMPTY_PAGE)
     descriptor = events[0].get("descriptor")
     keys = set(specs)
     external = {k for k, s in specs.items() if s.external}
@@ -238,7 +66,7 @@ def page_from_events(events: Sequence[Mapping[str, Any]], specs: Mapping[str, Fi
         if event.get("descriptor") != descriptor:
             raise ValidationError(f"event {event.get('uid')!r} belongs to descriptor "
                                   f"{event.get('descriptor')!r}, not {descriptor!r}",
-                                  reason="descriptor-mismatch")
+                                  reason=Reason.DESCRIPTOR_MISMATCH)
         for where in ("data", "timestamps"):
             if _mapping(event, where).keys() != keys:
                 _same_keys(where, event[where].keys(), keys)
@@ -266,7 +94,7 @@ def page_from_event_page(doc: Mapping[str, Any], specs: Mapping[str, FieldSpec],
         raise LimitExceeded(f"event_page has {n} events, more than the limit "
                             f"{limits.max_page_events}")
     if n <= 0:
-        raise ValidationError("event_page has no events (or no uid list)", reason="empty-page")
+        raise ValidationError("event_page has no events (or no uid list)", reason=Reason.EMPTY_PAGE)
     data, timestamps = _mapping(doc, "data"), _mapping(doc, "timestamps")
     filled = doc.get("filled") or {}
     external = {k for k, s in specs.items() if s.external}
@@ -282,7 +110,7 @@ def page_from_event_page(doc: Mapping[str, Any], specs: Mapping[str, FieldSpec],
         length = len(column) if isinstance(column, list | tuple | np.ndarray) else -1
         if length != n:
             raise ValidationError(f"event_page {name} has {length} entries, uid has {n}",
-                                  reason="page-length-mismatch")
+                                  reason=Reason.PAGE_LENGTH_MISMATCH)
     cols = _Columns(doc.get("descriptor"), uid, doc.get("seq_num"), doc.get("time"), data,
                     timestamps, {k: filled.get(k, [False] * n) for k in external})
     return _build(cols, specs, limits)
@@ -291,7 +119,7 @@ def page_from_event_page(doc: Mapping[str, Any], specs: Mapping[str, FieldSpec],
 def _mapping(doc: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     value = doc.get(key)
     if not isinstance(value, Mapping):
-        raise ValidationError(f"{key} is not a mapping", reason="schema-violation")
+        raise ValidationError(f"{key} is not a mapping", reason=Reason.SCHEMA_VIOLATION)
     return value
 
 
@@ -301,27 +129,27 @@ def _same_keys(where: str, got: Iterable[str], want: Iterable[str]) -> None:
         missing, extra = sorted(want - got), sorted(got - want)
         raise ValidationError(f"{where} keys differ from the descriptor's data_keys: "
                               f"missing {missing[:20]}, unexpected {extra[:20]}",
-                              reason="data-keys-mismatch")
+                              reason=Reason.DATA_KEYS_MISMATCH)
 
 
 def _filled_keys_error(filled: Any, external: set[str]) -> None:
     extra = sorted(set(filled) - external) if isinstance(filled, Mapping) else filled
     raise ValidationError(f"filled names keys that are not external data keys: {extra!r:.200}",
-                          reason="data-keys-mismatch")
+                          reason=Reason.DATA_KEYS_MISMATCH)
 
 
 def _build(cols: _Columns, specs: Mapping[str, FieldSpec], limits: Limits) -> Page:
     if not isinstance(cols.descriptor, str):
-        raise ValidationError("events have no descriptor uid", reason="schema-violation")
-    seq_num = _numbers("seq_num", cols.seq_num, np.dtype(np.int64), "bad-seq-num")
+        raise ValidationError("events have no descriptor uid", reason=Reason.SCHEMA_VIOLATION)
+    seq_num = _numbers("seq_num", cols.seq_num, np.dtype(np.int64), Reason.BAD_SEQ_NUM)
     if seq_num.min() < 1:
-        raise ValidationError(f"seq_num {int(seq_num.min())} is below 1", reason="bad-seq-num")
+        raise ValidationError(f"seq_num {int(seq_num.min())} is below 1", reason=Reason.BAD_SEQ_NUM)
     if seq_num.max() > limits.max_seq_num:
         raise LimitExceeded(f"seq_num {int(seq_num.max())} exceeds the limit "
                             f"{limits.max_seq_num}")
-    time = _numbers("time", cols.time, np.dtype(np.float64), "bad-time")
+    time = _numbers("time", cols.time, np.dtype(np.float64), Reason.BAD_TIME)
     if not np.isfinite(time).all():
-        raise ValidationError("event time is not a finite number", reason="bad-time")
+        raise ValidationError("event time is not a finite number", reason=Reason.BAD_TIME)
     data: dict[str, Array] = {}
     filled: dict[str, Array] = {}
     for key, spec in specs.items():
@@ -341,20 +169,19 @@ def _build(cols: _Columns, specs: Mapping[str, FieldSpec], limits: Limits) -> Pa
         seq_num=seq_num,
         time=time,
         data=data,
-        timestamps={k: _numbers(f"timestamps[{k!r}]", v, np.dtype(np.float64), "dtype-mismatch")
-                    for k, v in cols.timestamps.items()},
+        timestamps={k: _timestamps(k, v) for k, v in cols.timestamps.items()},
         filled=filled,
     )
 
 
 # -- columns --------------------------------------------------------------------------------
 def _mismatch(what: str, detail: str) -> ValidationError:
-    return ValidationError(f"{what}: {detail}", reason="dtype-mismatch")
+    return ValidationError(f"{what}: {detail}", reason=Reason.DTYPE_MISMATCH)
 
 
 def _shape_error(key: str, want: tuple[int, ...], got: Any) -> ValidationError:
     return ValidationError(f"data key {key!r}: expected per-event shape {list(want)}, got {got}",
-                           reason="shape-mismatch")
+                           reason=Reason.SHAPE_MISMATCH)
 
 
 def _scalar_array(what: str, column: Any) -> Array:
@@ -362,7 +189,7 @@ def _scalar_array(what: str, column: Any) -> Array:
     if isinstance(column, np.ndarray):
         if column.ndim != 1:
             raise ValidationError(f"{what}: expected one scalar per event, got an array of "
-                                  f"shape {list(column.shape)}", reason="shape-mismatch")
+                                  f"shape {list(column.shape)}", reason=Reason.SHAPE_MISMATCH)
         return column
     types = set(map(type, column))
     for t in types:
@@ -370,10 +197,11 @@ def _scalar_array(what: str, column: Any) -> Array:
             shapes = {v.shape for v in column if isinstance(v, np.ndarray)}
             if shapes != {()}:
                 raise ValidationError(f"{what}: expected scalars, got arrays of shape "
-                                      f"{sorted(map(list, shapes))[:3]}", reason="shape-mismatch")
+                                      f"{sorted(map(list, shapes))[:3]}",
+                                      reason=Reason.SHAPE_MISMATCH)
         elif issubclass(t, list | tuple):
             raise ValidationError(f"{what}: expected scalars, got a {t.__name__}",
-                                  reason="shape-mismatch")
+                                  reason=Reason.SHAPE_MISMATCH)
         elif not issubclass(t, int | float | str | np.generic):  # bool is an int
             raise _mismatch(what, f"{t.__name__} is not a scalar value")
     try:
@@ -382,7 +210,15 @@ def _scalar_array(what: str, column: Any) -> Array:
         raise _mismatch(what, str(exc)) from None
 
 
-def _numbers(what: str, column: Any, target: np.dtype[Any], reason: str) -> Array:
+def _timestamps(key: str, column: Any) -> Array:
+    what = f"timestamps[{key!r}]"
+    stamps = _numbers(what, column, np.dtype(np.float64), Reason.DTYPE_MISMATCH)
+    if not np.isfinite(stamps).all():
+        raise ValidationError(f"{what} is not a finite number", reason=Reason.BAD_TIME)
+    return stamps
+
+
+def _numbers(what: str, column: Any, target: np.dtype[Any], reason: Reason) -> Array:
     arr = _scalar_array(what, column)
     if arr.dtype.kind == "b" and target.kind != "b":
         raise ValidationError(f"{what}: booleans are not numbers here", reason=reason)
@@ -500,7 +336,7 @@ def _references(key: str, column: Any, flags: Any) -> tuple[Array, Array]:
             if mark:
                 raise ValidationError(f"data key {key!r} is external but the event carries its "
                                       "filled value; only references are accepted",
-                                      reason="unsupported-filled-external")
+                                      reason=Reason.UNSUPPORTED_FILLED_EXTERNAL)
             raise _mismatch(f"data[{key!r}]", f"external data must be a reference string, got "
                             f"{type(value).__name__}")
     return np.array(values, dtype=STRING), np.array(marks, dtype=np.bool_)
@@ -518,7 +354,7 @@ def page_to_event_page(page: Page, descriptor: Mapping[str, Any]) -> dict[str, A
     Scalars come back as Python values, array fields as lists of per-event numpy arrays,
     JSON-stored fields decoded. The descriptor says which string columns hold JSON.
     """
-    specs = _field_specs(descriptor, None)
+    specs = reader_specs(descriptor)
     return {
         "descriptor": page.descriptor,
         "uid": page.uid.tolist(),
@@ -598,13 +434,13 @@ def to_jsonable(obj: Any) -> Any:
     elif isinstance(obj, float):
         return float(obj)
     raise ValidationError(f"a value of type {kind.__name__} cannot be stored as JSON",
-                          reason="not-jsonable")
+                          reason=Reason.NOT_JSONABLE)
 
 
 def _json_key(key: Any) -> str:
     if isinstance(key, str):
         return str(key)
-    raise ValidationError(f"mapping key {key!r:.80} is not a string", reason="not-jsonable")
+    raise ValidationError(f"mapping key {key!r:.80} is not a string", reason=Reason.NOT_JSONABLE)
 
 
 def datum_page_to_datums(doc: Mapping[str, Any],
@@ -618,7 +454,7 @@ def datum_page_to_datums(doc: Mapping[str, Any],
     kwargs = doc.get("datum_kwargs")
     if not isinstance(ids, list | tuple | np.ndarray) or not isinstance(kwargs, Mapping):
         raise ValidationError("datum_page needs a datum_id list and a datum_kwargs mapping",
-                              reason="schema-violation")
+                              reason=Reason.SCHEMA_VIOLATION)
     n = len(ids)
     if n > limits.max_page_events:
         raise LimitExceeded(f"datum_page has {n} datums, more than the limit "
@@ -627,7 +463,7 @@ def datum_page_to_datums(doc: Mapping[str, Any],
     for key, column in kwargs.items():
         if not isinstance(column, list | tuple | np.ndarray) or len(column) != n:
             raise ValidationError(f"datum_page datum_kwargs[{key!r}] does not have {n} entries",
-                                  reason="page-length-mismatch")
+                                  reason=Reason.PAGE_LENGTH_MISMATCH)
         columns[key] = column.tolist() if isinstance(column, np.ndarray) else list(column)
     id_list = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
     return [

@@ -24,6 +24,7 @@ Two adaptations make that possible without weakening the checks:
 from __future__ import annotations
 
 import copy
+import math
 import reprlib
 from collections.abc import Callable
 from typing import Any
@@ -32,15 +33,11 @@ import event_model
 import fastjsonschema
 import numpy as np
 
-from bluestream.errors import SchemaViolation, ValidationError
+from bluestream.documents import DOCUMENT_NAMES
+from bluestream.errors import Reason, SchemaViolation, ValidationError
 
-__all__ = ["KINDS", "draft07_schema", "to_draft07", "validate", "warm_up"]
+__all__ = ["draft07_schema", "to_draft07", "validate", "warm_up"]
 
-#: Document kinds bluestream accepts (event-model's deprecated bulk_* kinds are not).
-KINDS: tuple[str, ...] = (
-    "start", "stop", "descriptor", "event", "event_page", "resource", "datum",
-    "datum_page", "stream_resource", "stream_datum",
-)
 
 _Check = Callable[[Any], Any]
 
@@ -59,8 +56,10 @@ def validate(name: str, doc: dict[str, Any]) -> None:
     """Raise unless ``doc`` is a valid event-model document of kind ``name``.
 
     Raises :class:`ValidationError` (reason ``unknown-document``) for a kind that is not
-    in :data:`KINDS`, and :class:`SchemaViolation` naming the kind, the document's uid,
-    the failing path and the rule otherwise. Pure and safe to call from any thread.
+    in :data:`DOCUMENT_NAMES`, and :class:`SchemaViolation` naming the kind, the document's uid,
+    the failing path and the rule otherwise; a non-finite ``time`` (NaN, inf, which
+    JSON schema lets through as a number) is a ValidationError (``bad-time``). Pure and
+    safe to call from any thread.
     """
     check = _VALIDATORS.get(name) or _compile(name)
     if not isinstance(doc, dict):
@@ -72,12 +71,17 @@ def validate(name: str, doc: dict[str, Any]) -> None:
         raise SchemaViolation(_message(name, doc, exc)) from None
     except RecursionError:
         raise SchemaViolation(f"{name} {_ident(doc)} is nested too deeply") from None
+    when = doc.get("time")
+    if isinstance(when, float) and not math.isfinite(when):  # np.float64 is a float
+        raise ValidationError(f"{name} {_ident(doc)} has time {when!r}: a time must be a "
+                              "finite number (it orders runs and answers TimeRange)",
+                              reason=Reason.BAD_TIME)
 
 
 def draft07_schema(name: str) -> dict[str, Any]:
     """event-model's schema for ``name`` as bluestream compiles it (for tests and docs)."""
-    if name not in KINDS:
-        raise ValidationError(_unknown(name), reason="unknown-document")
+    if name not in DOCUMENT_NAMES:
+        raise ValidationError(_unknown(name), reason=Reason.UNKNOWN_DOCUMENT)
     return to_draft07(event_model.schemas[event_model.DocumentNames[name]])
 
 
@@ -169,8 +173,8 @@ def _rewrite_child(key: str, value: Any) -> Any:
 
 
 def _compile(name: str) -> _Check:
-    if name not in KINDS:
-        raise ValidationError(_unknown(name), reason="unknown-document")
+    if name not in DOCUMENT_NAMES:
+        raise ValidationError(_unknown(name), reason=Reason.UNKNOWN_DOCUMENT)
     # use_default=False: fastjsonschema would otherwise *insert* schema defaults into the
     # document it validates; validation must not change what is stored.
     check: _Check = fastjsonschema.compile(draft07_schema(name), use_default=False)
@@ -182,7 +186,7 @@ _VALIDATORS: dict[str, _Check] = {}
 
 
 def _unknown(name: object) -> str:
-    return f"unknown document kind {name!r}; expected one of {', '.join(KINDS)}"
+    return f"unknown document kind {name!r}; expected one of {', '.join(DOCUMENT_NAMES)}"
 
 
 # -- error messages -----------------------------------------------------------------------
@@ -315,6 +319,6 @@ _VIEWS: dict[str, Callable[[dict[str, Any]], Any]] = {
 
 def warm_up() -> None:
     """Compile every schema now, so a daemon fails at start rather than on a document."""
-    for name in KINDS:
+    for name in DOCUMENT_NAMES:
         if name not in _VALIDATORS:
             _compile(name)

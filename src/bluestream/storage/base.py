@@ -100,12 +100,22 @@ class MetadataStore(ABC):
     tenant: str
 
     # -- lifecycle --------------------------------------------------------------------
+    #: A read-only store (the catalog's) creates nothing; opening one for a tenant
+    #: that does not exist raises :class:`~bluestream.errors.NotFound`.
+    readonly: bool = False
+
     @abstractmethod
     async def open(self) -> None:
-        """Connect and create collections/tables and (unique) indexes. Idempotent."""
+        """Connect and create collections/tables and (unique) indexes. Idempotent.
+
+        A read-only store only connects and checks that its tenant exists."""
 
     @abstractmethod
     async def close(self) -> None: ...
+
+    @abstractmethod
+    async def tenants(self) -> list[str]:
+        """Every tenant at this store's URI (opened by a writer at least once)."""
 
     @abstractmethod
     async def ping(self) -> None:

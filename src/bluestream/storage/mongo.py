@@ -43,7 +43,7 @@ from pymongo.errors import (
     WTimeoutError,
 )
 
-from bluestream.errors import ConfigError, StorageError, StorageUnavailable
+from bluestream.errors import ConfigError, NotFound, StorageError, StorageUnavailable
 from bluestream.queries import And, FullText, Query
 from bluestream.storage.base import (
     DOC_KINDS,
@@ -53,7 +53,9 @@ from bluestream.storage.base import (
     StreamUpdate,
     key_of,
 )
-from bluestream.storage.factory import (
+from bluestream.storage.mongo_query import to_mongo
+from bluestream.storage.query_rules import escape_regex, full_text_words
+from bluestream.storage.rules import (
     DEFAULT_SERVER_SELECTION_TIMEOUT_MS,
     canonical_json,
     check_extra,
@@ -61,11 +63,6 @@ from bluestream.storage.factory import (
     classify_puts,
     mask_uri,
     search_text,
-)
-from bluestream.storage.mongo_query import (
-    escape_regex,
-    full_text_words,
-    to_mongo,
 )
 
 __all__ = ["DEFAULT_OPERATION_TIMEOUT_MS", "INDEXES", "MongoMetadataStore"]
@@ -145,9 +142,13 @@ class MongoMetadataStore(MetadataStore):
     def __init__(self, uri: str, tenant: str, *,
                  client: AsyncMongoClient[Doc] | None = None,
                  server_selection_timeout_ms: int = DEFAULT_SERVER_SELECTION_TIMEOUT_MS,
-                 operation_timeout_ms: int = DEFAULT_OPERATION_TIMEOUT_MS) -> None:
+                 operation_timeout_ms: int = DEFAULT_OPERATION_TIMEOUT_MS,
+                 readonly: bool = False) -> None:
         self.uri = mask_uri(uri)
         self.tenant = check_tenant(tenant)
+        self.readonly = readonly
+        #: FullText without $text: whether run_search covers every start document.
+        self._run_search_complete = True
         self._raw_uri = uri
         self._client = client
         self._owns_client = client is None
@@ -199,15 +200,45 @@ class MongoMetadataStore(MetadataStore):
         if self._client is None:
             self._client = self._make_client()
         db = self._client[self.tenant]
-        with self._errors("create indexes"):
-            writable = await self._ensure_indexes(db, INDEXES)
-            self._native_text = await self._detect_text_search(db, writable)
-            if not self._native_text:
-                await self._ensure_indexes(db, {"run_search": _RUN_SEARCH_INDEXES})
-                await self._backfill_run_search(db)
-        log.debug("mongo_store_opened", uri=self.uri, tenant=self.tenant,
-                 full_text="$text" if self._native_text else "run_search")
+        if self.readonly:
+            await self._open_readonly(db)
+        else:
+            with self._errors("create indexes"):
+                writable = await self._ensure_indexes(db, INDEXES)
+                self._native_text = await self._detect_text_search(db, writable)
+                if not self._native_text:
+                    await self._ensure_indexes(db, {"run_search": _RUN_SEARCH_INDEXES})
+                    await self._backfill_run_search(db)
+        log.debug("mongo store opened", uri=self.uri, tenant=self.tenant,
+                  readonly=self.readonly,
+                  full_text="$text" if self._native_text else "run_search")
         self._db = db
+
+    async def _open_readonly(self, db: AsyncDatabase[Doc]) -> None:
+        """Check the tenant exists and how FullText can be answered, writing nothing."""
+        tenants = await self.tenants()
+        if self.tenant not in tenants:
+            raise NotFound(f"tenant {self.tenant!r} does not exist at MongoDB {self.uri}; "
+                           f"tenants there: {', '.join(tenants) or '(none)'}")
+        with self._errors("open"):
+            self._native_text = await self._has_text_index(db["run_start"])
+            if not self._native_text:
+                self._run_search_complete = (await db["run_search"].count_documents({})
+                                             >= await db["run_start"].count_documents({}))
+
+    async def tenants(self) -> list[str]:
+        if self._client is None:
+            self._client = self._make_client()
+        client = self._client
+        with self._errors("list tenants"):
+            names = await client.list_database_names()
+            out = []
+            for name in sorted(names):
+                if name in ("admin", "local", "config"):
+                    continue
+                if "run_start" in await client[name].list_collection_names():
+                    out.append(name)
+        return out
 
     def _make_client(self) -> AsyncMongoClient[Doc]:
         try:
@@ -457,6 +488,10 @@ class MongoMetadataStore(MetadataStore):
 
     async def _full_text_uids(self, q: FullText) -> list[str]:
         words = full_text_words(q)
+        if not self._run_search_complete:  # read-only over starts nobody indexed: scan
+            cursor = self._col("run_start").find({}, {"_id": 0})
+            return [str(d["uid"]) async for d in cursor
+                    if all(w in search_text(d) for w in words)]
         flt = {"$and": [{"text": {"$regex": escape_regex(w)}} for w in words]}
         docs = await self._col("run_search").find(flt, {"_id": 0, "uid": 1}).to_list(None)
         return [str(d["uid"]) for d in docs]

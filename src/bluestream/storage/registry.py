@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import anyio
 
-from bluestream.errors import StorageUnavailable
+from bluestream.storage.backends import open_metadata_store, ping_backend
 from bluestream.storage.base import MetadataStore
-from bluestream.storage.factory import mask_uri, open_metadata_store
+from bluestream.storage.rules import DEFAULT_SERVER_SELECTION_TIMEOUT_MS
 
 __all__ = ["StoreRegistry"]
 
@@ -47,28 +45,9 @@ class StoreRegistry:
             await store.ping()
             return
         # No tenant opened yet: ping the backend without creating a tenant's database.
-        if self.uri.startswith("sqlite:///"):
-            path = Path(self.uri.removeprefix("sqlite:///"))
-            parent = path.parent if str(path) != ":memory:" else Path(".")
-            while not parent.exists() and parent != parent.parent:
-                parent = parent.parent  # open() creates missing directories
-            if not os.access(parent, os.W_OK):
-                raise StorageUnavailable(f"SQLite database {self.uri}: directory {parent} "
-                                         "is not writable")
-            return
-        from pymongo import AsyncMongoClient
-        from pymongo.errors import PyMongoError
-
-        timeout = int(self._options.get("server_selection_timeout_ms", 5000))
-        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-            self.uri, serverSelectionTimeoutMS=timeout)
-        try:
-            await client.admin.command("ping")
-        except PyMongoError as exc:
-            raise StorageUnavailable(f"MongoDB at {mask_uri(self.uri)} is unreachable: "
-                                     f"{str(exc)[:300]}") from exc
-        finally:
-            await client.close()
+        timeout = int(self._options.get("server_selection_timeout_ms",
+                                        DEFAULT_SERVER_SELECTION_TIMEOUT_MS))
+        await ping_backend(self.uri, server_selection_timeout_ms=timeout)
 
     async def aclose(self) -> None:
         for store in self._stores.values():

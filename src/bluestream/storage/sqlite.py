@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 
 import anyio.to_thread
 
-from bluestream.errors import ConfigError, StorageError, StorageUnavailable
+from bluestream.errors import ConfigError, NotFound, StorageError, StorageUnavailable
 from bluestream.queries import Query
 from bluestream.storage.base import (
     DOC_KINDS,
@@ -45,7 +45,7 @@ from bluestream.storage.base import (
     StreamUpdate,
     key_of,
 )
-from bluestream.storage.factory import (
+from bluestream.storage.rules import (
     canonical_json,
     check_extra,
     check_tenant,
@@ -83,6 +83,7 @@ def _doc_table(name: str, extra: str = "") -> str:
 
 
 _SCHEMA = "\n".join([
+    "CREATE TABLE IF NOT EXISTS tenant (tenant TEXT PRIMARY KEY);",
     _doc_table("run_start", "scan_id INTEGER, search_text TEXT NOT NULL, "
                             "query_doc TEXT NOT NULL,"),
     "CREATE INDEX IF NOT EXISTS run_start_time ON run_start (tenant, time DESC, uid);",
@@ -216,9 +217,10 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
 class SqliteMetadataStore(MetadataStore):
     """Run metadata for one tenant inside a SQLite file (see the module docstring)."""
 
-    def __init__(self, uri: str, tenant: str) -> None:
+    def __init__(self, uri: str, tenant: str, *, readonly: bool = False) -> None:
         self.uri = uri
         self.tenant = check_tenant(tenant)
+        self.readonly = readonly
         self._path = sqlite_path(uri)
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
@@ -264,19 +266,50 @@ class SqliteMetadataStore(MetadataStore):
 
     def _connect(self) -> sqlite3.Connection:
         with self._errors("open"):
-            if self._path != ":memory:":
-                Path(self._path).parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self._path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                                   check_same_thread=False)
+            if self.readonly:
+                conn = self._connect_readonly()
+            else:
+                if self._path != ":memory:":
+                    Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(self._path, timeout=BUSY_TIMEOUT_S,
+                                       isolation_level=None, check_same_thread=False)
             try:
-                self._configure(conn)
+                if self.readonly:
+                    self._check_readable(conn)
+                else:
+                    self._configure(conn, self.tenant)
             except BaseException:
                 conn.close()
                 raise
             return conn
 
+    def _connect_readonly(self) -> sqlite3.Connection:
+        """A connection that cannot write: no file, table or index is ever created."""
+        if self._path == ":memory:":
+            raise ConfigError("a read-only store needs a SQLite file, not :memory:")
+        path = Path(self._path)
+        if not path.is_file():
+            raise StorageUnavailable(f"metadata store {self.uri}: SQLite file {path} does not "
+                                     "exist (wrong path, or nothing was ingested yet)")
+        return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True,
+                               timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                               check_same_thread=False)
+
+    def _check_readable(self, conn: sqlite3.Connection) -> None:
+        conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+        register_functions(conn)
+        if _tenant_known(conn, self.tenant):
+            return
+        tenants = _tenants(conn)
+        if self.tenant not in tenants:
+            raise NotFound(f"tenant {self.tenant!r} does not exist in {self.uri}; "
+                           f"tenants there: {', '.join(tenants) or '(none)'}")
+
+    async def tenants(self) -> list[str]:
+        return await self._run("list tenants", _tenants)
+
     @staticmethod
-    def _configure(conn: sqlite3.Connection) -> None:
+    def _configure(conn: sqlite3.Connection, tenant: str) -> None:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
@@ -290,6 +323,7 @@ class SqliteMetadataStore(MetadataStore):
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
+            conn.execute("INSERT OR IGNORE INTO tenant (tenant) VALUES (?)", (tenant,))
 
     async def close(self) -> None:
         def _close() -> None:
@@ -457,6 +491,31 @@ class SqliteMetadataStore(MetadataStore):
         args = (self.tenant, len(prefix), prefix, *params, limit)
         return await self._run("look up uids",
                                lambda c: [str(r[0]) for r in c.execute(sql, args)])
+
+
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                        (name,)).fetchone() is not None
+
+
+def _tenant_known(conn: sqlite3.Connection, tenant: str) -> bool:
+    """One indexed lookup (listing every tenant scans run_start)."""
+    for table in ("tenant", "run_start"):
+        if _has_table(conn, table) and conn.execute(
+                f"SELECT 1 FROM {table} WHERE tenant = ? LIMIT 1", (tenant,)).fetchone():
+            return True
+    return False
+
+
+def _tenants(conn: sqlite3.Connection) -> list[str]:
+    """Tenants a writer has opened, and (for files written before that was recorded)
+    tenants with runs."""
+    found: set[str] = set()
+    if _has_table(conn, "tenant"):
+        found.update(str(r[0]) for r in conn.execute("SELECT tenant FROM tenant"))
+    if _has_table(conn, "run_start"):
+        found.update(str(r[0]) for r in conn.execute("SELECT DISTINCT tenant FROM run_start"))
+    return sorted(found)
 
 
 def _load(text: str) -> Doc:

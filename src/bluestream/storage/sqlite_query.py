@@ -43,7 +43,7 @@ from bluestream.queries import (
     ScanID,
     TimeRange,
 )
-from bluestream.storage.mongo_query import (
+from bluestream.storage.query_rules import (
     check_comparable,
     check_key,
     check_partial_uids,

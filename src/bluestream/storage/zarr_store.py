@@ -1,9 +1,8 @@
 """Event arrays in Zarr v3: one group per run and descriptor, written by position.
 
-Layout: ``<root>/<tenant>/<start_uid[:2]>/<start_uid>/<descriptor_uid>/`` with arrays
-``time``, ``seq_num``, ``uid``, ``data/<key>``, ``timestamps/<key>`` and ``filled/<key>``
-(external keys only). Row ``i`` holds the event with ``seq_num == i + 1``; a replay writes
-the same bytes to the same places, so storage is idempotent (DESIGN I1, I2).
+The layout (paths, dtypes, chunking) is :mod:`bluestream.layout`'s. Row ``i`` holds the
+event with ``seq_num == i + 1``; a replay writes the same bytes to the same places, so
+storage is idempotent (DESIGN I1, I2).
 
 Arrays only grow. Growth happens under an advisory file lock beside the group, with the
 shape re-read inside the lock, so two daemons that both write one descriptor (a run
@@ -14,11 +13,9 @@ from __future__ import annotations
 
 import fcntl
 import os
-import re
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,49 +27,26 @@ from zarr.core.array import AsyncArray
 from zarr.core.group import AsyncGroup
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
-from bluestream.errors import StorageError, ValidationError
-from bluestream.schemas.normalise import FieldSpec, Page
+from bluestream.errors import Reason, StorageError, ValidationError, first_error
+from bluestream.layout import (
+    SCHEMA_VERSION,
+    SEQ_NUM,
+    TIME,
+    UID,
+    Column,
+    FieldSpec,
+    Page,
+    data_path,
+    descriptor_path,
+    filled_path,
+    stored_columns,
+    timestamps_path,
+)
 from bluestream.storage.base import StreamUpdate
 
-__all__ = ["SCHEMA_VERSION", "ZarrEventStore", "descriptor_path", "safe_component"]
+__all__ = ["ZarrEventStore"]
 
-SCHEMA_VERSION = 1
-#: Bytes aimed at per chunk along the event axis.
-_CHUNK_TARGET_BYTES = 4 * 1024 * 1024
-#: Each batch rewrites the partial chunk at its end, so long chunks of small scalar
-#: columns multiply the bytes re-encoded per batch (benchmarks/README.md, profile).
-_MAX_CHUNK_EVENTS = 8_192
 _MAX_OPEN_ARRAYS = 4_096
-_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,254}")
-
-
-def safe_component(name: str, what: str) -> str:
-    """Names that come from documents become path components; refuse anything else."""
-    if not _SAFE.fullmatch(name) or ".." in name:
-        raise ValidationError(f"{what} {name[:80]!r} is not safe as a storage path component",
-                              reason="bad-key")
-    return name
-
-
-def descriptor_path(tenant: str, run_start: str, descriptor_uid: str) -> str:
-    """The group path of one descriptor's arrays, relative to the Zarr root."""
-    run = safe_component(run_start, "run start uid")
-    return "/".join((safe_component(tenant, "tenant"), run[:2], run,
-                     safe_component(descriptor_uid, "descriptor uid")))
-
-
-def chunk_events(spec_shape: tuple[int, ...], itemsize: int) -> int:
-    per_event = max(1, int(np.prod(spec_shape, dtype=np.int64)) * max(itemsize, 1))
-    return int(max(1, min(_MAX_CHUNK_EVENTS, _CHUNK_TARGET_BYTES // per_event)))
-
-
-@dataclass
-class _Column:
-    name: str  # path inside the descriptor group
-    dtype: Any
-    shape: tuple[int, ...]  # per event
-    fill_value: Any
-
 
 def _contiguous_runs(positions: np.ndarray) -> Iterator[tuple[int, int, int]]:
     """Split sorted unique positions into (first_index, start_pos, stop_pos) runs."""
@@ -106,7 +80,7 @@ class ZarrEventStore:
             raise ValueError("empty page")
         path = descriptor_path(tenant, run_start, str(descriptor["uid"]))
         order, positions = _last_wins_order(page.seq_num)
-        columns = self._columns(specs, page)
+        columns = stored_columns(specs, page)
         values = _column_values(page, order)
         needed = int(positions[-1]) + 1
         try:
@@ -117,20 +91,18 @@ class ZarrEventStore:
             # seq_num last: a reader that sees a row's seq_num sees the whole row.
             async with anyio.create_task_group() as tg:
                 for arr, col in zip(arrays, columns, strict=True):
-                    if col.name != "seq_num":
+                    if col.name != SEQ_NUM:
                         tg.start_soon(_write_runs, arr, positions, values[col.name])
-            seq = next(a for a, c in zip(arrays, columns, strict=True) if c.name == "seq_num")
-            await _write_runs(seq, positions, values["seq_num"])
+            seq = next(a for a, c in zip(arrays, columns, strict=True) if c.name == SEQ_NUM)
+            await _write_runs(seq, positions, values[SEQ_NUM])
         except (OSError, zarr.errors.BaseZarrError) as exc:
             raise StorageError(f"writing Zarr group {self.root / path} failed: {exc}") from exc
         except BaseExceptionGroup as group:  # the concurrent array writes above failed
             io, rest = group.split((OSError, zarr.errors.BaseZarrError))
             if io is None or rest is not None:
                 raise
-            first: BaseException = io
-            while isinstance(first, BaseExceptionGroup):
-                first = first.exceptions[0]
-            raise StorageError(f"writing Zarr group {self.root / path} failed: {first}") from group
+            raise StorageError(f"writing Zarr group {self.root / path} failed: "
+                               f"{first_error(io)}") from group
         return StreamUpdate(
             descriptor_uid=str(descriptor["uid"]),
             run_start=run_start,
@@ -145,26 +117,6 @@ class ZarrEventStore:
             schema_version=SCHEMA_VERSION,
         )
 
-    def _columns(self, specs: Mapping[str, FieldSpec], page: Page) -> list[_Column]:
-        string = np.dtypes.StringDType()
-        cols = [
-            _Column("time", np.float64, (), 0.0),
-            _Column("seq_num", np.int64, (), 0),
-            _Column("uid", string, (), ""),
-        ]
-        for key, spec in sorted(specs.items()):
-            arr = page.data[key]
-            if spec.external or spec.variable or spec.kind == "string":
-                cols.append(_Column(f"data/{key}", string, (), ""))
-            else:
-                dtype = spec.dtype if spec.dtype is not None else arr.dtype
-                cols.append(_Column(f"data/{key}", np.dtype(dtype), spec.shape,
-                                    _fill_for(np.dtype(dtype))))
-            cols.append(_Column(f"timestamps/{key}", np.float64, (), 0.0))
-            if spec.external:
-                cols.append(_Column(f"filled/{key}", np.bool_, (), False))
-        return cols
-
     async def _group(self, path: str, descriptor: Mapping[str, Any],
                      run_start: str) -> AsyncGroup:
         attrs: dict[str, Any] = {"descriptor_uid": str(descriptor["uid"]), "run_start": run_start,
@@ -177,7 +129,7 @@ class ZarrEventStore:
         except ContainsArrayError as exc:
             raise StorageError(f"{path} is an array, expected a group") from exc
 
-    async def _array(self, group: AsyncGroup, path: str, col: _Column) -> AsyncArray[Any]:
+    async def _array(self, group: AsyncGroup, path: str, col: Column) -> AsyncArray[Any]:
         key = (path, col.name)
         cached = self._arrays.get(key)
         if cached is not None:
@@ -186,8 +138,7 @@ class ZarrEventStore:
         try:
             arr = await group.getitem(col.name)
         except KeyError:
-            chunk = chunk_events(col.shape, np.dtype(col.dtype).itemsize
-                                 if not isinstance(col.dtype, np.dtypes.StringDType) else 64)
+            chunk = col.chunk_events
             try:
                 arr = await group.create_array(
                     col.name, shape=(0, *col.shape), chunks=(chunk, *col.shape),
@@ -204,7 +155,7 @@ class ZarrEventStore:
         return arr
 
     @staticmethod
-    def _check_dtypes(arrays: list[AsyncArray[Any]], columns: list[_Column]) -> None:
+    def _check_dtypes(arrays: list[AsyncArray[Any]], columns: list[Column]) -> None:
         for arr, col in zip(arrays, columns, strict=True):
             want = np.dtype(col.dtype)
             have = arr.dtype if isinstance(arr.dtype, np.dtype) else np.dtype(arr.dtype)
@@ -213,11 +164,11 @@ class ZarrEventStore:
             if have != want and not np.can_cast(want, have, "same_kind"):
                 raise ValidationError(
                     f"{col.name}: values of dtype {want} cannot be stored in the existing "
-                    f"array of dtype {have}", reason="dtype-mismatch")
+                    f"array of dtype {have}", reason=Reason.DTYPE_MISMATCH)
             if tuple(arr.shape[1:]) != col.shape:
                 raise ValidationError(
                     f"{col.name}: per-event shape {col.shape} differs from the stored "
-                    f"{tuple(arr.shape[1:])}", reason="shape-mismatch")
+                    f"{tuple(arr.shape[1:])}", reason=Reason.SHAPE_MISMATCH)
 
     async def _grow(self, path: str, arrays: list[AsyncArray[Any]],
                     needed: int) -> list[AsyncArray[Any]]:
@@ -254,18 +205,6 @@ async def _flock(path: Path) -> AsyncIterator[None]:
         os.close(fd)
 
 
-def _fill_for(dtype: np.dtype[Any]) -> Any:
-    if dtype.kind == "f":
-        return np.nan
-    if dtype.kind == "c":
-        return complex(np.nan, np.nan)
-    if dtype.kind == "b":
-        return False
-    if dtype.kind in "SV":
-        return None
-    return 0
-
-
 def _last_wins_order(seq_num: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Row order that keeps the last occurrence of each seq_num, sorted by position."""
     rev = seq_num[::-1]
@@ -281,15 +220,15 @@ def _column_values(page: Page, order: np.ndarray) -> dict[str, np.ndarray]:
     if order.size == len(page) and bool((order == np.arange(order.size)).all()):
         take = slice(None)
     vals: dict[str, np.ndarray] = {
-        "time": page.time[take],
-        "seq_num": page.seq_num[take],
-        "uid": page.uid[take],
+        TIME: page.time[take],
+        SEQ_NUM: page.seq_num[take],
+        UID: page.uid[take],
     }
     for key, arr in page.data.items():
-        vals[f"data/{key}"] = arr[take]
-        vals[f"timestamps/{key}"] = page.timestamps[key][take]
+        vals[data_path(key)] = arr[take]
+        vals[timestamps_path(key)] = page.timestamps[key][take]
     for key, arr in page.filled.items():
-        vals[f"filled/{key}"] = arr[take]
+        vals[filled_path(key)] = arr[take]
     return vals
 
 

@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 import anyio
 import typer
 
-from bluestream.daemon.config import load_settings
 from bluestream.daemon.logs import configure_logging
 from bluestream.errors import BluestreamError, ConfigError
+from bluestream.settings import load_settings
 
 if TYPE_CHECKING:
-    from bluestream.daemon.config import Settings
+    from bluestream.settings import Settings
     from bluestream.tools.progress import Progress
     from bluestream.tools.rejects import Rejection
 

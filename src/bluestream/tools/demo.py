@@ -24,8 +24,8 @@ from pathlib import Path
 
 import anyio
 
-from bluestream.daemon.config import Settings
 from bluestream.errors import BluestreamError, StorageUnavailable
+from bluestream.settings import Settings
 
 __all__ = ["DemoError", "DemoOptions", "find_services_script", "run_demo"]
 

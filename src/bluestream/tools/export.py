@@ -19,8 +19,8 @@ import anyio
 
 from bluestream.catalog.core import AsyncCatalog, open_catalog_async
 from bluestream.catalog.run import AsyncBlueskyRun
-from bluestream.daemon.config import Settings
 from bluestream.errors import NotFound
+from bluestream.settings import Settings
 from bluestream.tools.files import DocumentWriter, Format, run_file_name
 from bluestream.tools.progress import Progress
 

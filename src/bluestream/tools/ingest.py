@@ -19,9 +19,9 @@ from pathlib import Path
 
 from bluestream.consumers.envelope import Envelope
 from bluestream.consumers.pipeline import Ingestor
-from bluestream.daemon.config import Settings
-from bluestream.storage.factory import check_tenant
+from bluestream.settings import Settings
 from bluestream.storage.registry import StoreRegistry
+from bluestream.storage.rules import check_tenant
 from bluestream.storage.zarr_store import ZarrEventStore
 from bluestream.tools.files import FileFormatError, iter_records
 from bluestream.tools.progress import Progress

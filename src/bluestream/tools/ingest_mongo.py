@@ -27,10 +27,10 @@ from pymongo.errors import PyMongoError
 
 from bluestream.consumers.decode import encode_message
 from bluestream.consumers.envelope import Envelope
-from bluestream.daemon.config import Settings
 from bluestream.errors import ConfigError, StorageUnavailable
+from bluestream.settings import Settings
 from bluestream.storage.base import MetadataStore
-from bluestream.storage.factory import check_tenant, mask_uri
+from bluestream.storage.rules import check_tenant, mask_uri
 from bluestream.tools.ingest import Batcher, open_ingestor
 from bluestream.tools.progress import Progress
 from bluestream.tools.rejects import Rejection, ReportingSink, drain_parked

@@ -20,8 +20,8 @@ from aiokafka.errors import KafkaError
 
 from bluestream.consumers.decode import encode_message
 from bluestream.consumers.kafka import kafka_client_options
-from bluestream.daemon.config import Settings
 from bluestream.errors import BluestreamError, DocumentError
+from bluestream.settings import Settings
 from bluestream.tools.files import FileFormatError, iter_documents
 from bluestream.tools.progress import Progress
 from bluestream.tools.rejects import Rejection

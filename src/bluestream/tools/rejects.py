@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from bluestream.consumers.envelope import Envelope, Routed
 from bluestream.consumers.pipeline import Ingestor
-from bluestream.errors import DocumentError, RoutingError
+from bluestream.errors import DocumentError, Reason, RoutingError
 
 __all__ = ["Rejection", "ReportingSink", "drain_parked"]
 
@@ -67,7 +67,7 @@ async def drain_parked(ingestor: Ingestor) -> int:
         _, kind, key = item.extra["waiting_for"]
         error = RoutingError(f"{item.name} refers to {kind} {key!r}, which is not in the "
                              "input (nor already stored)",
-                             reason=f"unknown-{kind.replace('_', '-')}")
+                             reason=Reason.unknown(kind))
         ingestor.counters.inc("dead_lettered", error.reason)
         await ingestor.dlq.send(item.env, error)
     ingestor.counters.set("parked", "", 0.0)

@@ -1,8 +1,9 @@
-"""Pick the metadata backend from a URI; helpers that every backend shares.
+"""Rules every metadata backend applies the same way: names, content identity, text,
+and how a store URI is shown (password masked).
 
-The shared helpers (:func:`classify_puts`, :func:`search_text`, :func:`check_tenant`,
-:func:`check_extra`) live here rather than in one backend so that MongoDB and SQLite
-decide SAME / CONFLICT and full-text content by exactly the same rules.
+MongoDB and SQLite decide INSERTED / SAME / CONFLICT and full-text content by exactly
+these functions, and the router decides whether a re-sent document is a replay by
+:func:`same_content` too, so a document behaves the same whichever path sees it first.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from bluestream.errors import ConfigError
-from bluestream.storage.base import MetadataStore, PutOutcome
+from bluestream.storage.base import PutOutcome
 
 __all__ = [
     "DEFAULT_SERVER_SELECTION_TIMEOUT_MS",
@@ -22,64 +23,14 @@ __all__ = [
     "check_tenant",
     "classify_puts",
     "mask_uri",
-    "open_metadata_store",
+    "same_content",
     "search_text",
 ]
 
+#: How long a client waits to find a metadata server before reporting it unavailable.
 DEFAULT_SERVER_SELECTION_TIMEOUT_MS = 5_000
-_MONGO_SCHEMES = ("mongodb://", "mongodb+srv://")
-_SQLITE_SCHEME = "sqlite:///"
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def open_metadata_store(
-    uri: str,
-    tenant: str,
-    *,
-    server_selection_timeout_ms: int = DEFAULT_SERVER_SELECTION_TIMEOUT_MS,
-) -> MetadataStore:
-    """A store for ``tenant`` at ``uri``, not yet opened (call ``await store.open()``).
-
-    ``server_selection_timeout_ms`` applies to MongoDB only; it is accepted for every
-    URI so that callers can pass one set of options whatever the backend.
-    """
-    if uri.startswith(_MONGO_SCHEMES):
-        from bluestream.storage.mongo import MongoMetadataStore
-
-        return MongoMetadataStore(
-            uri, tenant, server_selection_timeout_ms=server_selection_timeout_ms
-        )
-    if uri.startswith(_SQLITE_SCHEME):
-        from bluestream.storage.sqlite import SqliteMetadataStore
-
-        return SqliteMetadataStore(uri, tenant)
-    raise ConfigError(
-        f"metadata store URI {mask_uri(uri)!r} is not supported: use mongodb://, "
-        "mongodb+srv:// or sqlite:///path/to/file.db"
-    )
-
-
-def mask_uri(uri: str) -> str:
-    """``uri`` with the password replaced by ``***``, safe to log or show.
-
-    The user-info part ends at the last ``@`` before the query string, so passwords
-    that (wrongly) contain ``@`` or ``/`` unescaped are still masked completely.
-    """
-    m = _SCHEME.match(uri)
-    if m is None:
-        return uri
-    scheme, rest = m.group(0), uri[m.end():]
-    head, sep, query = rest.partition("?")
-    userinfo, at, hosts = head.rpartition("@")
-    if not at or ":" not in userinfo:
-        return uri
-    user = userinfo.split(":", 1)[0]
-    return f"{scheme}{user}:***@{hosts}{sep}{query}"
-
-
-# -- helpers shared by the backends ------------------------------------------------------
-
 _TENANT = re.compile(r"[A-Za-z0-9_-]{1,63}")
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def check_tenant(tenant: str) -> str:
@@ -103,10 +54,16 @@ def check_extra(extra: Mapping[str, Any]) -> dict[str, Any]:
 def canonical_json(doc: Any) -> str:
     """Content identity of a document: JSON with sorted keys (NaN allowed, equal to NaN).
 
-    Key order and tuple-vs-list do not count; int vs float does (``1`` != ``1.0``),
-    since both backends store and return the type that was put.
+    The one equality rule of bluestream: key order and tuple-vs-list do not count;
+    int vs float does (``1`` != ``1.0``), because both backends store and return the
+    type that was put, so a document that differs only so would read back differently.
     """
     return json.dumps(doc, sort_keys=True, allow_nan=True, separators=(",", ":"))
+
+
+def same_content(a: Any, b: Any) -> bool:
+    """True when ``a`` and ``b`` are the same document under :func:`canonical_json`."""
+    return canonical_json(a) == canonical_json(b)
 
 
 def classify_puts(
@@ -147,3 +104,27 @@ def _strings(value: Any) -> Iterator[str]:
 def search_text(doc: Mapping[str, Any]) -> str:
     """What FullText searches when there is no text index: every string value, lowered."""
     return " ".join(_strings(doc)).lower()
+
+
+def mask_uri(uri: str) -> str:
+    """``uri`` with the password replaced by ``***``, safe to log or show.
+
+    The user-info part ends at the last ``@`` before the query string, so passwords
+    that (wrongly) contain ``@`` or ``/`` unescaped are still masked completely.
+    Text that is not a URI (an error message quoting one) is masked inside too.
+    """
+    m = _SCHEME.match(uri)
+    if m is None:
+        return _mask_inside(uri)
+    scheme, rest = m.group(0), uri[m.end():]
+    head, sep, query = rest.partition("?")
+    userinfo, at, hosts = head.rpartition("@")
+    if not at or ":" not in userinfo:
+        return uri
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}{user}:***@{hosts}{sep}{query}"
+
+
+def _mask_inside(text: str) -> str:
+    """Mask every ``scheme://user:secret@`` found in free text (up to whitespace)."""
+    return re.sub(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]+:)\S*@", r"\1***@", text)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bluestream.consumers.envelope import Envelope, Routed
-from bluestream.consumers.router import ParkingLot
+from bluestream.consumers.parking import ParkingLot
 
 
 class Clock:

@@ -1,4 +1,5 @@
-"""One typed settings model: a TOML file, then ``BLUESTREAM_*`` environment overrides.
+"""The settings of every bluestream command, daemon and catalog: one typed model,
+read from a TOML file, then ``BLUESTREAM_*`` environment overrides.
 
 Errors name the key (``kafka.bootstrap``) and the problem, so an operator can fix the
 file without reading code. Environment variables are flat aliases for the settings an
@@ -27,6 +28,8 @@ from pydantic import ValidationError as PydanticValidationError
 
 from bluestream.errors import ConfigError
 from bluestream.limits import Limits
+from bluestream.storage.backends import check_metadata_uri
+from bluestream.storage.rules import mask_uri
 
 __all__ = ["ENV_KEYS", "RELOADABLE", "Settings", "changed_keys", "load_settings"]
 
@@ -116,17 +119,7 @@ class StorageSettings(_Section):
     @field_validator("metadata")
     @classmethod
     def _known_scheme(cls, v: str) -> str:
-        if not v.startswith(("mongodb://", "mongodb+srv://", "sqlite:///")):
-            raise ValueError("must start with mongodb://, mongodb+srv:// or sqlite:///")
-        if v.startswith("mongodb://"):  # (+srv would need DNS: checked when connecting)
-            from pymongo.errors import PyMongoError
-            from pymongo.uri_parser import parse_uri
-
-            try:
-                parse_uri(v, warn=False)
-            except (PyMongoError, ValueError) as exc:
-                raise ValueError(f"not a valid MongoDB URI: {mask_uri(str(exc))}") from None
-        return v
+        return check_metadata_uri(v)
 
 
 class LimitSettings(_Section):
@@ -220,10 +213,6 @@ def tenant_for_topic(topic: str, tenants: Mapping[str, str]) -> str:
     first = topic.split(".", 1)[0]
     safe = re.sub(r"[^A-Za-z0-9_-]", "_", first)[:63] or "default"
     return safe if safe[0] != "-" else "_" + safe[1:]
-
-
-def mask_uri(uri: str) -> str:
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", uri)
 
 
 #: Environment variable -> dotted settings key.
