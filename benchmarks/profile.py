@@ -43,15 +43,15 @@ GC_TUNED_ARGV = [
 def _scalar_chunks(events: int | None) -> Iterator[None]:
     """What-if (measurement only): cap the event-axis chunk length of new arrays, by
     patching the writer's constant in this process. src is not changed."""
-    import bluestream.storage.zarr_store as zarr_store
+    import bluestream.layout as layout
 
-    before = zarr_store._MAX_CHUNK_EVENTS
+    before = layout._MAX_CHUNK_EVENTS
     if events:
-        zarr_store._MAX_CHUNK_EVENTS = events
+        layout._MAX_CHUNK_EVENTS = events
     try:
         yield
     finally:
-        zarr_store._MAX_CHUNK_EVENTS = before
+        layout._MAX_CHUNK_EVENTS = before
 
 
 @contextmanager

@@ -172,8 +172,11 @@ QUERY_CASES: list[tuple[str, Query | None, list[int]]] = [
     ("time-year-only", TimeRange(since="2024", until="2025", timezone="UTC"), NEWEST_FIRST),
     ("time-local-zone", TimeRange(since=_LOCAL_SINCE),
      [n for n in NEWEST_FIRST if RUNS[n]["time"] >= _local(_LOCAL_SINCE)]),
-    ("scan-id", ScanID(3), [4, 3]),
-    ("scan-ids", ScanID(1, 5, 99), [5, 1]),
+    ("scan-id-all", ScanID(3, duplicates="all"), [4, 3]),
+    ("scan-ids-all", ScanID(1, 5, 99, duplicates="all"), [5, 1]),
+    ("scan-id-latest", ScanID(3), [4]),  # databroker's default: the newest duplicate
+    ("scan-ids-latest", ScanID(1, 3, 99, duplicates="latest"), [4, 1]),
+    ("scan-id-error-unique", ScanID(5, duplicates="error"), [5]),
     ("partial-uid", PartialUID("5e6f7a8b"), [4, 3]),
     ("partial-uids", PartialUID("9c8d7e6f-5555", "abcdef02"), [8, 5]),
     ("eq", Eq("plan_name", "scan"), [8, 3, 2]),
@@ -489,6 +492,15 @@ class MetadataStoreTests:
         assert [d["uid"] for d in found] == [uid(n) for n in expected]
         assert found == [RUNS[n] for n in expected]
         assert await runs.count(query) == len(expected)
+
+    async def test_scan_id_duplicates_error(self, runs: MetadataStore) -> None:
+        """databroker's ScanID(..., duplicates="error") refuses a repeated scan id (review
+        defect 4: ScanID took no ``duplicates`` and raised TypeError)."""
+        with pytest.raises(ValueError, match="scan_id 3 names more than one run"):
+            await runs.search(ScanID(3, duplicates="error"))
+        with pytest.raises(ValueError, match="duplicates"):
+            ScanID(3, duplicates="first")  # type: ignore[arg-type]
+        assert await runs.count(And(ScanID(3), Eq("plan_name", "scan"))) == 1
 
     async def test_search_skip_limit(self, runs: MetadataStore) -> None:
         page = await runs.search(None, skip=2, limit=3)

@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 __all__ = [
+    "DUPLICATES",
     "And",
     "Comparison",
     "Contains",
@@ -35,6 +36,10 @@ class Query:
     """Base class of every query object."""
 
 
+#: ScanID's rules for a scan id that names several runs (databroker's names).
+DUPLICATES = ("latest", "all", "error")
+
+
 TimeLike = str | float | int | datetime | None
 
 
@@ -50,10 +55,20 @@ class TimeRange(Query):
 
 @dataclass(frozen=True, init=False)
 class ScanID(Query):
-    scan_ids: tuple[int, ...]
+    """Runs with one of ``scan_ids``, with databroker's rule for repeated scan ids:
+    ``duplicates="latest"`` (default) keeps the newest run per scan id, ``"all"`` keeps
+    every run, ``"error"`` raises ValueError when a scan id names more than one run."""
 
-    def __init__(self, *scan_ids: int) -> None:
+    scan_ids: tuple[int, ...]
+    duplicates: Literal["latest", "all", "error"] = "latest"
+
+    def __init__(self, *scan_ids: int, duplicates: Literal["latest", "all", "error"] = "latest"
+                 ) -> None:
+        if duplicates not in DUPLICATES:
+            raise ValueError(f"ScanID(duplicates={duplicates!r}): use one of "
+                             f"{', '.join(map(repr, DUPLICATES))}")
         object.__setattr__(self, "scan_ids", tuple(int(s) for s in scan_ids))
+        object.__setattr__(self, "duplicates", duplicates)
 
 
 @dataclass(frozen=True, init=False)

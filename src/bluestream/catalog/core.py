@@ -178,8 +178,8 @@ class AsyncCatalog:
                     n = await self.count()
                     raise NotFound(f"index {key} is out of range: {n} run(s) in {where}")
                 return docs[0]
-            query: Query = ScanID(key) if self._query is None else And(self._query,
-                                                                       ScanID(key))
+            newest = ScanID(key, duplicates="all")  # newest first, so the latest one
+            query: Query = newest if self._query is None else And(self._query, newest)
             docs = await self._ctx.call("search runs", self._ctx.store.search, query,
                                         skip=0, limit=1)
             if not docs:

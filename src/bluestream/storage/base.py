@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bluestream.queries import Query
+from bluestream.queries import And, In, Query, ScanID
 
 __all__ = [
     "DOC_KINDS",
@@ -168,7 +168,42 @@ class MetadataStore(ABC):
     @abstractmethod
     async def count(self, query: Query | None) -> int: ...
 
+    async def resolve(self, query: Query | None) -> Query | None:
+        """``query`` with the parts that need a lookup first made plain: ScanID with
+        ``duplicates`` "latest" or "error" becomes the uids it names (one query per scan
+        id), judged among the runs the rest of an ``And`` selects. Every search, count
+        and uid lookup resolves its query, so translators only see ``duplicates="all"``."""
+        if isinstance(query, And):
+            rest = [q for q in query.queries if not _unresolved(q)]
+            within = And(*rest) if rest else None
+            return And(*[await self._scan_uids(q, within) if _unresolved(q) else q
+                         for q in query.queries])
+        if isinstance(query, ScanID) and _unresolved(query):
+            return await self._scan_uids(query, None)
+        return query
+
+    async def _scan_uids(self, query: Query, within: Query | None) -> Query:
+        if not isinstance(query, ScanID):
+            return query
+        if not query.scan_ids:
+            raise ValueError("ScanID needs at least one scan id")
+        uids: list[str] = []
+        for scan_id in dict.fromkeys(query.scan_ids):
+            one = ScanID(scan_id, duplicates="all")
+            limit = 1 if query.duplicates == "latest" else 2
+            found = await self.search(one if within is None else And(within, one), limit=limit)
+            if len(found) > 1:
+                raise ValueError(f"scan_id {scan_id} names more than one run in tenant "
+                                 f"{self.tenant!r} (ScanID(..., duplicates='error')); "
+                                 "give a uid, or use duplicates='latest' or 'all'")
+            uids += [str(d["uid"]) for d in found]
+        return In("uid", uids)
+
     @abstractmethod
     async def uids_with_prefix(self, prefix: str, query: Query | None = None,
                                limit: int = 10) -> list[str]:
         """Start uids beginning with ``prefix`` (for partial-uid lookup)."""
+
+
+def _unresolved(query: Query | None) -> bool:
+    return isinstance(query, ScanID) and query.duplicates != "all"

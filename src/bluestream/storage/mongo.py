@@ -481,6 +481,7 @@ class MongoMetadataStore(MetadataStore):
     async def _filter(self, query: Query | None) -> Doc:
         """The run_start filter; without ``$text``, FullText parts are first resolved to
         uids through ``run_search``."""
+        query = await self.resolve(query)
         if self._native_text or query is None:
             return to_mongo(query)
         resolved = {q: await self._full_text_uids(q) for q in _full_text_parts(query)}

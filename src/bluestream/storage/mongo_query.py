@@ -45,6 +45,7 @@ from bluestream.storage.query_rules import (
     check_comparable,
     check_key,
     check_partial_uids,
+    check_scan_ids,
     compile_regex,
     escape_regex,
     full_text_words,
@@ -96,11 +97,10 @@ def _(q: TimeRange, full_text: FullTextRenderer) -> Filter:
 
 @_translate.register
 def _(q: ScanID, full_text: FullTextRenderer) -> Filter:
-    if not q.scan_ids:
-        raise ValueError("ScanID needs at least one scan id")
-    if len(q.scan_ids) == 1:
-        return {"scan_id": {"$eq": q.scan_ids[0]}}
-    return {"scan_id": {"$in": list(q.scan_ids)}}
+    scan_ids = check_scan_ids(q)
+    if len(scan_ids) == 1:
+        return {"scan_id": {"$eq": scan_ids[0]}}
+    return {"scan_id": {"$in": list(scan_ids)}}
 
 
 @_translate.register

@@ -11,7 +11,7 @@ import re
 from datetime import UTC, datetime, tzinfo
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from bluestream.queries import Comparison, FullText, PartialUID, TimeLike, TimeRange
+from bluestream.queries import Comparison, FullText, PartialUID, ScanID, TimeLike, TimeRange
 
 __all__ = [
     "COMPARISON_OPERATORS",
@@ -19,6 +19,7 @@ __all__ = [
     "check_comparable",
     "check_key",
     "check_partial_uids",
+    "check_scan_ids",
     "compile_regex",
     "epoch_seconds",
     "escape_regex",
@@ -51,6 +52,17 @@ def check_key(key: str) -> list[str]:
             "'_' and '-' (for example 'sample.name')"
         )
     return segments
+
+
+def check_scan_ids(q: ScanID) -> tuple[int, ...]:
+    """The scan ids of a ScanID whose ``duplicates`` rule is already applied
+    (:meth:`~bluestream.storage.base.MetadataStore.resolve` makes that so)."""
+    if not q.scan_ids:
+        raise ValueError("ScanID needs at least one scan id")
+    if q.duplicates != "all":
+        raise ValueError(f"ScanID(duplicates={q.duplicates!r}) must be resolved by the store "
+                         "before it is translated")
+    return q.scan_ids
 
 
 def check_partial_uids(q: PartialUID) -> tuple[str, ...]:

@@ -469,7 +469,7 @@ class SqliteMetadataStore(MetadataStore):
     async def search(self, query: Query | None, *, skip: int = 0,
                      limit: int | None = None) -> list[Doc]:
         _check_window(skip, limit)
-        where, params = to_sql(query)
+        where, params = to_sql(await self.resolve(query))
         sql = (f"SELECT doc FROM run_start WHERE tenant = ? AND ({where}) "
                "ORDER BY time DESC, uid ASC LIMIT ? OFFSET ?")
         args = (self.tenant, *params, -1 if limit is None else limit, skip)
@@ -477,7 +477,7 @@ class SqliteMetadataStore(MetadataStore):
                                lambda c: [_load(r[0]) for r in c.execute(sql, args)])
 
     async def count(self, query: Query | None) -> int:
-        where, params = to_sql(query)
+        where, params = to_sql(await self.resolve(query))
         sql = f"SELECT count(*) FROM run_start WHERE tenant = ? AND ({where})"
         return await self._run("count runs",
                                lambda c: int(c.execute(sql, (self.tenant, *params)).fetchone()[0]))
@@ -485,7 +485,7 @@ class SqliteMetadataStore(MetadataStore):
     async def uids_with_prefix(self, prefix: str, query: Query | None = None,
                                limit: int = 10) -> list[str]:
         _check_window(0, limit)
-        where, params = to_sql(query)
+        where, params = to_sql(await self.resolve(query))
         sql = (f"SELECT uid FROM run_start WHERE tenant = ? AND substr(uid, 1, ?) = ? "
                f"AND ({where}) ORDER BY time DESC, uid ASC LIMIT ?")
         args = (self.tenant, len(prefix), prefix, *params, limit)

@@ -47,6 +47,7 @@ from bluestream.storage.query_rules import (
     check_comparable,
     check_key,
     check_partial_uids,
+    check_scan_ids,
     compile_regex,
     full_text_words,
     time_bounds,
@@ -204,9 +205,8 @@ def _(q: TimeRange) -> Frag:
 
 @_translate.register
 def _(q: ScanID) -> Frag:
-    if not q.scan_ids:
-        raise ValueError("ScanID needs at least one scan id")
-    return f"scan_id IN ({', '.join('?' * len(q.scan_ids))})", list(q.scan_ids)
+    scan_ids = check_scan_ids(q)
+    return f"scan_id IN ({', '.join('?' * len(scan_ids))})", list(scan_ids)
 
 
 def _prefix_range(prefix: str) -> Frag:
