@@ -64,10 +64,10 @@ def batches(docs: Iterable[tuple[str, Doc]], tenant: str, max_records: int | Non
         yield batch
 
 
-async def _process(uri: str, zarr_root: Path, envelope_batches: Iterable[list[Envelope]]
-                   ) -> None:
+async def _process(uri: str, zarr_root: Path, envelope_batches: Iterable[list[Envelope]],
+                   fsync: bool) -> None:
     registry = StoreRegistry(uri)
-    ingestor = Ingestor(store_for=registry, arrays=ZarrEventStore(zarr_root),
+    ingestor = Ingestor(store_for=registry, arrays=ZarrEventStore(zarr_root, fsync=fsync),
                         dlq=FailOnDeadLetter(), limits=LimitSettings().limits())
     try:
         for batch in envelope_batches:
@@ -76,10 +76,11 @@ async def _process(uri: str, zarr_root: Path, envelope_batches: Iterable[list[En
         await registry.aclose()
 
 
-def process_batches(uri: str, zarr_root: Path,
-                    envelope_batches: Iterable[list[Envelope]]) -> None:
-    """Run batches through a fresh ``Ingestor`` (as one daemon would)."""
-    anyio.run(_process, uri, zarr_root, envelope_batches)
+def process_batches(uri: str, zarr_root: Path, envelope_batches: Iterable[list[Envelope]],
+                    *, fsync: bool = True) -> None:
+    """Run batches through a fresh ``Ingestor`` (as one daemon would; ``fsync`` as the
+    ``storage.fsync`` setting)."""
+    anyio.run(_process, uri, zarr_root, envelope_batches, fsync)
 
 
 def ingest_in_process(uri: str, zarr_root: Path, tenant: str,
@@ -102,6 +103,7 @@ _STAGES: list[tuple[Any, str, str]] = [
     (ZarrEventStore, "_group", "zarr.open_group"),
     (ZarrEventStore, "_array", "zarr.open/create arrays"),
     (ZarrEventStore, "_grow", "zarr.grow (reopen+resize)"),
+    (ZarrEventStore, "sync", "zarr sync (fsync)"),  # after the writes, not inside them
 ]
 _STORE_METHODS = ("put_documents", "update_streams", "log_ingest", "get")
 

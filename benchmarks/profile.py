@@ -9,10 +9,16 @@
    ``limits.batch_max_records = 20000``, both.
 3. With pyinstrument installed (``.venv/bin/pip install pyinstrument``; not a project
    dependency), the in-process ``Ingestor.process`` call tree -> ``profile_ingest.txt``.
+4. The cost of durability: the same in-process ingest with ``storage.fsync`` on (the
+   default: every batch's Zarr files and directories fsynced before its metadata and
+   commit) and off, back to back, best of :data:`FSYNC_REPEATS`, for single scalar
+   events in the daemon's batches, small "live" batches and image frames; printed as the
+   ratio on/off of events per second.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import sys
 import time
@@ -21,7 +27,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from benchmarks.common import Context, Result, bar_chart, print_table, rate
-from benchmarks.docs import Run, scalar_run
+from benchmarks.docs import Run, image_frames, image_run, scalar_run
 from benchmarks.infra import checked_ingest, create_topic, publish
 from benchmarks.inprocess import StageTimer, batches, process_batches
 
@@ -30,10 +36,14 @@ __all__ = ["GC_TUNED_ARGV", "NAME", "run"]
 
 #: gen-0 threshold for the what-if (CPython's default is 700 allocations).
 GC_GEN0 = 50_000
+#: fsync on/off pairs, each measured this many times back to back; the best of each kept.
+FSYNC_REPEATS = 3
+#: Most frames in the fsync image case (its envelopes are held in memory, ~0.5 MB each).
+FSYNC_IMAGE_FRAMES = 256
 #: The daemon with the collector tuned after start-up imports (a what-if, no src change).
 GC_TUNED_ARGV = [
     sys.executable, "-c",
-    "import gc; import bluestream.daemon.cli as cli, bluestream.daemon.service; "
+    "import gc; import bluestream.cli as cli, bluestream.daemon.service; "
     f"gc.collect(); gc.freeze(); gc.set_threshold({GC_GEN0}, 20, 10); cli.main()",
     "serve",
 ]
@@ -71,12 +81,13 @@ def _gc_tuned(enabled: bool) -> Iterator[None]:
 
 
 def _in_process(ctx: Context, run_: Run, label: str, backend: str, tuned: bool = False,
-                batch: int | None = None, chunk: int | None = None) -> dict[str, Any]:
+                batch: int | None = None, chunk: int | None = None,
+                fsync: bool = True) -> dict[str, Any]:
     work = ctx.scratch(f"{NAME}-{label}")
     uri = ctx.mongo if backend == "mongo" else f"sqlite:///{work / 'meta.db'}"
     envelopes = list(batches(run_.docs, ctx.tenant(f"pf{label}"), batch))
     with _gc_tuned(tuned), _scalar_chunks(chunk), StageTimer() as timer:
-        process_batches(uri, work / "zarr", envelopes)
+        process_batches(uri, work / "zarr", envelopes, fsync=fsync)
     ctx.drop_scratch(work)
     n = run_.n_events
     total = timer.seconds["total"]
@@ -85,12 +96,38 @@ def _in_process(ctx: Context, run_: Run, label: str, backend: str, tuned: bool =
     top += sum(v for k, v in stages.items() if k.startswith("metadata."))
     top -= stages.get("metadata.get", 0.0)  # only inside route (parent lookups)
     return {"backend": backend, "gc_tuned": tuned, "batch": batch, "chunk_cap": chunk,
+            "fsync": fsync,
             "batches": len(envelopes), "ms_per_batch": total / len(envelopes) * 1e3,
             "events": n, "seconds": total,
             "events_per_s": rate(n, total),
             "us_per_event": {k: v / n * 1e6 for k, v in sorted(stages.items())},
             "other_us_per_event": (total - top) / n * 1e6,
             "calls": dict(timer.calls)}
+
+
+def _fsync_cost(ctx: Context, cases: dict[str, tuple[Run, int | None]]) -> dict[str, Any]:
+    """Each case in process, SQLite metadata, fsync on then off, repeated back to back;
+    the best pass of each. ``on_over_off`` < 1 is the share of speed durability keeps."""
+    out: dict[str, Any] = {}
+    for i, (case, (run_, batch)) in enumerate(cases.items()):
+        best: dict[bool, dict[str, Any]] = {}
+        for r in range(FSYNC_REPEATS):
+            for fsync in (True, False):
+                label = f"f{i}{r}{'y' if fsync else 'n'}"
+                p = _in_process(ctx, run_, label, "sqlite", batch=batch, fsync=fsync)
+                if fsync not in best or p["events_per_s"] > best[fsync]["events_per_s"]:
+                    best[fsync] = p
+        on, off = best[True], best[False]
+        sync_s = on["us_per_event"].get("zarr sync (fsync)", 0.0) * on["events"] / 1e6
+        out[case] = {
+            "events": on["events"], "batches": on["batches"],
+            "on": {k: on[k] for k in ("events_per_s", "ms_per_batch", "seconds")},
+            "off": {k: off[k] for k in ("events_per_s", "ms_per_batch", "seconds")},
+            "on_over_off": on["events_per_s"] / off["events_per_s"],
+            "sync_ms_per_batch": sync_s / on["batches"] * 1e3,
+            "sync_share_of_on": sync_s / on["seconds"],
+        }
+    return out
 
 
 #: Daemon what-ifs that need no code change: (label, interpreter argv, limits in TOML).
@@ -156,6 +193,21 @@ def run(ctx: Context) -> Result:
          ["TOTAL us/event", *(p["seconds"] / p["events"] * 1e6 for p in passes.values())],
          ["events/s", *(p["events_per_s"] for p in passes.values())],
          ["ms per batch", *(p["ms_per_batch"] for p in passes.values())]])
+    frames = image_frames(s.image_shape)
+    img_run, img_docs = image_run(min(s.image_frames, FSYNC_IMAGE_FRAMES), frames)
+    images = dataclasses.replace(img_run, docs=list(img_docs))
+    fsync = _fsync_cost(ctx, {
+        "events (daemon batches)": (events, None),
+        "live (100-event batches)": (small, 100),
+        f"images {s.image_shape[0]}x{s.image_shape[1]} u2": (images, None),
+    })
+    print(f"  durability: in process, SQLite, storage.fsync on vs off "
+          f"(best of {FSYNC_REPEATS} each, back to back):")
+    print_table(["case", "batches", "on ev/s", "off ev/s", "on/off", "sync ms/batch",
+                 "sync share"],
+                [[k, v["batches"], v["on"]["events_per_s"], v["off"]["events_per_s"],
+                  f"{v['on_over_off']:.2f}", v["sync_ms_per_batch"],
+                  f"{v['sync_share_of_on']:.0%}"] for k, v in fsync.items()])
     daemon = _daemon_whatif(ctx, events)
     print("  real daemon, single events, SQLite metadata (no code changes):")
     print_table(["daemon", "events/s", "speedup"],
@@ -172,8 +224,11 @@ def run(ctx: Context) -> Result:
     return Result(
         NAME,
         params={"events": s.profile_events, "fields": s.scalar_fields,
-                "page_events": s.page_events, "gc_gen0_threshold_whatif": GC_GEN0},
-        results={"in_process": passes, "daemon": daemon, "pyinstrument": profile_file},
+                "page_events": s.page_events, "gc_gen0_threshold_whatif": GC_GEN0,
+                "fsync_repeats": FSYNC_REPEATS,
+                "fsync_image_frames": images.n_events, "image_shape": s.image_shape},
+        results={"in_process": passes, "fsync": fsync, "daemon": daemon,
+                 "pyinstrument": profile_file},
         charts=[chart.name],
         notes=["stages nest: zarr.* are inside 'zarr write_page'; 'gc pauses' overlap "
                "whatever stage was running; 'other' = total minus the top-level stages"],

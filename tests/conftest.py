@@ -30,6 +30,16 @@ def _mongo_hostport(uri: str) -> str:
     return rest.split("/", 1)[0].split(",", 1)[0].split("?", 1)[0]
 
 
+@pytest.fixture(autouse=True)
+def _no_bluestream_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests say which settings they use: BLUESTREAM_* variables of the shell that started
+    pytest (an external Mongo URI, say) must not override a test's own configuration.
+    The service addresses above were read before this runs."""
+    for name in list(os.environ):
+        if name.startswith("BLUESTREAM_"):
+            monkeypatch.delenv(name)
+
+
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
     return "asyncio"

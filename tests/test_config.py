@@ -16,7 +16,7 @@ import anyio
 import pytest
 from typer.testing import CliRunner
 
-from bluestream.daemon.cli import app
+from bluestream.cli import app
 from bluestream.settings import changed_keys, load_settings
 from test_ops_support import daemon_env
 

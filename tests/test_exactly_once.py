@@ -1,6 +1,13 @@
 """Exactly-once in effect: the daemon is SIGKILLed at random moments while it ingests
 numbered events from several partitions; after restarts the stored result is exactly
-the published one. A replay of the whole topic into existing storage changes nothing."""
+the published one. A replay of the whole topic into existing storage changes nothing.
+
+Every wait is on observable state, not on the machine's speed: kills follow stored
+progress (each one lands after a further share of the events is stored, plus a random
+delay); the end of each phase is the consumer group's committed offsets reaching the
+topic's end offsets. The replay phase also asserts, from the daemon's own /metrics, that
+it re-read every event (a replay that read nothing would leave the bytes unchanged too:
+checked by pointing it at an empty topic, which fails the event count)."""
 
 from __future__ import annotations
 
@@ -11,13 +18,14 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import anyio
 import numpy as np
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pymongo import MongoClient
 
 from bluestream.consumers.decode import encode_message
@@ -119,9 +127,15 @@ def test_sigkill_loop_stores_every_event_exactly_once(
     rng = random.Random(1234)
     total = N_RUNS * EVENTS_PER_RUN
     progress: list[int] = []
-    while len(progress) < 5:
+    group = env["BLUESTREAM_GROUP_ID"]
+    for kill in range(1, 6):
         proc = start_daemon(env, log)
-        time.sleep(rng.uniform(1.5, 4.0))
+        # Kill once a further share of the events is stored (never a fixed time, which
+        # a fast machine outruns and a slow one never reaches), at a random moment after.
+        target = total * kill // 7
+        _wait(lambda target=target: stored_count(mongo_uri, tenant) >= target, proc, log,
+              f"{target} events stored")
+        time.sleep(rng.uniform(0.0, 0.3))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         progress.append(stored_count(mongo_uri, tenant))
@@ -129,13 +143,9 @@ def test_sigkill_loop_stores_every_event_exactly_once(
     assert sum(1 for p in progress if 0 < p < total) >= 3, progress
     proc = start_daemon(env, log)
     try:
-        deadline = time.monotonic() + 240
-        while all_stopped(mongo_uri, tenant) < N_RUNS:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "runs not all stored in time"
-            time.sleep(0.5)
-        # The stop is written last in a batch; give the last batch's commit a moment.
-        time.sleep(1.0)
+        _wait(lambda: all_stopped(mongo_uri, tenant) >= N_RUNS, proc, log, "every run")
+        _wait(lambda: _committed_to_end(kafka_bootstrap, group, topic), proc, log,
+              "offsets committed to the end")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
     finally:
@@ -145,14 +155,14 @@ def test_sigkill_loop_stores_every_event_exactly_once(
 
     # A replay of the whole topic by a new consumer group changes nothing.
     before = snapshot(mongo_uri, tenant, zarr_root)
-    env["BLUESTREAM_GROUP_ID"] = f"replay-{topic}"
+    replay_group = env["BLUESTREAM_GROUP_ID"] = f"replay-{topic}"
+    url_file = tmp_path / "replay.url"
+    env["BLUESTREAM_HTTP_URL_FILE"] = str(url_file)
     proc = start_daemon(env, log)
     try:
-        time.sleep(3)
-        deadline = time.monotonic() + 240
-        while _lag_not_done(proc, log):
-            assert time.monotonic() < deadline
-            time.sleep(0.5)
+        _wait(lambda: _committed_to_end(kafka_bootstrap, replay_group, topic), proc, log,
+              "the replay group's offsets committed to the end")
+        assert _metric(url_file, 'bluestream_documents_total{kind="event"}') == total
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     finally:
@@ -162,11 +172,42 @@ def test_sigkill_loop_stores_every_event_exactly_once(
     verify(mongo_uri, tenant, zarr_root, runs)
 
 
-def _lag_not_done(proc: subprocess.Popen[bytes], log: Path) -> bool:
-    """True until the replaying daemon logged that it caught up (a batch-free poll)."""
-    assert proc.poll() is None, log.read_text()[-3000:]
-    text = log.read_text()
-    return text.count('"caught up"') < 1
+def _wait(done: Any, proc: subprocess.Popen[bytes], log: Path, what: str,
+          timeout: float = 300) -> None:
+    """Poll ``done()`` while the daemon lives; a generous deadline for a loaded machine."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _committed_to_end(bootstrap: str, group: str, topic: str) -> bool:
+    """The group's committed offset equals the end offset on every partition."""
+    async def check() -> bool:
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
+                                    enable_auto_commit=False)
+        await consumer.start()
+        try:
+            tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+            ends = await consumer.end_offsets(tps)
+            for tp in tps:
+                if (await consumer.committed(tp) or 0) < ends[tp]:
+                    return False
+            return True
+        finally:
+            await consumer.stop()
+    return anyio.run(check)
+
+
+def _metric(url_file: Path, series: str) -> float:
+    """One series of the daemon's /metrics (found through its http.url_file)."""
+    base = url_file.read_text().strip()
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(series + " "):
+                return float(line.split()[-1])
+    raise AssertionError(f"{series} not in /metrics")
 
 
 def verify(mongo_uri: str, tenant: str, zarr_root: Path,

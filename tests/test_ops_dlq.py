@@ -136,3 +136,39 @@ def _events(daemon: Daemon, n: int) -> Any:
     async def check() -> bool:
         return daemon.counters.total("events") >= n
     return check
+
+
+async def test_a_retried_batch_dead_letters_twice_and_the_tool_shows_it_once(
+        kafka_bootstrap: str, kafka_topic: str, tmp_path: Path, zarr_root: Path) -> None:
+    """Review defect 10: a batch retried after a store outage sends its dead letters
+    again. The real dead-letter producer sends the same rejected record twice (as the
+    retry does); ``dlq list`` shows it once (``--copies`` shows both) and ``replay --all``
+    replays it once. Checked to fail before the fix: list showed "2 dead letters"."""
+    from bluestream.consumers.envelope import Envelope
+    from bluestream.consumers.kafka import KafkaDeadLetters
+    from bluestream.errors import DecodeError
+
+    settings = settings_for(kafka_bootstrap, kafka_topic, f"sqlite:///{tmp_path}/m.db",
+                            zarr_root)
+    sink = KafkaDeadLetters(settings)
+    await sink.start()
+    try:
+        env = Envelope(kafka_topic, 0, 41, b"\xc1 junk", b"key", [("trace", b"t1")])
+        other = Envelope(kafka_topic, 0, 42, b"\xc1 more junk", b"key")
+        for _ in range(2):  # the first attempt, then the retry of the same batch
+            await sink.send(env, DecodeError("not msgpack"))
+            await sink.flush()
+        await sink.send(other, DecodeError("not msgpack either"))
+        await sink.flush()
+    finally:
+        await sink.stop()
+    table = await cli(kafka_bootstrap, "dlq", "list", kafka_topic)
+    assert "2 dead letters: undecodable 2 (1 repeated copies not shown" in table
+    listed = [json.loads(line) for line in (await cli(
+        kafka_bootstrap, "dlq", "list", kafka_topic, "--json")).splitlines()]
+    assert sorted(d["source"] for d in listed) == [f"{kafka_topic}[0]@41",
+                                                   f"{kafka_topic}[0]@42"]
+    every = await cli(kafka_bootstrap, "dlq", "list", kafka_topic, "--copies")
+    assert "3 dead letters" in every
+    dry = await cli(kafka_bootstrap, "dlq", "replay", kafka_topic, "--all", "--dry-run")
+    assert "2 replayed (dry run), 0 failed" in dry

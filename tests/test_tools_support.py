@@ -15,7 +15,7 @@ import pytest
 import structlog
 from typer.testing import CliRunner
 
-from bluestream.daemon.cli import app
+from bluestream.cli import app
 from bluestream.settings import Settings, load_settings
 
 Doc = dict[str, Any]

@@ -3,6 +3,12 @@ to read them back.
 
 ``import bluestream`` stays cheap: the catalog (and zarr, xarray, dask) load on first
 use of :func:`open_catalog` / :func:`open_catalog_async`.
+
+bluestream logs through the standard :mod:`logging` module under ``bluestream.*`` names
+and shows nothing below WARNING until the application configures logging, e.g.
+``logging.basicConfig(level=logging.DEBUG)`` or ``logging.getLogger("bluestream")
+.setLevel(logging.INFO)`` with a handler; an application that configured structlog gets
+the events through its own configuration (see :mod:`bluestream.log`).
 """
 
 from __future__ import annotations

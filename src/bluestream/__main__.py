@@ -1,3 +1,3 @@
-from bluestream.daemon.cli import main
+from bluestream.cli import main
 
 main()

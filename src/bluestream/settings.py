@@ -114,6 +114,10 @@ class StorageSettings(_Section):
     #: ``mongodb://...`` or ``sqlite:///path``; the embedded SQLite store is the default.
     metadata: str = "sqlite:///data/bluestream.db"
     zarr_root: Path = Path("data/zarr")
+    #: fsync the Zarr files written by a batch, and their directories, before its
+    #: metadata and offset commit (once per batch). false trades power-loss durability
+    #: for speed; a process crash is still safe (the page cache survives it).
+    fsync: bool = True
     mongo_server_selection_timeout_ms: int = Field(default=5_000, ge=100)
 
     @field_validator("metadata")
@@ -232,6 +236,7 @@ ENV_KEYS: dict[str, str] = {
     "BLUESTREAM_MONGO_URI": "storage.metadata",
     "BLUESTREAM_METADATA": "storage.metadata",
     "BLUESTREAM_ZARR_ROOT": "storage.zarr_root",
+    "BLUESTREAM_FSYNC": "storage.fsync",
     "BLUESTREAM_HTTP_BIND": "http.bind",
     "BLUESTREAM_HTTP_PORT": "http.port",
     "BLUESTREAM_HTTP_ENABLED": "http.enabled",

@@ -31,11 +31,12 @@ from bluestream.consumers.envelope import Envelope
 from bluestream.consumers.pipeline import Ingestor
 from bluestream.counters import Counters
 from bluestream.errors import DocumentError, StorageError, leaf_errors
+from bluestream.log import get_logger
 from bluestream.settings import KafkaSettings, Settings, tenant_for_topic
 
-__all__ = ["KafkaDeadLetters", "KafkaSource", "SourceState", "kafka_client_options"]
+__all__ = ["DLQ_HEADERS", "KafkaDeadLetters", "KafkaSource", "SourceState", "kafka_client_options"]
 
-log = structlog.get_logger("bluestream.kafka")
+log = get_logger("bluestream.kafka")
 
 
 def kafka_client_options(k: KafkaSettings) -> dict[str, Any]:
@@ -60,7 +61,11 @@ def kafka_client_options(k: KafkaSettings) -> dict[str, Any]:
 
 class KafkaDeadLetters:
     """Sends dead letters to ``<topic><suffix>`` with the original key, value and headers
-    plus ``error``, ``reason``, ``source-topic``, ``source-partition``, ``source-offset``."""
+    plus ``error``, ``reason``, ``source-topic``, ``source-partition``, ``source-offset``.
+
+    At least once: a batch retried after a store outage dead-letters its rejects again.
+    The source coordinates identify a dead letter; ``bluestream dlq list`` and
+    ``replay --all`` show and replay each source record once."""
 
     def __init__(self, settings: Settings) -> None:
         self._suffix = settings.kafka.dlq_suffix
@@ -84,7 +89,7 @@ class KafkaDeadLetters:
         await _stop_client(self._producer.stop, "dead-letter producer")
 
     async def send(self, env: Envelope, error: DocumentError) -> None:
-        headers = [(k, v) for k, v in env.headers if k not in _DLQ_HEADERS]
+        headers = [(k, v) for k, v in env.headers if k not in DLQ_HEADERS]
         headers += [
             ("error", str(error).encode()[:4000]),
             ("reason", error.reason.encode()),
@@ -125,7 +130,10 @@ class KafkaDeadLetters:
             await asyncio.gather(*retry)
 
 
-_DLQ_HEADERS = {"error", "reason", "source-topic", "source-partition", "source-offset"}
+#: Headers a dead letter gets from us; a producer's own headers of these names are
+#: dropped so that they cannot pass for ours.
+DLQ_HEADERS = frozenset({"error", "reason", "source-topic", "source-partition",
+                         "source-offset", "value-omitted"})
 
 
 @dataclass

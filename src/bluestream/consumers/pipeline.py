@@ -17,7 +17,6 @@ from typing import Any
 
 import anyio
 import numpy as np
-import structlog
 
 from bluestream._version import __version__
 from bluestream.consumers.decode import decode_message
@@ -29,6 +28,7 @@ from bluestream.documents import PARENT_FIELD
 from bluestream.errors import ConflictError, DocumentError, Reason, RoutingError, ValidationError
 from bluestream.layout import Page, field_specs
 from bluestream.limits import Limits
+from bluestream.log import get_logger
 from bluestream.schemas.normalise import (
     datum_page_to_datums,
     page_from_event_page,
@@ -42,7 +42,7 @@ from bluestream.storage.zarr_store import ZarrEventStore
 
 __all__ = ["Ingestor", "concat_pages"]
 
-log = structlog.get_logger("bluestream.pipeline")
+log = get_logger("bluestream.pipeline")
 
 #: Order in which metadata kinds are written at the end of a batch (parents first,
 #: stop last so a reader that sees the stop sees the whole run).
@@ -282,6 +282,9 @@ class Ingestor:
         async with anyio.create_task_group() as tg:
             for (tenant, desc_uid), items in batch.events.items():
                 tg.start_soon(write, tenant, desc_uid, items)
+        # Arrays durable (fsync) before the metadata that points at them, and so before
+        # the source commits the batch's offsets (DESIGN I1).
+        await self.arrays.sync()
         for tenant, update in results:
             if update is not None:
                 updates[tenant].append(update)

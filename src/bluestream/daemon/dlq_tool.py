@@ -27,17 +27,15 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from bluestream.consumers.decode import decode_message
-from bluestream.consumers.kafka import kafka_client_options
+from bluestream.consumers.kafka import DLQ_HEADERS, kafka_client_options
 from bluestream.errors import BluestreamError, DocumentError
 from bluestream.schemas.normalise import to_jsonable
 from bluestream.settings import Settings
 
 __all__ = ["DeadLetter", "DlqError", "ReplayResult", "dlq_topic_for", "read_dead_letters",
-           "replay", "show_text", "summary_line"]
+           "replay", "show_text", "summary_line", "unique_by_source"]
 
 _FETCH_BYTES = 64 * 1024 * 1024
-_DLQ_HEADERS = {"error", "reason", "source-topic", "source-partition", "source-offset",
-                "value-omitted"}
 
 
 class DlqError(BluestreamError):
@@ -93,6 +91,27 @@ class DeadLetter:
         return {"partition": self.partition, "offset": self.offset, "time": self.time,
                 "reason": self.reason, "source": self.source, "bytes": self.size,
                 "value_omitted": bool(self.header("value-omitted")), "error": self.error}
+
+
+def unique_by_source(letters: Iterable[DeadLetter]) -> tuple[list[DeadLetter], int]:
+    """Each source record once (its newest dead letter), in DLQ order, and how many
+    copies were left out. Dead letters are written at least once: a batch retried
+    after an outage sends its rejects again, with the same source coordinates."""
+    newest: dict[tuple[str, str, str], DeadLetter] = {}
+    plain: list[DeadLetter] = []
+    total = 0
+    for d in letters:
+        total += 1
+        key = (d.source_topic, d.header("source-partition"), d.header("source-offset"))
+        if not all(key):
+            plain.append(d)  # not one of ours (no source headers): keep as it is
+            continue
+        old = newest.get(key)
+        if old is None or (d.timestamp_ms, d.partition, d.offset) >= \
+                (old.timestamp_ms, old.partition, old.offset):
+            newest[key] = d
+    out = sorted([*newest.values(), *plain], key=lambda d: (d.partition, d.offset))
+    return out, total - len(out)
 
 
 def dlq_topic_for(topic: str, suffix: str) -> str:
@@ -269,7 +288,7 @@ async def replay(settings: Settings, letters: Iterable[DeadLetter], *,
             target = d.source_topic or d.topic.removesuffix(suffix)
             try:
                 value = d.value if d.value is not None else await _original(settings, d)
-                headers = [(k, v) for k, v in d.headers if k not in _DLQ_HEADERS
+                headers = [(k, v) for k, v in d.headers if k not in DLQ_HEADERS
                            and k != "dlq-replay-of"]
                 headers.append(("dlq-replay-of", f"{d.topic}:{d.partition}:{d.offset}"
                                 .encode()))

@@ -16,14 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
-import structlog
 
 from bluestream.errors import BluestreamError, StorageUnavailable
+from bluestream.log import get_logger
 from bluestream.storage.registry import StoreRegistry
 
 __all__ = ["Check", "HealthChecks", "probe_directory"]
 
-log = structlog.get_logger("bluestream.health")
+log = get_logger("bluestream.health")
 
 
 @dataclass

@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import structlog
 from anyio.abc import Listener, SocketAttribute, SocketStream
+
+from bluestream.log import get_logger
 
 __all__ = ["HttpServer", "Response", "json_response"]
 
-log = structlog.get_logger("bluestream.http")
+log = get_logger("bluestream.http")
 
 MAX_HEAD_BYTES = 8192
 REQUEST_TIMEOUT_S = 10.0

@@ -9,6 +9,11 @@ every line logged while it is bound.
 During an outage aiokafka logs the same connection error many times a second; a
 filter lets each distinct library message through once per minute and says how many
 were held back, so a long outage does not flood the journal.
+
+This is the application's choice, made by the daemon and the CLI tools only: bluestream's
+loggers (:mod:`bluestream.log`) follow structlog's configuration once something made one,
+and go to the standard logging module (printing nothing below WARNING) before that, as a
+library's should.
 """
 
 from __future__ import annotations

@@ -18,11 +18,11 @@ import socket
 import time
 from collections.abc import Mapping
 
-import structlog
+from bluestream.log import get_logger
 
 __all__ = ["Notifier"]
 
-log = structlog.get_logger("bluestream.notify")
+log = get_logger("bluestream.notify")
 
 
 class Notifier:

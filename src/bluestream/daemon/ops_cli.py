@@ -167,13 +167,21 @@ def dlq_list(
     reason: Annotated[list[str] | None, typer.Option(
         "--reason", "-r", help="Only records with this reason (repeatable).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    copies: Annotated[bool, typer.Option(
+        "--copies", help="Show every copy of a source record dead-lettered more than once "
+        "(a batch retried after an outage sends its rejects again).")] = False,
 ) -> None:
-    """List dead letters: partition:offset, time, reason, source record, size, error."""
-    from bluestream.daemon.dlq_tool import summary_line
+    """List dead letters: partition:offset, time, reason, source record, size, error.
+
+    Each source record is listed once (its newest dead letter) unless --copies."""
+    from bluestream.daemon.dlq_tool import summary_line, unique_by_source
 
     settings = _settings(config)
     letters = [d for d in _read(settings, topic, partition)
                if not reason or d.reason in reason]
+    hidden = 0
+    if not copies:
+        letters, hidden = unique_by_source(letters)
     if as_json:
         for d in letters:
             typer.echo(json.dumps(d.as_dict()))
@@ -186,7 +194,8 @@ def dlq_list(
     for d in letters:
         reasons[d.reason] = reasons.get(d.reason, 0) + 1
     typer.echo(f"{len(letters)} dead letters" + (": " + ", ".join(
-        f"{r} {n}" for r, n in sorted(reasons.items())) if reasons else ""))
+        f"{r} {n}" for r, n in sorted(reasons.items())) if reasons else "")
+        + (f" ({hidden} repeated copies not shown; --copies shows them)" if hidden else ""))
 
 
 @dlq_app.command("show")
@@ -232,7 +241,7 @@ def dlq_replay(
     idempotent. Records whose value was too large for the DLQ are fetched from the
     source topic while its retention keeps them.
     """
-    from bluestream.daemon.dlq_tool import DlqError, replay
+    from bluestream.daemon.dlq_tool import DlqError, replay, unique_by_source
     if bool(offsets) == replay_all:
         raise typer.BadParameter("give --offset (repeatable) or --all, not both",
                                  param_hint="--offset / --all")
@@ -241,7 +250,9 @@ def dlq_replay(
     letters = [d for d in _read(settings, topic, partition if select is None else None,
                                 select)
                if not reason or d.reason in reason]
-    if select is not None:
+    if select is None:
+        letters, _ = unique_by_source(letters)  # each source record once
+    else:
         found = {(d.partition, d.offset) for d in letters}
         for p, offs in sorted(select.items()):
             for o in sorted(offs):

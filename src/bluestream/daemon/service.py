@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import structlog
 from aiokafka.errors import KafkaError
 
 from bluestream._version import __version__
@@ -33,13 +32,14 @@ from bluestream.daemon.logs import configure_logging
 from bluestream.daemon.metrics import CONTENT_TYPE, DaemonGauges, MetricsCollector
 from bluestream.daemon.notify import Notifier
 from bluestream.errors import ConfigError
+from bluestream.log import get_logger
 from bluestream.settings import RELOADABLE, Settings, changed_keys, load_settings
 from bluestream.storage.registry import StoreRegistry
 from bluestream.storage.zarr_store import ZarrEventStore
 
 __all__ = ["Daemon", "run_daemon", "serve"]
 
-log = structlog.get_logger("bluestream.daemon")
+log = get_logger("bluestream.daemon")
 
 
 @dataclass
@@ -139,7 +139,7 @@ class Daemon:
             s.storage.metadata,
             server_selection_timeout_ms=s.storage.mongo_server_selection_timeout_ms,
         )
-        arrays = ZarrEventStore(s.storage.zarr_root)
+        arrays = ZarrEventStore(s.storage.zarr_root, fsync=s.storage.fsync)
         dlq = KafkaDeadLetters(s)
         ingestor = Ingestor(
             store_for=self.registry, arrays=arrays, dlq=dlq, limits=s.limits.limits(),

@@ -28,7 +28,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-import structlog
 from bson.errors import BSONError
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
@@ -44,6 +43,7 @@ from pymongo.errors import (
 )
 
 from bluestream.errors import ConfigError, NotFound, StorageError, StorageUnavailable
+from bluestream.log import get_logger
 from bluestream.queries import And, FullText, Query
 from bluestream.storage.base import (
     DOC_KINDS,
@@ -70,7 +70,7 @@ __all__ = ["DEFAULT_OPERATION_TIMEOUT_MS", "INDEXES", "MongoMetadataStore"]
 Doc = dict[str, Any]
 Collection = AsyncCollection[Doc]
 
-log = structlog.get_logger("bluestream.storage.mongo")
+log = get_logger("bluestream.storage.mongo")
 
 #: How long one network read may wait for the server (a big bulk write included).
 DEFAULT_OPERATION_TIMEOUT_MS = 60_000

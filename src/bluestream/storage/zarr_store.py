@@ -4,18 +4,20 @@ The layout (paths, dtypes, chunking) is :mod:`bluestream.layout`'s. Row ``i`` ho
 event with ``seq_num == i + 1``; a replay writes the same bytes to the same places, so
 storage is idempotent (DESIGN I1, I2).
 
-Arrays only grow. Growth happens under an advisory file lock beside the group, with the
-shape re-read inside the lock, so two daemons that both write one descriptor (a run
-spread over partitions) can never shrink an array and drop each other's rows.
+Arrays only grow. Each page is written under an advisory lock of its descriptor (one
+host; see :mod:`bluestream.storage.local_store`), with the shape re-read inside it, so
+two daemons that both write one descriptor (a run whose events a producer spread over
+partitions) neither shrink an array nor lose each other's rows to a chunk rewrite.
+
+Durability: every write goes through one
+:class:`~bluestream.storage.local_store.SyncingLocalStore`; :meth:`ZarrEventStore.sync` makes
+a batch's writes durable before its metadata and offsets (DESIGN I1).
 """
 
 from __future__ import annotations
 
-import fcntl
-import os
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,12 @@ from bluestream.layout import (
     timestamps_path,
 )
 from bluestream.storage.base import StreamUpdate
+from bluestream.storage.local_store import (
+    SyncingLocalStore,
+    descriptor_lock,
+    metadata_keys,
+    sync_written,
+)
 
 __all__ = ["ZarrEventStore"]
 
@@ -60,10 +68,19 @@ def _contiguous_runs(positions: np.ndarray) -> Iterator[tuple[int, int, int]]:
 
 
 class ZarrEventStore:
-    """Writes and reads per-descriptor event arrays under one root directory."""
+    """Writes and reads per-descriptor event arrays under one root directory.
 
-    def __init__(self, root: Path | str) -> None:
+    ``fsync=False`` makes :meth:`sync` a no-op: faster, and still safe against a crash
+    of the process (the page cache survives it), but not against a power loss or a
+    kernel crash, after which committed events may be missing from the arrays.
+    """
+
+    def __init__(self, root: Path | str, *, fsync: bool = True) -> None:
         self.root = Path(root)
+        self.fsync = fsync
+        # The one store every group and array is opened with, so that every write is
+        # recorded for :meth:`sync`.
+        self._store = SyncingLocalStore(self.root)
         # Event arrays are written densely by position: zarr's check of every written
         # chunk against the fill value (np.array_equal on the event loop) never saves a
         # write here and cost ~18% of an image ingest.
@@ -71,6 +88,22 @@ class ZarrEventStore:
         # Open array handles, most recently used last; bounded because runs that never
         # send a stop (aborted, or stopped on another daemon) would otherwise pile up.
         self._arrays: OrderedDict[tuple[str, str], AsyncArray[Any]] = OrderedDict()
+
+    # -- durability -------------------------------------------------------------------
+    @property
+    def unsynced(self) -> int:
+        """Files and directories recorded for the next :meth:`sync` (one batch's worth)."""
+        return self._store.pending()
+
+    async def sync(self) -> None:
+        """Make everything written since the last call durable (see
+        :mod:`bluestream.storage.local_store`). Called once per batch, before the
+        metadata that points at the arrays is written and before offsets are committed.
+        """
+        if self.fsync:
+            await sync_written(self._store, self.root)
+        else:
+            self._store.take()  # nothing to sync: keep the record bounded
 
     # -- writing ----------------------------------------------------------------------
     async def write_page(self, tenant: str, run_start: str, descriptor: Mapping[str, Any],
@@ -84,17 +117,19 @@ class ZarrEventStore:
         values = _column_values(page, order)
         needed = int(positions[-1]) + 1
         try:
-            group = await self._group(path, descriptor, run_start)
-            arrays = [await self._array(group, path, col) for col in columns]
-            self._check_dtypes(arrays, columns)
-            arrays = await self._grow(path, arrays, needed)
-            # seq_num last: a reader that sees a row's seq_num sees the whole row.
-            async with anyio.create_task_group() as tg:
-                for arr, col in zip(arrays, columns, strict=True):
-                    if col.name != SEQ_NUM:
-                        tg.start_soon(_write_runs, arr, positions, values[col.name])
-            seq = next(a for a, c in zip(arrays, columns, strict=True) if c.name == SEQ_NUM)
-            await _write_runs(seq, positions, values[SEQ_NUM])
+            async with descriptor_lock(self.root, path):
+                group = await self._group(path, descriptor, run_start)
+                arrays = [await self._array(group, path, col) for col in columns]
+                self._check_dtypes(arrays, columns)
+                arrays = await self._grow(path, arrays, needed)
+                # seq_num last: a reader that sees a row's seq_num sees the whole row.
+                async with anyio.create_task_group() as tg:
+                    for arr, col in zip(arrays, columns, strict=True):
+                        if col.name != SEQ_NUM:
+                            tg.start_soon(_write_runs, arr, positions, values[col.name])
+                seq = next(a for a, c in zip(arrays, columns, strict=True)
+                           if c.name == SEQ_NUM)
+                await _write_runs(seq, positions, values[SEQ_NUM])
         except (OSError, zarr.errors.BaseZarrError) as exc:
             raise StorageError(f"writing Zarr group {self.root / path} failed: {exc}") from exc
         except BaseExceptionGroup as group:  # the concurrent array writes above failed
@@ -122,10 +157,9 @@ class ZarrEventStore:
         attrs: dict[str, Any] = {"descriptor_uid": str(descriptor["uid"]), "run_start": run_start,
                  "stream_name": str(descriptor.get("name", "primary")),
                  "schema_version": SCHEMA_VERSION}
-        store = str(self.root)
         try:
-            return await za.open_group(store=store, path=path, mode="a", zarr_format=3,
-                                       attributes=attrs)
+            return await za.open_group(store=self._store, path=path, mode="a",
+                                       zarr_format=3, attributes=attrs)
         except ContainsArrayError as exc:
             raise StorageError(f"{path} is an array, expected a group") from exc
 
@@ -149,6 +183,11 @@ class ZarrEventStore:
                 arr = await group.getitem(col.name)
         if not isinstance(arr, AsyncArray):
             raise StorageError(f"{path}/{col.name} is a group, expected an array")
+        # First use in this process: the array's metadata and its parent groups' (the
+        # root's included) may have been written by a process that stopped before its
+        # sync, and exist, so they are not rewritten now; the next commit relies on them.
+        for meta in metadata_keys(arr.path):
+            self._store.note(meta)
         self._arrays[key] = arr
         while len(self._arrays) > _MAX_OPEN_ARRAYS:
             self._arrays.popitem(last=False)
@@ -159,9 +198,11 @@ class ZarrEventStore:
         for arr, col in zip(arrays, columns, strict=True):
             want = np.dtype(col.dtype)
             have = arr.dtype if isinstance(arr.dtype, np.dtype) else np.dtype(arr.dtype)
-            if have.kind == "T" and want.kind == "T":
-                continue
-            if have != want and not np.can_cast(want, have, "same_kind"):
+            strings = (have.kind == "T", want.kind == "T")
+            # Only casts that keep every value ("safe"): int64 values in an int32 array
+            # or floats in a string array would be stored changed, silently.
+            if strings[0] != strings[1] or (
+                    not strings[0] and have != want and not np.can_cast(want, have, "safe")):
                 raise ValidationError(
                     f"{col.name}: values of dtype {want} cannot be stored in the existing "
                     f"array of dtype {have}", reason=Reason.DTYPE_MISMATCH)
@@ -172,37 +213,27 @@ class ZarrEventStore:
 
     async def _grow(self, path: str, arrays: list[AsyncArray[Any]],
                     needed: int) -> list[AsyncArray[Any]]:
+        """Arrays at least ``needed`` long (called with the descriptor's lock held, the
+        shape re-read from storage: another writer may have grown them)."""
         if all(a.shape[0] >= needed for a in arrays):
             return arrays
-        lock = self.root / path / ".grow.lock"
-        async with _flock(lock):
-            out = []
-            for arr in arrays:
-                fresh = await za.open_array(store=str(self.root), path=arr.path,
-                                            zarr_format=3, mode="r+")
-                if fresh.shape[0] < needed:
-                    await fresh.resize((needed, *fresh.shape[1:]))
-                self._arrays[(path, arr.path.removeprefix(path + "/"))] = fresh
-                out.append(fresh)
-            return out
+        out = []
+        for arr in arrays:
+            fresh = await za.open_array(store=self._store, path=arr.path,
+                                        zarr_format=3, mode="r+")
+            if fresh.shape[0] < needed:
+                await fresh.resize((needed, *fresh.shape[1:]))
+            else:  # grown by another writer, maybe one that has not synced yet
+                self._store.note(f"{arr.path}/zarr.json")
+            self._arrays[(path, arr.path.removeprefix(path + "/"))] = fresh
+            out.append(fresh)
+        return out
 
     def forget(self, tenant: str, run_start: str) -> None:
         """Drop cached array handles of a finished run."""
         prefix = f"{tenant}/{run_start[:2]}/{run_start}/"
         for key in [k for k in self._arrays if k[0].startswith(prefix)]:
             del self._arrays[key]
-
-
-@asynccontextmanager
-async def _flock(path: Path) -> AsyncIterator[None]:
-    """An exclusive advisory lock, acquired in a worker thread (it may wait)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        await anyio.to_thread.run_sync(fcntl.flock, fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 def _last_wins_order(seq_num: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -60,9 +60,25 @@ def serve(config: ConfigOpt = None) -> None:
 
 
 @app.command("check-config")
-def check_config(config: ConfigOpt = None) -> None:
-    """Validate the configuration and print the effective settings (secrets masked)."""
-    settings = _settings_or_exit(config)
+def check_config(
+    ctx: typer.Context,
+    file: Annotated[Path | None, typer.Argument(
+        metavar="FILE", help="TOML configuration file (the same as -c FILE).",
+        show_default=False)] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Validate the configuration and print the effective settings (secrets masked).
+
+    FILE and -c FILE are the same; giving both, naming different files, is an error.
+    """
+    source = ctx.get_parameter_source("config")  # typer's own click: compare by name
+    from_env = source is not None and source.name == "ENVIRONMENT"
+    if file is not None and config is not None and not from_env and \
+            file.resolve() != config.resolve():
+        raise typer.BadParameter(f"FILE {file} and --config {config} name different files; "
+                                 "give one of them", param_hint="FILE / --config")
+    # FILE wins over BLUESTREAM_CONFIG, as -c does.
+    settings = _settings_or_exit(file if file is not None else config)
     typer.echo(json.dumps(settings.masked(), indent=2, default=str))
 
 
