@@ -8,7 +8,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck bench bench-quick services-up services-down clean lock
+.PHONY: demo test lint typecheck bench bench-quick fuzz services-up services-down clean lock
 
 $(STAMP): pyproject.toml requirements.lock
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
@@ -37,6 +37,12 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	scripts/run-bench --quick
+
+# The long fuzz run (needs the services: `make services-up`): 10^6 mutants through the
+# Ingestor, 2*10^4 through the daemon on Kafka; -rP prints each run's outcome counts.
+fuzz: $(STAMP)
+	BLUESTREAM_FUZZ_MESSAGES=1000000 BLUESTREAM_FUZZ_KAFKA_MESSAGES=20000 \
+	  $(PY) -m pytest -p no:cacheprovider -q -rP tests/test_fuzz.py
 
 services-up:
 	scripts/services up

@@ -169,7 +169,7 @@ def test_kafka_security_reaches_the_clients(tmp_path: Path) -> None:
 
     from aiokafka import AIOKafkaConsumer
 
-    from bluestream.consumers.kafka import kafka_client_options
+    from bluestream.consumers.kafka_clients import kafka_client_options
 
     ca, cert, key = _self_signed(tmp_path)
     settings = load_settings(None, environ={

@@ -144,8 +144,8 @@ async def test_a_retried_batch_dead_letters_twice_and_the_tool_shows_it_once(
     again. The real dead-letter producer sends the same rejected record twice (as the
     retry does); ``dlq list`` shows it once (``--copies`` shows both) and ``replay --all``
     replays it once. Checked to fail before the fix: list showed "2 dead letters"."""
+    from bluestream.consumers.dead_letters import KafkaDeadLetters
     from bluestream.consumers.envelope import Envelope
-    from bluestream.consumers.kafka import KafkaDeadLetters
     from bluestream.errors import DecodeError
 
     settings = settings_for(kafka_bootstrap, kafka_topic, f"sqlite:///{tmp_path}/m.db",

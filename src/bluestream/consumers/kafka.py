@@ -1,4 +1,5 @@
-"""The Kafka side: the consumer loop that feeds the ingestor, and the dead-letter producer.
+"""The Kafka source: the consumer loop that feeds the ingestor (dead letters go through
+:mod:`bluestream.consumers.dead_letters`).
 
 One loop fetches a batch, has the ingestor store it, then commits per partition up to
 (not past) the oldest parked message. Fetching waits while a batch is written, so a slow
@@ -15,125 +16,28 @@ asks the cluster directly, which is what readiness reports.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeError
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 
 from bluestream.consumers.envelope import Envelope
+from bluestream.consumers.kafka_clients import kafka_client_options, stop_client
 from bluestream.consumers.pipeline import Ingestor
 from bluestream.counters import Counters
-from bluestream.errors import DocumentError, StorageError, leaf_errors
+from bluestream.errors import StorageError, leaf_errors
 from bluestream.log import get_logger
-from bluestream.settings import KafkaSettings, Settings, tenant_for_topic
+from bluestream.settings import Settings, tenant_for_topic
 
-__all__ = ["DLQ_HEADERS", "KafkaDeadLetters", "KafkaSource", "SourceState", "kafka_client_options"]
+__all__ = ["KafkaSource", "SourceState"]
 
 log = get_logger("bluestream.kafka")
-
-
-def kafka_client_options(k: KafkaSettings) -> dict[str, Any]:
-    """Connection and security options shared by every client we create."""
-    opts: dict[str, Any] = {"bootstrap_servers": k.bootstrap,
-                            "security_protocol": k.security_protocol}
-    if k.security_protocol in ("SSL", "SASL_SSL"):
-        from aiokafka.helpers import create_ssl_context
-
-        opts["ssl_context"] = create_ssl_context(
-            cafile=str(k.ssl_cafile) if k.ssl_cafile else None,
-            certfile=str(k.ssl_certfile) if k.ssl_certfile else None,
-            keyfile=str(k.ssl_keyfile) if k.ssl_keyfile else None,
-        )
-    if k.security_protocol.startswith("SASL"):
-        opts["sasl_mechanism"] = k.sasl_mechanism
-        opts["sasl_plain_username"] = k.sasl_username
-        opts["sasl_plain_password"] = (k.sasl_password.get_secret_value()
-                                       if k.sasl_password else None)
-    return opts
-
-
-class KafkaDeadLetters:
-    """Sends dead letters to ``<topic><suffix>`` with the original key, value and headers
-    plus ``error``, ``reason``, ``source-topic``, ``source-partition``, ``source-offset``.
-
-    At least once: a batch retried after a store outage dead-letters its rejects again.
-    The source coordinates identify a dead letter; ``bluestream dlq list`` and
-    ``replay --all`` show and replay each source record once."""
-
-    def __init__(self, settings: Settings) -> None:
-        self._suffix = settings.kafka.dlq_suffix
-        self._producer = AIOKafkaProducer(
-            **kafka_client_options(settings.kafka),
-            client_id=f"{settings.kafka.client_id}-dlq",
-            acks="all",
-            enable_idempotence=True,
-            # Dead letters carry the original bytes, which may exceed our own limit
-            # (that can be why they are dead): allow what the broker allows by default.
-            max_request_size=max(settings.limits.max_message_bytes, 32 * 1024 * 1024)
-            + 1024 * 1024,
-            request_timeout_ms=30_000,
-        )
-        self._pending: list[tuple[Envelope, list[tuple[str, bytes]], asyncio.Future[Any]]] = []
-
-    async def start(self) -> None:
-        await self._producer.start()
-
-    async def stop(self) -> None:
-        await _stop_client(self._producer.stop, "dead-letter producer")
-
-    async def send(self, env: Envelope, error: DocumentError) -> None:
-        headers = [(k, v) for k, v in env.headers if k not in DLQ_HEADERS]
-        headers += [
-            ("error", str(error).encode()[:4000]),
-            ("reason", error.reason.encode()),
-            ("source-topic", env.topic.encode()),
-            ("source-partition", str(env.partition).encode()),
-            ("source-offset", str(env.offset).encode()),
-        ]
-        try:
-            fut = await self._producer.send(env.topic + self._suffix, value=env.value,
-                                            key=env.key, headers=headers)
-        except MessageSizeTooLargeError:
-            fut = await self._send_without_value(env, headers)
-        self._pending.append((env, headers, fut))
-
-    async def _send_without_value(self, env: Envelope,
-                                  headers: list[tuple[str, bytes]]) -> asyncio.Future[Any]:
-        """Too big even for the dead-letter topic: keep the record's coordinates (the
-        original stays in the source topic until retention) and say so."""
-        headers = [*headers, ("value-omitted", str(len(env.value or b"")).encode())]
-        fut: asyncio.Future[Any] = await self._producer.send(
-            env.topic + self._suffix, value=None, key=env.key, headers=headers)
-        return fut
-
-    async def flush(self) -> None:
-        """Wait until every dead letter sent so far is acknowledged by the broker.
-
-        A dead letter the broker refuses as too large (the dead-letter topic may have a
-        smaller ``max.message.bytes`` than its source) is sent again without its value,
-        so one oversized record cannot block its partition forever."""
-        pending, self._pending = self._pending, []
-        retry = []
-        for env, headers, fut in pending:
-            try:
-                await fut
-            except MessageSizeTooLargeError:
-                retry.append(await self._send_without_value(env, headers))
-        if retry:
-            await asyncio.gather(*retry)
-
-
-#: Headers a dead letter gets from us; a producer's own headers of these names are
-#: dropped so that they cannot pass for ours.
-DLQ_HEADERS = frozenset({"error", "reason", "source-topic", "source-partition",
-                         "source-offset", "value-omitted"})
 
 
 @dataclass
@@ -287,7 +191,7 @@ class KafkaSource:
 
     async def close(self) -> None:
         """Release the consumer if :meth:`run` never did (stopped before it ran)."""
-        await _stop_client(self.consumer.stop, "consumer")
+        await stop_client(self.consumer.stop, "consumer")
 
     async def _shutdown(self) -> None:
         if not self.state.consumer_started:
@@ -298,7 +202,7 @@ class KafkaSource:
                 await self._commit()
             except Exception as exc:  # best effort: uncommitted records are re-read
                 log.warning("final commit failed", error=repr(exc))
-        await _stop_client(self.consumer.stop, "consumer")
+        await stop_client(self.consumer.stop, "consumer")
 
     # -- one batch ----------------------------------------------------------------------
     async def _step(self) -> None:
@@ -477,24 +381,6 @@ class KafkaSource:
             if self._on_ready is not None:
                 self._on_ready()
         log.info("partitions assigned", partitions=sorted(f"{t}:{p}" for t, p in mine))
-
-
-async def _stop_client(stop: Callable[[], Awaitable[None]], what: str) -> None:
-    """Stop an aiokafka client, tolerating what it raises when Kafka is gone.
-
-    With a fetch sleeping in a retry, aiokafka's close cancels that task and then
-    awaits it, re-raising *its* CancelledError in our task. That cancellation is not
-    ours (our task is not being cancelled), so it must not abort the shutdown.
-    """
-    try:
-        await stop()
-    except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            raise
-        log.warning("Kafka client stopped uncleanly (Kafka unreachable?)", client=what)
-    except Exception as exc:
-        log.warning("Kafka client stop failed", client=what, error=repr(exc))
 
 
 def _outage(exc: BaseException) -> StorageError | KafkaError | None:

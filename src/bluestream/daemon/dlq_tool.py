@@ -26,8 +26,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
+from bluestream.consumers.dead_letters import DLQ_HEADERS
 from bluestream.consumers.decode import decode_message
-from bluestream.consumers.kafka import DLQ_HEADERS, kafka_client_options
+from bluestream.consumers.kafka_clients import kafka_client_options
 from bluestream.errors import BluestreamError, DocumentError
 from bluestream.schemas.normalise import to_jsonable
 from bluestream.settings import Settings

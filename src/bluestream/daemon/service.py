@@ -23,7 +23,8 @@ import anyio
 from aiokafka.errors import KafkaError
 
 from bluestream._version import __version__
-from bluestream.consumers.kafka import KafkaDeadLetters, KafkaSource
+from bluestream.consumers.dead_letters import KafkaDeadLetters
+from bluestream.consumers.kafka import KafkaSource
 from bluestream.consumers.pipeline import Ingestor
 from bluestream.counters import Counters
 from bluestream.daemon.health import HealthChecks

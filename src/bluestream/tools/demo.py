@@ -136,7 +136,7 @@ async def _kafka_answers(settings: Settings) -> bool:
     from aiokafka.admin import AIOKafkaAdminClient
     from aiokafka.errors import KafkaError
 
-    from bluestream.consumers.kafka import kafka_client_options
+    from bluestream.consumers.kafka_clients import kafka_client_options
 
     if not _reachable(settings.kafka.bootstrap):
         return False
@@ -161,7 +161,7 @@ async def _create_topic(settings: Settings, topic: str) -> None:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import KafkaError
 
-    from bluestream.consumers.kafka import kafka_client_options
+    from bluestream.consumers.kafka_clients import kafka_client_options
 
     admin = AIOKafkaAdminClient(**kafka_client_options(settings.kafka))
     try:

@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from bluestream.consumers.decode import encode_message
-from bluestream.consumers.kafka import kafka_client_options
+from bluestream.consumers.kafka_clients import kafka_client_options
 from bluestream.errors import BluestreamError, DocumentError
 from bluestream.settings import Settings
 from bluestream.tools.files import FileFormatError, iter_documents
