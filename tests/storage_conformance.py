@@ -367,6 +367,10 @@ class MetadataStoreTests:
         other_run = {**stop, "run_start": uid(2)}  # new key, but the uid is taken
         assert await store.put_documents("stop", [other_run]) == [CONFLICT]
         assert await store.get("stop", uid(2)) is None
+        # Twice in one call: the second copy is no replay of a stored document (the
+        # fuzzer found SQLite answering SAME for it: neither stored nor dead-lettered).
+        assert await store.put_documents("stop", [other_run, other_run]) == [CONFLICT,
+                                                                             CONFLICT]
 
     async def test_non_finite_floats_round_trip(self, store: MetadataStore) -> None:
         doc = {**RUNS[1], "ring_current": math.nan, "limits": [-math.inf, math.inf]}

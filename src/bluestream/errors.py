@@ -45,6 +45,7 @@ class Reason(enum.StrEnum):
     SCHEMA_VIOLATION = "schema-violation"
     LIMIT_EXCEEDED = "limit-exceeded"
     NOT_JSONABLE = "not-jsonable"
+    INT_OUT_OF_RANGE = "int-out-of-range"
     BAD_TIME = "bad-time"
     BAD_SEQ_NUM = "bad-seq-num"
     BAD_KEY = "bad-key"

@@ -14,6 +14,7 @@ bluesky_kafka runs) replaces ``msgpack.unpackb`` with a version that chains that
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,9 @@ __all__ = ["decode_message", "encode_message"]
 _NAMES = frozenset(DOCUMENT_NAMES)
 
 _ND = b"nd"
+_MAX_NDIM = 32
+#: How far the dimensions of an array may reach beyond its elements (zero-length axes).
+_MAX_EMPTY_SPAN = 1024
 
 
 class _UnsafeArray(Exception):
@@ -40,15 +44,22 @@ class _UnsafeArray(Exception):
 
 
 def _ndarray_hook(obj: dict[Any, Any]) -> Any:
-    """msgpack object hook: rebuild numpy values encoded by msgpack-numpy, safely."""
+    """msgpack object hook: rebuild numpy values encoded by msgpack-numpy, safely; every
+    other map must have string keys (JSON's rule: the schemas and stores assume it)."""
     if _ND not in obj:
         if b"complex" in obj and b"data" in obj and len(obj) == 2:
             return complex(obj[b"data"].decode() if isinstance(obj[b"data"], bytes)
                            else obj[b"data"])
+        for key in obj:
+            if type(key) is not str:
+                raise DecodeError(f"a map has a key that is not a string: {key!r:.80}")
         return obj
     try:
         data = obj[b"data"]
         descr = obj[b"type"]
+        if not isinstance(data, bytes):  # np.ndarray(buffer=None) is uninitialised memory
+            raise _UnsafeArray("msgpack-numpy value without data bytes "
+                               f"({type(data).__name__})")
         if obj[_ND] is True:
             kind = obj.get(b"kind", b"")
             if kind == b"O":
@@ -60,6 +71,10 @@ def _ndarray_hook(obj: dict[Any, Any]) -> Any:
             if dtype.hasobject:
                 raise _UnsafeArray("object dtypes are not accepted")
             shape = tuple(int(s) for s in obj[b"shape"])
+            if len(shape) > _MAX_NDIM or math.prod(max(s, 1) for s in shape) > max(
+                    len(data) // max(dtype.itemsize, 1), 1) * _MAX_EMPTY_SPAN:
+                # np.ndarray accepts [2**40, 0] with no data: its tolist() never ends.
+                raise _UnsafeArray(f"shape {list(shape)[:8]} does not fit {len(data)} bytes")
             # np.ndarray checks that the buffer is big enough for the shape, so a
             # hostile shape cannot make us allocate: it fails here.
             return np.ndarray(buffer=data, dtype=dtype, shape=shape)
@@ -92,8 +107,10 @@ def decode_message(value: bytes | None, *, max_bytes: int) -> tuple[str, dict[st
         else:
             message = _unpackb(value, object_hook=_ndarray_hook, strict_map_key=False,
                                use_list=True)
+    except DecodeError:
+        raise
     except _UnsafeArray as exc:
-        raise DecodeError(f"refused a numpy value: {exc}", reason=Reason.UNSAFE_VALUE) from exc
+        raise DecodeError(f"refused a value: {exc}", reason=Reason.UNSAFE_VALUE) from exc
     except Exception as exc:  # msgpack raises a zoo of types (ExtraData, ValueError, ...)
         raise DecodeError(
             f"not a msgpack or JSON (name, doc) message: {type(exc).__name__}: {exc}"

@@ -25,8 +25,15 @@ from bluestream.consumers.parking import ParkingLot
 from bluestream.consumers.run_index import DescriptorInfo, RunIndex
 from bluestream.counters import Counters
 from bluestream.documents import PARENT_FIELD
-from bluestream.errors import ConflictError, DocumentError, Reason, RoutingError, ValidationError
-from bluestream.layout import Page, field_specs
+from bluestream.errors import (
+    ConflictError,
+    DocumentError,
+    Reason,
+    RoutingError,
+    StorageError,
+    ValidationError,
+)
+from bluestream.layout import Page, descriptor_path, field_specs, safe_component
 from bluestream.limits import Limits
 from bluestream.log import get_logger
 from bluestream.schemas.normalise import (
@@ -154,8 +161,8 @@ class Ingestor:
         try:
             name, doc = decode_message(env.value, max_bytes=self.limits.max_message_bytes)
             validate(name, doc)
-        except DocumentError as exc:
-            await self._dead(env, exc)
+        except Exception as exc:  # pure code: anything it raises is about this message
+            await self._dead(env, _as_document_error(exc, env))
             return None
         self.counters.inc("documents", name)
         return Routed(name, doc, env)
@@ -178,13 +185,21 @@ class Ingestor:
     async def _route(self, item: Routed, batch: _Batch) -> None:
         try:
             await self._route_one(item, batch)
-        except DocumentError as exc:
-            await self._dead(item.env, exc)
+        except StorageError:
+            raise  # an outage: the batch is retried, nothing is dead-lettered for it
+        except Exception as exc:
+            await self._dead(item.env, _as_document_error(exc, item.env))
 
     async def _route_one(self, item: Routed, batch: _Batch) -> None:
         tenant, name, doc = item.env.tenant, item.name, item.doc
         if name == "datum_page":
-            for datum in datum_page_to_datums(doc):
+            datums = datum_page_to_datums(doc, self.limits)  # checked before it waits
+            resource = doc.get("resource")
+            if isinstance(resource, str) and await self._parent(tenant, "resource",
+                                                                resource) is None:
+                self._park(tenant, "resource", resource, item)  # the page waits whole
+                return
+            for datum in datums:
                 await self._route(Routed("datum", datum, item.env, dict(item.extra)), batch)
             return
         run_start = ""
@@ -208,7 +223,7 @@ class Ingestor:
                     return
                 run_start = parent_key if kind == "start" else parent
         if name == "start":
-            run_start = str(doc["uid"])
+            run_start = safe_component(str(doc["uid"]), "run start uid")
         if name in ("event", "event_page"):
             batch.events.setdefault((tenant, str(doc["descriptor"])), []).append(item)
         elif name == "stop":
@@ -218,8 +233,10 @@ class Ingestor:
             clean = to_jsonable(doc)
             key = key_of(name, clean)
             if name == "descriptor":
-                # Refuse bad data keys before the descriptor is remembered as accepted.
+                # Refuse bad data keys and uids that cannot name its Zarr group before
+                # the descriptor is remembered as accepted (its events would all fail).
                 field_specs(clean, self.limits)
+                descriptor_path(tenant, run_start, key)
             if name in CHECKED_KINDS and not await self._accept(tenant, name, key, clean):
                 batch.note(tenant, run_start, item.env)
                 await self._release(tenant, name, key, batch)
@@ -273,11 +290,9 @@ class Ingestor:
     # -- writing ------------------------------------------------------------------------
     async def _flush(self, batch: _Batch) -> None:
         updates: dict[str, list[StreamUpdate]] = defaultdict(list)
-        results: list[tuple[str, StreamUpdate | None]] = []
 
         async def write(tenant: str, desc_uid: str, items: list[Routed]) -> None:
-            update = await self._write_events(tenant, desc_uid, items)
-            results.append((tenant, update))
+            updates[tenant].extend(await self._write_events(tenant, desc_uid, items))
 
         async with anyio.create_task_group() as tg:
             for (tenant, desc_uid), items in batch.events.items():
@@ -285,9 +300,6 @@ class Ingestor:
         # Arrays durable (fsync) before the metadata that points at them, and so before
         # the source commits the batch's offsets (DESIGN I1).
         await self.arrays.sync()
-        for tenant, update in results:
-            if update is not None:
-                updates[tenant].append(update)
         tenants = set(batch.metadata) | set(updates) | set(batch.stops) | \
             {t for t, *_ in batch.provenance}
         for tenant in sorted(tenants):
@@ -322,50 +334,87 @@ class Ingestor:
                     "content", reason=Reason.conflicting(kind)))
 
     async def _write_events(self, tenant: str, desc_uid: str,
-                            items: list[Routed]) -> StreamUpdate | None:
+                            items: list[Routed]) -> list[StreamUpdate]:
         info = items[0].descriptor  # resolved when the events were routed
         if info is None:  # cannot happen: routing attaches it; keep the promise anyway
             for item in items:
                 await self._dead(item.env, RoutingError(f"descriptor {desc_uid!r} unknown"))
-            return None
-        pages: list[Page] = []
+            return []
+        pages: list[tuple[Page, list[Routed]]] = []
         for group in _runs_of_kind(items):
             pages.extend(await self._pages(info, group))
         if not pages:
-            return None
-        page = concat_pages(pages)
+            return []
         try:
-            update = await self.arrays.write_page(tenant, info.run_start, info.doc,
-                                                  info.specs, page)
-        except ValidationError as exc:  # e.g. dtype differs from the stored array
-            for item in items:
-                await self._dead(item.env, exc)
-            return None
-        self.counters.inc("events", tenant, len(page))
-        return update
+            whole = concat_pages([p for p, _ in pages])
+            updates = [await self.arrays.write_page(tenant, info.run_start, info.doc,
+                                                    info.specs, whole)]
+        except ValidationError as exc:  # e.g. a dtype that differs from the stored array
+            if len(pages) == 1:
+                for item in pages[0][1]:
+                    await self._dead(item.env, exc)
+                return []
+            updates = await self._write_one_by_one(tenant, info, pages)
+        self.counters.inc("events", tenant, sum(len(p) for p, _ in pages))
+        return updates
 
-    async def _pages(self, info: DescriptorInfo, items: list[Routed]) -> list[Page]:
-        """Events batch into one page; a bad event is isolated and dead-lettered alone."""
+    async def _write_one_by_one(self, tenant: str, info: DescriptorInfo,
+                                pages: list[tuple[Page, list[Routed]]]) -> list[StreamUpdate]:
+        """Pages that the array refused together, written apart: only the events of a
+        refused page are dead-lettered."""
+        updates = []
+        for page, its in pages:
+            try:
+                updates.append(await self.arrays.write_page(tenant, info.run_start, info.doc,
+                                                            info.specs, page))
+            except ValidationError as exc:
+                for item in its:
+                    await self._dead(item.env, exc)
+        return updates
+
+    async def _pages(self, info: DescriptorInfo,
+                     items: list[Routed]) -> list[tuple[Page, list[Routed]]]:
+        """Events batch into one page; a bad event is isolated and dead-lettered alone.
+        Each page comes with the items it holds."""
         if items[0].name == "event_page":
             out = []
             for item in items:
                 try:
-                    out.append(page_from_event_page(item.doc, info.specs, self.limits))
-                except DocumentError as exc:
-                    await self._dead(item.env, exc)
+                    out.append((page_from_event_page(item.doc, info.specs, self.limits),
+                                [item]))
+                except Exception as exc:
+                    await self._dead(item.env, _as_document_error(exc, item.env))
             return out
         try:
-            return [page_from_events([i.doc for i in items], info.specs, self.limits)]
-        except DocumentError:
+            return [(page_from_events([i.doc for i in items], info.specs, self.limits), items)]
+        except Exception:
             pass
-        good: list[dict[str, Any]] = []
+        good: list[tuple[Page, list[Routed]]] = []
         for item in items:
             try:
-                page_from_events([item.doc], info.specs, self.limits)
-                good.append(item.doc)
-            except DocumentError as exc:
-                await self._dead(item.env, exc)
-        return [page_from_events(good, info.specs, self.limits)] if good else []
+                good.append((page_from_events([item.doc], info.specs, self.limits), [item]))
+            except Exception as exc:
+                await self._dead(item.env, _as_document_error(exc, item.env))
+        if len(good) < 2:
+            return good
+        try:  # events valid alone may still not fit one column together (int64 range)
+            together = [i for _, its in good for i in its]
+            return [(page_from_events([i.doc for i in together], info.specs, self.limits),
+                     together)]
+        except Exception:
+            return good
+
+
+def _as_document_error(exc: Exception, env: Envelope) -> DocumentError:
+    """What pure code raised about one message, as the error its dead letter carries.
+    Anything but a DocumentError is a bug of ours: logged with its traceback, and the
+    message dead-lettered rather than crashing the service on every restart."""
+    if isinstance(exc, DocumentError):
+        return exc
+    log.error("unexpected error on a message; dead-lettered", source=env.where(),
+              error=repr(exc)[:500], exc_info=exc)
+    return ValidationError(f"could not be processed: {type(exc).__name__}: {exc}"[:1000],
+                           reason=Reason.INVALID)
 
 
 def _runs_of_kind(items: list[Routed]) -> list[list[Routed]]:

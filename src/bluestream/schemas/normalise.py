@@ -89,7 +89,7 @@ def page_from_event_page(doc: Mapping[str, Any], specs: Mapping[str, FieldSpec],
                          limits: Limits) -> Page:
     """Normalise an event_page document; lengths are checked before any conversion."""
     uid = doc.get("uid")
-    n = len(uid) if isinstance(uid, list | tuple | np.ndarray) else -1
+    n = _length(uid)
     if n > limits.max_page_events:
         raise LimitExceeded(f"event_page has {n} events, more than the limit "
                             f"{limits.max_page_events}")
@@ -107,13 +107,20 @@ def page_from_event_page(doc: Mapping[str, Any], specs: Mapping[str, FieldSpec],
     columns.update({f"timestamps[{k!r}]": v for k, v in timestamps.items()})
     columns.update({f"filled[{k!r}]": v for k, v in filled.items()})
     for name, column in columns.items():
-        length = len(column) if isinstance(column, list | tuple | np.ndarray) else -1
+        length = _length(column)
         if length != n:
             raise ValidationError(f"event_page {name} has {length} entries, uid has {n}",
                                   reason=Reason.PAGE_LENGTH_MISMATCH)
     cols = _Columns(doc.get("descriptor"), uid, doc.get("seq_num"), doc.get("time"), data,
                     timestamps, {k: filled.get(k, [False] * n) for k in external})
     return _build(cols, specs, limits)
+
+
+def _length(column: Any) -> int:
+    """Entries of a page column; -1 for anything that is not a list or a 1+-d array."""
+    if isinstance(column, np.ndarray):
+        return int(column.shape[0]) if column.ndim else -1
+    return len(column) if isinstance(column, list | tuple) else -1
 
 
 def _mapping(doc: Mapping[str, Any], key: str) -> Mapping[str, Any]:
@@ -394,7 +401,7 @@ def _export(column: Array, spec: FieldSpec | None) -> list[Any]:
 
 
 # -- metadata documents ---------------------------------------------------------------------
-_ATOMS = frozenset({str, int, float, bool, type(None)})
+_ATOMS = frozenset({str, float, bool, type(None)})  # int: range-checked
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -402,11 +409,15 @@ def to_jsonable(obj: Any) -> Any:
 
     Metadata documents are stored as plain values (MongoDB, SQLite JSON). Containers
     are always copied, so the result never shares mutable state with the input.
-    Raises ValidationError (``not-jsonable``) for values with no JSON form.
+    Raises ValidationError (``not-jsonable``) for values with no JSON form, and for
+    integers beyond 64 bits (``int-out-of-range``: neither store can hold them, and a
+    document a store refuses must be refused here, not retried as an outage).
     """
     kind = type(obj)
     if kind in _ATOMS:
         return obj
+    if kind is int:
+        return _int64(obj)
     if kind is dict or isinstance(obj, Mapping):
         out = {}
         for key, value in obj.items():
@@ -417,12 +428,16 @@ def to_jsonable(obj: Any) -> Any:
     if kind is list or kind is tuple:
         return [v if type(v) in _ATOMS else to_jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray):
+        if obj.dtype.kind == "u" and obj.dtype.itemsize == 8 and obj.size:
+            _int64(int(obj.max()))
         if obj.dtype.kind in "biufUT":
             return obj.tolist()
         if obj.dtype.kind in "OV":
             return to_jsonable(obj.tolist())
     elif isinstance(obj, np.generic):
         value = obj.item()
+        if type(value) is int:
+            return _int64(value)
         if type(value) in _ATOMS:
             return value
         if isinstance(value, tuple):  # a structured (void) scalar
@@ -430,11 +445,18 @@ def to_jsonable(obj: Any) -> Any:
     elif isinstance(obj, str):  # subclasses of the atoms, e.g. StrEnum, IntEnum
         return str(obj)
     elif isinstance(obj, int):
-        return int(obj)
+        return _int64(int(obj))
     elif isinstance(obj, float):
         return float(obj)
     raise ValidationError(f"a value of type {kind.__name__} cannot be stored as JSON",
                           reason=Reason.NOT_JSONABLE)
+
+
+def _int64(value: int) -> int:
+    if -2**63 <= value < 2**63:
+        return value
+    raise ValidationError(f"integer {value} does not fit in 64 bits (the metadata stores "
+                          "hold 64-bit integers)", reason=Reason.INT_OUT_OF_RANGE)
 
 
 def _json_key(key: Any) -> str:
@@ -452,20 +474,20 @@ def datum_page_to_datums(doc: Mapping[str, Any],
     """
     ids = doc.get("datum_id")
     kwargs = doc.get("datum_kwargs")
-    if not isinstance(ids, list | tuple | np.ndarray) or not isinstance(kwargs, Mapping):
+    if _length(ids) < 0 or not isinstance(kwargs, Mapping):
         raise ValidationError("datum_page needs a datum_id list and a datum_kwargs mapping",
                               reason=Reason.SCHEMA_VIOLATION)
-    n = len(ids)
+    n = _length(ids)
     if n > limits.max_page_events:
         raise LimitExceeded(f"datum_page has {n} datums, more than the limit "
                             f"{limits.max_page_events}")
     columns = {}
     for key, column in kwargs.items():
-        if not isinstance(column, list | tuple | np.ndarray) or len(column) != n:
+        if _length(column) != n:
             raise ValidationError(f"datum_page datum_kwargs[{key!r}] does not have {n} entries",
                                   reason=Reason.PAGE_LENGTH_MISMATCH)
         columns[key] = column.tolist() if isinstance(column, np.ndarray) else list(column)
-    id_list = ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
+    id_list = ids.tolist() if isinstance(ids, np.ndarray) else list(ids or ())
     return [
         {"resource": doc.get("resource"), "datum_id": datum_id,
          "datum_kwargs": {k: v[i] for k, v in columns.items()}}

@@ -359,11 +359,15 @@ class SqliteMetadataStore(MetadataStore):
         with _transaction(conn):
             stored = self._stored_content(conn, table, keys)
             outcomes, positions = classify_puts(docs, keys, stored)
+            refused = set()
             for i in positions:
                 if conn.execute(insert, (self.tenant, *rows[i])).rowcount == 0:
                     # The key was free, so another unique column (a stop's uid) clashed.
                     outcomes[i] = PutOutcome.CONFLICT
-        return outcomes
+                    refused.add(keys[i])
+        # A later copy in this call is "the same" as a document that was never stored.
+        return [PutOutcome.CONFLICT if keys[i] in refused else o
+                for i, o in enumerate(outcomes)]
 
     def _stored_content(self, conn: sqlite3.Connection, table: str,
                         keys: Sequence[str]) -> dict[str, str]:
