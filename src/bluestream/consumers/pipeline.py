@@ -30,7 +30,6 @@ from bluestream.errors import (
     DocumentError,
     Reason,
     RoutingError,
-    StorageError,
     ValidationError,
 )
 from bluestream.layout import Page, descriptor_path, field_specs, safe_component
@@ -161,7 +160,7 @@ class Ingestor:
         try:
             name, doc = decode_message(env.value, max_bytes=self.limits.max_message_bytes)
             validate(name, doc)
-        except Exception as exc:  # pure code: anything it raises is about this message
+        except _ABOUT_THE_MESSAGE as exc:
             await self._dead(env, _as_document_error(exc, env))
             return None
         self.counters.inc("documents", name)
@@ -185,9 +184,7 @@ class Ingestor:
     async def _route(self, item: Routed, batch: _Batch) -> None:
         try:
             await self._route_one(item, batch)
-        except StorageError:
-            raise  # an outage: the batch is retried, nothing is dead-lettered for it
-        except Exception as exc:
+        except _ABOUT_THE_MESSAGE as exc:  # outages (store, Kafka) propagate: retried
             await self._dead(item.env, _as_document_error(exc, item.env))
 
     async def _route_one(self, item: Routed, batch: _Batch) -> None:
@@ -382,18 +379,18 @@ class Ingestor:
                 try:
                     out.append((page_from_event_page(item.doc, info.specs, self.limits),
                                 [item]))
-                except Exception as exc:
+                except _ABOUT_THE_MESSAGE as exc:
                     await self._dead(item.env, _as_document_error(exc, item.env))
             return out
         try:
             return [(page_from_events([i.doc for i in items], info.specs, self.limits), items)]
-        except Exception:
-            pass
+        except _ABOUT_THE_MESSAGE:
+            pass  # which event is bad is found out below
         good: list[tuple[Page, list[Routed]]] = []
         for item in items:
             try:
                 good.append((page_from_events([item.doc], info.specs, self.limits), [item]))
-            except Exception as exc:
+            except _ABOUT_THE_MESSAGE as exc:
                 await self._dead(item.env, _as_document_error(exc, item.env))
         if len(good) < 2:
             return good
@@ -401,8 +398,14 @@ class Ingestor:
             together = [i for _, its in good for i in its]
             return [(page_from_events([i.doc for i in together], info.specs, self.limits),
                      together)]
-        except Exception:
+        except _ABOUT_THE_MESSAGE:
             return good
+
+
+#: What handling one message can raise because of that message: our DocumentError, and the
+#: errors of code bugs on odd input (no outage of a store or of Kafka is among these).
+_ABOUT_THE_MESSAGE = (DocumentError, ValueError, TypeError, LookupError, ArithmeticError,
+                      AttributeError, RecursionError)
 
 
 def _as_document_error(exc: Exception, env: Envelope) -> DocumentError:
