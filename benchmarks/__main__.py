@@ -3,8 +3,10 @@ the figures and the targets table, write ``<scenario>.json`` + ``.png`` and
 ``summary.json`` + ``summary.png``.
 
 Full mode writes to ``benchmarks/results/``; quick mode (tiny sizes, seconds) to a fresh
-temporary directory unless ``--out`` is given. Exit status 1 if a scenario failed
-(a missed target is reported, not a failure: the benchmarks measure, tests assert).
+temporary directory unless ``--out`` is given. Exit status 1 if a scenario failed: it
+raised, or one of its own correctness checks failed (``benchmarks.checks``: data lost by
+a daemon, stored counts, values read back). A missed target is reported, not a failure:
+the benchmarks measure, tests assert.
 """
 
 from __future__ import annotations
@@ -80,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
             path = save_result(ctx, result)
             for target in result.targets:
                 print("  " + target.line())
+            for check in result.checks:
+                print("  " + check.line())
+            if result.failed_checks:
+                failed.append(name)
+                print(f"  !! {name} FAILED: {len(result.failed_checks)} of "
+                      f"{len(result.checks)} checks failed")
             print(f"  -> {path} ({time.monotonic() - t:.0f} s)")
     finally:
         if not ctx.keep:
@@ -109,12 +117,18 @@ def _summary(ctx: Context, results: dict[str, Result], failed: list[str],
     print(f"\n== summary ({ctx.mode} mode, {seconds:.0f} s)")
     for t in targets:
         print("  " + t.line())
+    checks = [(s, c) for s, r in results.items() for c in r.checks]
+    print(f"  checks: {sum(c.ok for _, c in checks)} of {len(checks)} passed")
+    for scenario, check in checks:
+        if not check.ok:
+            print(f"  {scenario}: {check.line()}")
     if failed:
         print(f"  FAILED scenarios: {', '.join(failed)}")
     summary = {"mode": ctx.mode, "run_id": ctx.run_id, "seconds": seconds,
                "scenarios": sorted(results), "failed": failed,
                "targets": [{"scenario": s, **t.__dict__, "met": t.met}
-                           for s, r in results.items() for t in r.targets]}
+                           for s, r in results.items() for t in r.targets],
+               "checks": [{"scenario": s, **c.__dict__} for s, c in checks]}
     (ctx.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if targets:
         # Every target as measured/target (or target/measured when lower is better):

@@ -22,8 +22,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-__all__ = ["FULL", "QUICK", "Context", "Result", "Sizes", "Target", "fmt", "mb", "plt",
-           "print_table", "rate", "save_result"]
+from benchmarks.checks import Check
+
+__all__ = ["FULL", "QUICK", "Check", "Context", "Result", "Sizes", "Target", "fmt", "mb",
+           "plt", "print_table", "rate", "save_result"]
 
 MB = 1_000_000
 
@@ -148,12 +150,19 @@ class Target:
 
 @dataclass
 class Result:
+    """What a scenario measured, and what it checked (a failed check fails the run)."""
+
     scenario: str
     params: dict[str, Any]
     results: dict[str, Any]
     targets: list[Target] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     charts: list[str] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def failed_checks(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok]
 
     def as_json(self, ctx: Context) -> dict[str, Any]:
         return {
@@ -165,6 +174,7 @@ class Result:
             "params": self.params,
             "results": self.results,
             "targets": [{**asdict(t), "met": t.met} for t in self.targets],
+            "checks": [asdict(c) for c in self.checks],
             "notes": self.notes,
             "charts": self.charts,
         }

@@ -18,7 +18,7 @@ import numpy as np
 
 from bluestream.consumers.decode import encode_message
 
-__all__ = ["Run", "image_frames", "image_run", "scalar_run"]
+__all__ = ["Run", "expected_columns", "image_frames", "image_run", "scalar_run"]
 
 Doc = dict[str, Any]
 
@@ -75,6 +75,25 @@ def scalar_run(n_events: int, *, fields: int = 10, page_events: int = 0, scan_id
     stop["num_events"] = {"primary": n_events}
     docs.append(("stop", stop))
     return Run(bundle.start_doc["uid"], d_uid, n_events, docs)
+
+
+def expected_columns(run_: Run) -> dict[str, np.ndarray]:
+    """What reading ``run_``'s events back must give, from its own documents: time,
+    seq_num, uid and ``data/<key>`` columns in seq_num order (events or event pages)."""
+    rows: dict[str, list[Any]] = {"time": [], "seq_num": [], "uid": []}
+    data: dict[str, list[Any]] = {}
+    for name, doc in run_.docs:
+        if name not in ("event", "event_page"):
+            continue
+        page = name == "event_page"
+        for column in rows:
+            rows[column].extend(doc[column] if page else [doc[column]])
+        for key, values in doc["data"].items():
+            data.setdefault(key, []).extend(values if page else [values])
+    order = np.argsort(rows["seq_num"], kind="stable")
+    out = {k: np.asarray(v)[order] for k, v in rows.items()}
+    out.update({f"data/{k}": np.asarray(v)[order] for k, v in data.items()})
+    return out
 
 
 def image_frames(shape: tuple[int, int], pool: int = 32, seed: int = 8) -> list[np.ndarray]:

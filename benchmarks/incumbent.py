@@ -18,8 +18,8 @@ import numpy as np
 from bson.raw_bson import RawBSONDocument
 from pymongo import MongoClient
 
-__all__ = ["client_side_ingest", "client_side_seconds", "consume_into_mongo", "count_events",
-           "read_events", "write_with_suitcase"]
+__all__ = ["COLLECTIONS", "client_side_ingest", "client_side_seconds", "consume_into_mongo",
+           "count_documents", "expected_counts", "read_events", "write_with_suitcase"]
 
 Doc = dict[str, Any]
 
@@ -108,12 +108,26 @@ def write_with_suitcase(mongo_uri: str, database: str, docs: Iterable[tuple[str,
     return time.perf_counter() - started
 
 
-def count_events(mongo_uri: str, database: str) -> int:
+#: suitcase-mongo's collections, in the order a run fills them.
+COLLECTIONS = ("run_start", "event_descriptor", "event", "run_stop")
+
+
+def count_documents(mongo_uri: str, database: str) -> dict[str, int]:
+    """Documents the incumbent stored, per collection of :data:`COLLECTIONS`: what it
+    really wrote, as opposed to what its consumer callback saw (bluesky-kafka's polling
+    loop logs and swallows a document whose write raised)."""
     client: MongoClient[Doc] = MongoClient(_base(mongo_uri))
     try:
-        return int(client[database]["event"].count_documents({}))
+        db = client[database]
+        return {name: int(db[name].count_documents({})) for name in COLLECTIONS}
     finally:
         client.close()
+
+
+def expected_counts(runs: int, events: int) -> dict[str, int]:
+    """What :func:`count_documents` should find after ``runs`` runs of one descriptor
+    each, ``events`` events in all."""
+    return {"run_start": runs, "event_descriptor": runs, "event": events, "run_stop": runs}
 
 
 def _fetch(mongo_uri: str, database: str, descriptor_uid: str, batch_size: int,

@@ -328,8 +328,10 @@ def checked_ingest(*, kafka: str, topic: str, group: str, backend: str, mongo: s
                    attempts: int = 2, **kwargs: Any) -> tuple[IngestTiming, str, list[str]]:
     """:func:`timed_ingest` into fresh storage, then check what was stored against
     ``expected`` (runs, events, stops). On a mismatch the failure is recorded and the
-    ingest repeated into fresh storage with a fresh group (a benchmark needs a number;
-    the record says a daemon lost data). Returns (timing, metadata URI, failures)."""
+    ingest repeated into fresh storage with a fresh group (so the run still reports a
+    number), and the caller turns the record into a failed check
+    (:func:`benchmarks.checks.no_data_loss`): a daemon that lost data once fails the
+    scenario. Returns (timing, metadata URI, failures)."""
     failures: list[str] = []
     for attempt in range(attempts):
         for child in work.iterdir() if work.exists() else ():

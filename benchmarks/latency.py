@@ -16,6 +16,7 @@ import numpy as np
 from confluent_kafka import Producer
 
 import bluestream
+from benchmarks.checks import Check, equal
 from benchmarks.common import Context, Result, Target, plt, print_table
 from benchmarks.docs import scalar_run
 from benchmarks.infra import DaemonProcess, create_topic, metadata_uri, stored_events
@@ -49,7 +50,7 @@ def _open_run(tenant: str, uri: str, zarr_root: Path, uid: str, timeout: float =
             time.sleep(0.05)
 
 
-def _measure(ctx: Context, backend: str) -> dict[str, Any]:
+def _measure(ctx: Context, backend: str, checks: list[Check]) -> dict[str, Any]:
     s = ctx.sizes
     tenant = ctx.tenant(f"lat{backend[0]}")
     topic = ctx.topic(tenant)
@@ -112,6 +113,8 @@ def _measure(ctx: Context, backend: str) -> dict[str, Any]:
         deadline = time.monotonic() + 30
         while stored_events(uri, tenant)[2] < 1 and time.monotonic() < deadline:
             time.sleep(0.1)
+        checks.append(equal(f"stored (runs, events, stops): {backend}",
+                            stored_events(uri, tenant), (1, n, 1)))
     finally:
         daemon.stop()
         ctx.drop_scratch(work)
@@ -127,7 +130,8 @@ def _measure(ctx: Context, backend: str) -> dict[str, Any]:
 
 def run(ctx: Context) -> Result:
     s = ctx.sizes
-    results = {backend: _measure(ctx, backend) for backend in s.latency_backends}
+    checks: list[Check] = []
+    results = {backend: _measure(ctx, backend, checks) for backend in s.latency_backends}
     print_table(["metadata", "p50 ms", "p90 ms", "p99 ms", "max ms", "poll took ms"], [
         [b, r["p50_s"] * 1e3, r["p90_s"] * 1e3, r["p99_s"] * 1e3, r["max_s"] * 1e3,
          r["poll_median_s"] * 1e3] for b, r in results.items()])
@@ -141,7 +145,7 @@ def run(ctx: Context) -> Result:
         results=results,
         targets=[Target(f"latency p99 ({b})", r["p99_s"] * 1e3, 1000.0, "ms",
                         higher_is_better=False) for b, r in results.items()],
-        charts=[chart.name],
+        charts=[chart.name], checks=checks,
         notes=["latency = produce() call -> end of the first catalog poll showing the "
                f"event (an upper bound, by up to one poll period of {POLL_PERIOD_S} s)"],
     )

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from benchmarks.checks import no_data_loss
 from benchmarks.common import Context, Result, bar_chart, print_table, rate
 from benchmarks.docs import Run, image_frames, image_run, scalar_run
 from benchmarks.infra import checked_ingest, create_topic, publish
@@ -230,6 +231,8 @@ def run(ctx: Context) -> Result:
         results={"in_process": passes, "fsync": fsync, "daemon": daemon,
                  "pyinstrument": profile_file},
         charts=[chart.name],
+        checks=[no_data_loss(f"daemon {label}", d["data_loss_retries"])
+                for label, d in daemon.items()],
         notes=["stages nest: zarr.* are inside 'zarr write_page'; 'gc pauses' overlap "
                "whatever stage was running; 'other' = total minus the top-level stages"],
     )

@@ -15,10 +15,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 import bluestream
+from benchmarks.checks import Check, equal, frames_match, same_columns
 from benchmarks.common import Context, Result, Target, bar_chart, mb, print_table, rate
-from benchmarks.docs import Run, image_frames, image_run, scalar_run
-from benchmarks.incumbent import client_side_seconds, read_events, write_with_suitcase
+from benchmarks.docs import Run, expected_columns, image_frames, image_run, scalar_run
+from benchmarks.incumbent import (
+    client_side_seconds,
+    count_documents,
+    expected_counts,
+    read_events,
+    write_with_suitcase,
+)
 from benchmarks.inprocess import ingest_in_process
 
 NAME = "read"
@@ -45,6 +54,13 @@ def _read_bluestream(tenant: str, uri: str, zarr_root: Path, uid: str) -> Any:
         return cat[uid]["primary"].read()
 
 
+def _columns(ds: Any) -> dict[str, Any]:
+    """A bluestream Dataset as the incumbent reader's columns (``data/<key>``, time,
+    seq_num, uid), so both are compared with the same expectation."""
+    return {"time": ds["time"].values, "seq_num": ds["seq_num"].values,
+            "uid": ds["uid"].values, **{f"data/{k}": ds[k].values for k in ds.data_vars}}
+
+
 def run(ctx: Context) -> Result:
     s = ctx.sizes
     tenant = ctx.tenant("rd")
@@ -69,14 +85,21 @@ def run(ctx: Context) -> Result:
           f"wrote the scalar run in {inc_write_s:.1f} s, the frames in {inc_img_write_s:.1f}"
           " s)")
 
-    # -- read --
+    checks: list[Check] = [equal("incumbent stored count", count_documents(uri, inc_db),
+                                 expected_counts(2, s.read_scalar_events
+                                                 + s.read_incumbent_image_frames))]
+
+    # -- read (each reader's result checked against the documents, outside the timing) --
     out: dict[str, Any] = {}
+    expected = expected_columns(scalars)
     t_bs, ds = _best(lambda: _read_bluestream(tenant, uri, zarr_root, scalars.uid),
                      s.read_repeats)
-    assert ds.sizes["time"] == s.read_scalar_events and len(ds.data_vars) == s.scalar_fields
+    checks.append(same_columns("read scalar values: bluestream", _columns(ds), expected))
+    del ds
     t_inc, cols = _best(lambda: read_events(uri, inc_db, scalars.descriptor_uid),
                         s.read_repeats)
-    assert cols["seq_num"].shape[0] == s.read_scalar_events
+    checks.append(same_columns("read scalar values: incumbent", cols, expected))
+    del cols
     floor_s = client_side_seconds(uri, inc_db, scalars.descriptor_uid)
     out["scalar"] = {"events": s.read_scalar_events,
                      "bluestream": {"seconds": t_bs,
@@ -89,14 +112,18 @@ def run(ctx: Context) -> Result:
     frame_mb = mb(frames[0].nbytes)
     t_bs_img, ds = _best(lambda: _read_bluestream(tenant, uri, zarr_root, images.uid),
                          s.read_repeats)
-    assert ds["img"].shape == (s.read_image_frames, *s.image_shape)
-    assert (ds["img"].values[-1] == frames[(s.read_image_frames - 1) % len(frames)]).all()
+    checks.append(frames_match("read image values: bluestream", ds["img"].values, frames,
+                               s.read_image_frames))
+    checks.append(same_columns("read image seq_num: bluestream",
+                               {"seq_num": ds["seq_num"].values},
+                               {"seq_num": np.arange(1, s.read_image_frames + 1)}))
     del ds
     # ~2.4 MB of BSON per inline 512x512 frame: 6 frames per reply stays under 16 MB.
     t_inc_img, cols = _best(lambda: read_events(uri, inc_db, inc_images.descriptor_uid,
                                                 {"img": "<u2"}, batch_size=6),
                             s.read_repeats)
-    assert cols["data/img"].shape == (s.read_incumbent_image_frames, *s.image_shape)
+    checks.append(frames_match("read image values: incumbent", cols["data/img"], frames,
+                               s.read_incumbent_image_frames))
     del cols
     floor_img_s = client_side_seconds(uri, inc_db, inc_images.descriptor_uid, {"img": "<u2"},
                                       batch_size=6)
@@ -147,7 +174,7 @@ def run(ctx: Context) -> Result:
                                               "images": inc_img_write_s}},
         targets=[Target("read scalar: bluestream / incumbent", sc["ratio"], 10.0, "x"),
                  Target("read images: bluestream / incumbent", im["ratio"], 10.0, "x")],
-        charts=[chart.name],
+        charts=[chart.name], checks=checks,
         notes=["incumbent read = PyMongo + numpy, no databroker: a lower bound on the "
                "incumbent's real cost",
                "incumbent client side only = BSON decoding + columns of the same replies, "

@@ -17,9 +17,15 @@ from typing import Any
 import anyio
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from benchmarks.checks import Check, equal, no_data_loss
 from benchmarks.common import Context, Result, Target, bar_chart, print_table, rate
 from benchmarks.docs import scalar_run
-from benchmarks.incumbent import client_side_ingest, consume_into_mongo, count_events
+from benchmarks.incumbent import (
+    client_side_ingest,
+    consume_into_mongo,
+    count_documents,
+    expected_counts,
+)
 from benchmarks.infra import Message, checked_ingest, create_topic, end_offsets, publish
 from bluestream.consumers.decode import decode_message
 from bluestream.settings import LimitSettings
@@ -81,7 +87,9 @@ def _publish_runs(ctx: Context, topic: str, page_events: int
     return s.scalar_runs * s.scalar_events_per_run, n, seconds, incumbent_values
 
 
-def _variant(ctx: Context, variant: str, page_events: int) -> dict[str, Any]:
+def _variant(ctx: Context, variant: str, page_events: int, checks: list[Check]
+             ) -> dict[str, Any]:
+    """One variant (single events or pages); appends what it verified to ``checks``."""
     s = ctx.sizes
     tenant = ctx.tenant(f"s{variant[0]}")
     topic = ctx.topic(tenant)
@@ -93,7 +101,8 @@ def _variant(ctx: Context, variant: str, page_events: int) -> dict[str, Any]:
     out: dict[str, Any] = {"events": total, "messages": n_messages, "publish_s": pub_s}
 
     msgs, events, secs = anyio.run(raw_consume, ctx.kafka, topic, ends)
-    assert msgs == n_messages and events == total, (msgs, events)
+    checks.append(equal(f"raw consume saw every message: {variant}", (msgs, events),
+                        (n_messages, total)))
     out["raw"] = {"seconds": secs, "events_per_s": rate(events, secs),
                   "messages_per_s": rate(msgs, secs)}
     print(f"  [{variant}] (a) raw consume+decode: {rate(events, secs):,.0f} events/s")
@@ -108,6 +117,7 @@ def _variant(ctx: Context, variant: str, page_events: int) -> dict[str, Any]:
         eps = rate(total, timing.seconds)
         out["bluestream"][backend] = {**timing.as_dict(), "events_per_s": eps,
                                       "data_loss_retries": failures}
+        checks.append(no_data_loss(f"{variant}/{backend}", failures))
         print(f"  [{variant}] (b) bluestream/{backend}: {eps:,.0f} events/s "
               f"({timing.seconds:.1f} s, start-up {timing.startup_s:.1f} s, "
               f"peak RSS {timing.peak_rss_mb[0]:.0f} MB)")
@@ -118,8 +128,11 @@ def _variant(ctx: Context, variant: str, page_events: int) -> dict[str, Any]:
     inc_events, inc_s = consume_into_mongo(ctx.kafka, topic, ctx.mongo, database,
                                            s.incumbent_runs)
     expected = s.incumbent_runs * s.scalar_events_per_run
-    assert inc_events == expected, (inc_events, expected)
-    stored_inc = count_events(ctx.mongo, database)
+    checks.append(equal(f"incumbent consumed every event: {variant}", inc_events, expected))
+    stored = count_documents(ctx.mongo, database)
+    checks.append(equal(f"incumbent stored count: {variant}", stored,
+                        expected_counts(s.incumbent_runs, expected)))
+    stored_inc = stored["event"]
     ceiling_events, ceiling_s = client_side_ingest(incumbent_values)
     out["incumbent"] = {"events": inc_events, "seconds": inc_s,
                         "events_per_s": rate(inc_events, inc_s), "stored": stored_inc,
@@ -134,7 +147,8 @@ def _variant(ctx: Context, variant: str, page_events: int) -> dict[str, Any]:
 def run(ctx: Context) -> Result:
     s = ctx.sizes
     variants = {"events": 0, "pages": s.page_events}
-    results = {v: _variant(ctx, v, pe) for v, pe in variants.items()}
+    checks: list[Check] = []
+    results = {v: _variant(ctx, v, pe, checks) for v, pe in variants.items()}
     targets: list[Target] = []
     rows = []
     labels, values, colors = [], [], []
@@ -174,7 +188,7 @@ def run(ctx: Context) -> Result:
                 "fields": s.scalar_fields, "page_events": s.page_events,
                 "backends": list(s.ingest_backends), "incumbent_runs": s.incumbent_runs,
                 "partitions": 1},
-        results=results, targets=targets, charts=[chart.name],
+        results=results, targets=targets, charts=[chart.name], checks=checks,
         notes=["b = stored and committed, timed from the daemon's first partition "
                "assignment to the group's committed offset reaching the end",
                "incumbent timed from its first to its last document, on a subset",

@@ -1,8 +1,9 @@
-"""The benchmarks still work end to end (``python -m benchmarks --quick``).
+"""The benchmarks still work end to end (``python -m benchmarks --quick``), and their own
+correctness checks are made, pass, and fail the run when they do not.
 
 Behaviour only: every scenario runs against the real services and writes its JSON (with
-the expected keys and positive rates) and its chart. Timing thresholds belong to the
-benchmarks' own report, never to a test.
+the expected keys, positive rates and its checks) and its chart. Timing thresholds belong
+to the benchmarks' own report, never to a test.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
-
-pytestmark = [pytest.mark.kafka, pytest.mark.mongo, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ("scalar_ingest", "image_ingest", "latency", "read", "scaling", "profile")
@@ -45,6 +46,32 @@ POSITIVE: dict[str, list[tuple[str, ...]]] = {
 }
 
 
+_VARIANTS = ("events", "pages")
+#: Per scenario: the correctness checks (``benchmarks.checks``) its run must report, each
+#: passed. A daemon that needed a repeated ingest (``data_loss_retries``), a wrong stored
+#: count on either side, or values read back that differ from the documents fail these.
+CHECKS: dict[str, set[str]] = {
+    "scalar_ingest": {
+        *(f"raw consume saw every message: {v}" for v in _VARIANTS),
+        *(f"no data loss: {v}/{b}" for v in _VARIANTS for b in ("sqlite", "mongo")),
+        *(f"incumbent consumed every event: {v}" for v in _VARIANTS),
+        *(f"incumbent stored count: {v}" for v in _VARIANTS)},
+    "image_ingest": {"raw consume saw every message", "no data loss: daemon",
+                     "no data loss: daemon with write_empty_chunks",
+                     "daemon stored frames bit-exact"},
+    "latency": {"stored (runs, events, stops): mongo"},
+    "read": {"incumbent stored count", "read scalar values: bluestream",
+             "read scalar values: incumbent", "read image values: bluestream",
+             "read image seq_num: bluestream", "read image values: incumbent"},
+    "scaling": {f"stored (runs, events, stops): {n} daemon(s)" for n in (1, 2)},
+    "profile": {f"no data loss: daemon {label}"
+                for label in ("default", "gc_tuned", "batch_20000", "gc_tuned+batch_20000")},
+}
+
+
+@pytest.mark.kafka
+@pytest.mark.mongo
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_quick_benchmarks_produce_results(kafka_bootstrap: str, mongo_uri: str,
                                           tmp_path: Path) -> None:
@@ -55,8 +82,10 @@ def test_quick_benchmarks_produce_results(kafka_bootstrap: str, mongo_uri: str,
         [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out),
          "--work", str(tmp_path / "work")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=880)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "== summary" in proc.stdout
+    summary_at = proc.stdout.rfind("== summary")  # failed checks are listed there
+    report = proc.stdout[summary_at:] if summary_at >= 0 else proc.stdout[-4000:]
+    assert proc.returncode == 0, report + proc.stderr[-4000:]
+    assert summary_at >= 0
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["failed"] == []
@@ -74,9 +103,91 @@ def test_quick_benchmarks_produce_results(kafka_bootstrap: str, mongo_uri: str,
             assert target["measured"] == target["measured"]  # not NaN
         for chart in data["charts"]:
             assert (out / chart).stat().st_size > 0, chart
+        checks = {c["name"]: c for c in data["checks"]}
+        assert CHECKS[name] <= checks.keys(), (name, sorted(CHECKS[name] - checks.keys()))
+        failed = [c for c in checks.values() if not c["ok"]]
+        assert not failed, (name, failed)
+    assert all(c["ok"] for c in summary["checks"])
+    assert len(summary["checks"]) >= sum(len(c) for c in CHECKS.values())
     # Scenarios that have targets report them (numbers, not verdicts, are tested).
     names = {t["name"] for t in summary["targets"]}
     assert any(n.startswith("scalar") for n in names)
     assert any(n.startswith("latency p99") for n in names)
     assert any(n.startswith("read") for n in names)
     assert any("RSS" in n for n in names)
+
+
+def test_a_failed_check_fails_the_run(tmp_path: Path) -> None:
+    """The runner itself: a scenario that returns figures but a failed check is marked
+    failed (in the output, ``summary.json``) and ``python -m benchmarks`` exits 1, while
+    its JSON (figures and the failed check's detail) is still written."""
+    out = tmp_path / "results"
+    script = textwrap.dedent(f"""
+        import sys
+        from benchmarks import __main__ as runner
+        from benchmarks.checks import Check
+        from benchmarks.common import Result
+
+        class Fake:
+            NAME = "fake"
+
+            @staticmethod
+            def run(ctx):
+                return Result("fake", {{}}, {{"rate": 1.0}}, checks=[
+                    Check("fine", True), Check("stored count", False, "got 9, expected 10")])
+
+        runner.SCENARIOS = {{"fake": Fake}}
+        sys.exit(runner.main(["--only", "fake", "--out", {str(out)!r},
+                              "--work", {str(tmp_path / "work")!r}]))
+    """)
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "CHECK FAILED: stored count (got 9, expected 10)" in proc.stdout
+    assert "FAILED scenarios: fake" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["failed"] == ["fake"]
+    assert [(c["name"], c["ok"]) for c in summary["checks"]] == [("fine", True),
+                                                                 ("stored count", False)]
+    data = json.loads((out / "fake.json").read_text())
+    assert data["results"] == {"rate": 1.0}
+    assert data["checks"][1] == {"name": "stored count", "ok": False,
+                                 "detail": "got 9, expected 10"}
+
+
+@pytest.fixture
+def checks(monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.syspath_prepend(str(ROOT))
+    import benchmarks.checks
+
+    return benchmarks.checks
+
+
+def test_checks_compare_values_not_only_sizes(checks: Any) -> None:
+    """What the read scenario relies on: same shapes, one value different -> failed,
+    and the detail names the column and row."""
+    expected = {"seq_num": np.arange(1, 6), "uid": np.array(list("abcde")),
+                "data/x": np.linspace(0, 1, 5)}
+    assert checks.same_columns("read", dict(expected), expected).ok
+    for key, broken in [("data/x", np.array([0, 0.25, 0.5, 0.7, 1.0])),
+                        ("uid", np.array(list("abced"))),
+                        ("seq_num", np.array([1, 2, 3, 5, 4]))]:
+        got = {**expected, key: broken}
+        check = checks.same_columns("read", got, expected)
+        assert not check.ok and check.detail.startswith(f"{key}[3]"), check
+    assert not checks.same_columns("read", {**expected, "data/x": np.zeros(4)}, expected).ok
+    assert not checks.same_columns("read", {"seq_num": expected["seq_num"]}, expected).ok
+    frames = [np.full((2, 2), i, dtype=np.uint16) for i in range(3)]
+    stack = np.stack([frames[i % 3] for i in range(7)])
+    assert checks.frames_match("img", stack, frames, 7).ok
+    stack[5, 1, 1] += 1
+    assert "frame 5" in checks.frames_match("img", stack, frames, 7).detail
+
+
+def test_data_loss_retries_and_counts_fail_checks(checks: Any) -> None:
+    assert checks.no_data_loss("events/sqlite", []).ok
+    lost = checks.no_data_loss("events/sqlite", ["attempt 1: stored (1, 4999, 1)"])
+    assert not lost.ok and "attempt 1" in lost.detail
+    assert checks.equal("incumbent stored count", {"event": 400}, {"event": 400}).ok
+    assert not checks.equal("incumbent stored count", {"event": 399}, {"event": 400}).ok
