@@ -158,3 +158,104 @@ def assert_stored_events(zarr_root: Path, tenant: str, docs: list[tuple[str, Doc
 
 def new_uid() -> str:
     return str(uuid.uuid4())
+
+
+async def publish_docs(bootstrap: str, topic: str, docs: Iterable[tuple[str, Doc]], *,
+                       key: bytes | None = None, **producer_options: Any) -> int:
+    """Publish ``docs`` to ``topic`` in order, the bluesky-kafka way (key: the run's start
+    uid unless given), and wait until the broker acknowledged every one. Returns the
+    number of bytes published (message values)."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", **producer_options)
+    await producer.start()
+    sent = 0
+    run_key = key
+    try:
+        futures = []
+        for name, doc in docs:
+            if name == "start" and key is None:
+                run_key = doc["uid"].encode()
+            value = encode_message(name, doc)
+            sent += len(value)
+            futures.append(await producer.send(topic, value, key=run_key))
+        await producer.flush()
+        for f in futures:
+            await f
+    finally:
+        await producer.stop()
+    return sent
+
+
+async def stored_stop(metadata_uri: str, tenant: str, run_uid: str) -> bool:
+    """Whether the stop of ``run_uid`` is stored for ``tenant``. Opens the store read-only,
+    so asking never creates the tenant (False while it does not exist)."""
+    from bluestream.errors import NotFound, StorageUnavailable
+    from bluestream.storage.backends import open_metadata_store
+
+    store = open_metadata_store(metadata_uri, tenant, readonly=True)
+    try:
+        await store.open()
+        return await store.get("stop", run_uid) is not None
+    except (NotFound, StorageUnavailable):
+        return False
+    finally:
+        await store.close()  # also after a failed open: it may hold a client
+
+
+def storage_digest(metadata_uri: str, tenant: str, zarr_root: Path) -> dict[str, str]:
+    """A digest of everything stored for ``tenant``, for "doing it again changes nothing".
+
+    One entry per file under ``<zarr_root>/<tenant>`` (its path and the SHA-256 of its
+    bytes) and one per metadata table (SQLite: the tenant's rows) or collection
+    (MongoDB: every document but its ``_id``): the number of rows and a SHA-256 over
+    all of them, sorted, so the comparison names what changed and a duplicated row
+    shows even when its copy is identical. Provenance (``ingest_log``) is included: an
+    identical input replayed from the same offsets must leave it unchanged too.
+    The Zarr writers' lock files live outside the tenant's tree and are not data.
+    """
+    import hashlib
+    import json
+    import sqlite3
+
+    def digest(rows: list[str]) -> str:
+        rows.sort()
+        return f"{len(rows)} rows, sha256 " + hashlib.sha256(
+            "\n".join(rows).encode()).hexdigest()
+
+    out: dict[str, str] = {}
+    base = Path(zarr_root) / tenant
+    for path in sorted(base.rglob("*")):
+        if path.is_file():
+            out[f"zarr:{path.relative_to(zarr_root)}"] = hashlib.sha256(
+                path.read_bytes()).hexdigest()
+    if metadata_uri.startswith("sqlite:///"):
+        from bluestream.storage.sqlite import sqlite_path
+
+        con = sqlite3.connect(f"file:{sqlite_path(metadata_uri)}?mode=ro", uri=True)
+        try:
+            tables = [t for (t,) in con.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' "
+                "AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+            for table in tables:
+                columns = [c[1] for c in con.execute(f'PRAGMA table_info("{table}")')]
+                if "tenant" in columns:
+                    rows = con.execute(f'SELECT * FROM "{table}" WHERE tenant = ?', (tenant,))
+                else:
+                    rows = con.execute(f'SELECT * FROM "{table}"')
+                out[f"sqlite:{table}"] = digest([repr(r) for r in rows])
+        finally:
+            con.close()
+    else:
+        from pymongo import MongoClient
+
+        client: MongoClient[dict[str, Any]] = MongoClient(metadata_uri)
+        try:
+            db = client[tenant]
+            for coll in sorted(db.list_collection_names()):
+                out[f"mongo:{coll}"] = digest([
+                    json.dumps(d, sort_keys=True, default=repr)
+                    for d in db[coll].find({}, {"_id": 0})])
+        finally:
+            client.close()
+    return out

@@ -123,6 +123,11 @@ def test_sigkill_loop_stores_every_event_exactly_once(
            "BLUESTREAM_TOPICS": topic, "BLUESTREAM_GROUP_ID": f"g-{topic}",
            "BLUESTREAM_METADATA": mongo_uri, "BLUESTREAM_ZARR_ROOT": str(zarr_root),
            "BLUESTREAM_HTTP_PORT": "0", "BLUESTREAM_LOG_FORMAT": "json"}
+    # Batches of 2,000 records: several per partition, so a kill can fall between them
+    # (the default of 20,000 stores this topic in two or three batches).
+    config = tmp_path / "daemon.toml"
+    config.write_text("[limits]\nbatch_max_records = 2000\n")
+    env["BLUESTREAM_CONFIG"] = str(config)
     log = tmp_path / "daemon.log"
     rng = random.Random(1234)
     total = N_RUNS * EVENTS_PER_RUN

@@ -253,10 +253,11 @@ class KafkaSource:
 
     async def _commit(self) -> None:
         held = self.ingestor.held_offsets()
+        owned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
         offsets: dict[TopicPartition, int] = {}
         for tp, pos in self.state.positions.items():
-            if tp not in self.state.assigned:
-                continue
+            if tp not in self.state.assigned or tp not in owned:
+                continue  # not ours (any more): its next owner re-reads from its commit
             target = min(pos, held.get(tp, pos))
             if target > self.state.committed.get(tp, -1):
                 offsets[TopicPartition(*tp)] = target
@@ -288,7 +289,12 @@ class KafkaSource:
                      events=self.counters.total("events"))
 
     def _update_highwater(self, known: dict[tuple[str, int], int] | None = None) -> None:
-        for tp in list(self.state.assigned):
+        # The consumer's own assignment too: when a topic matching the subscription
+        # pattern appears (or goes), aiokafka swaps in a new subscription with no
+        # assignment before it calls on_partitions_revoked, and highwater() asserts on a
+        # partition it no longer holds (that assertion ended the daemon).
+        owned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+        for tp in list(self.state.assigned & owned):
             hw = (known or {}).get(tp)
             if hw is None:
                 hw = self.consumer.highwater(TopicPartition(*tp))
