@@ -13,6 +13,7 @@ import tempfile
 import time
 import uuid
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -305,27 +306,58 @@ def plain(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=default))
 
 
+def _sort_key(doc: Any) -> str:
+    return json.dumps(doc, sort_keys=True)
+
+
 def canonical(docs: Iterable[tuple[str, Doc]]) -> dict[str, Any]:
-    """Documents by kind, events packed into one event_page per descriptor (seq order)."""
-    out: dict[str, Any] = {"start": [], "stop": [], "descriptor": {}, "resource": {},
-                           "datum": {}, "stream_resource": {}, "stream_datum": {},
-                           "events": {}}
-    events: dict[str, dict[int, Doc]] = {}
+    """A comparable form of a run's documents that counts duplicates.
+
+    Pages are unpacked (events, datums), so a stream of single events and one of pages
+    compare equal, and the order of documents of one kind does not matter; but nothing
+    is de-duplicated: every kind is a multiset (its documents sorted, each copy kept),
+    ``counts`` gives the number of documents of each kind (events and datums counted
+    one by one) and ``repeated`` the uids (datum_ids) seen more than once. A document
+    stored or replayed twice therefore makes two canonical forms differ even when the
+    copies are identical. Events stay grouped per descriptor, repacked into one page
+    in (seq_num, uid) order, repeated seq_nums included.
+
+    Shown on a copy of the tree whose catalog replay yields each descriptor, each event
+    page, or each datum twice: the former form (one document per uid or seq_num)
+    compared equal and the replay, round-trip and import tests passed; with this one
+    they fail, e.g. ``{'counts': {'descriptor': 2, ...}} != {'counts': {'descriptor':
+    1, ...}}`` and ``{'repeated': {'event': [...]}} != {'repeated': {}}``.
+    """
+    kinds: dict[str, list[Any]] = {k: [] for k in ("start", "stop", "descriptor", "resource",
+                                                   "datum", "stream_resource",
+                                                   "stream_datum")}
+    events: dict[str, list[Doc]] = {}
+    ids: dict[str, list[str]] = {}
     for name, doc in docs:
-        if name in ("start", "stop"):
-            out[name].append(plain(doc))
-        elif name in ("event", "event_page"):
+        if name in ("event", "event_page"):
             for ev in events_of([(name, doc)]):
-                events.setdefault(ev["descriptor"], {})[ev["seq_num"]] = ev
-        elif name == "datum_page":
-            for datum in event_model.unpack_datum_page(doc):
-                out["datum"][datum["datum_id"]] = plain(datum)
+                events.setdefault(ev["descriptor"], []).append(ev)
+                ids.setdefault("event", []).append(ev["uid"])
+            continue
+        if name == "datum_page":
+            unpacked = [("datum", d) for d in event_model.unpack_datum_page(doc)]
         else:
-            key = doc["datum_id"] if name == "datum" else doc["uid"]
-            out[name][key] = plain(doc)
-    for desc, evs in events.items():
-        page = event_model.pack_event_page(*[evs[k] for k in sorted(evs)])
-        out["events"][desc] = plain(page)
+            unpacked = [(name, doc)]
+        for kind, one in unpacked:
+            kinds.setdefault(kind, []).append(plain(one))
+            ids.setdefault(kind, []).append(one["datum_id"] if kind == "datum" else one["uid"])
+    out: dict[str, Any] = {
+        "counts": {kind: len(uids) for kind, uids in sorted(ids.items())},
+        "repeated": {kind: sorted(u for u, n in Counter(uids).items() if n > 1)
+                     for kind, uids in sorted(ids.items())
+                     if len(set(uids)) != len(uids)},
+    }
+    for kind, found in kinds.items():
+        out[kind] = sorted(found, key=_sort_key)
+    out["events"] = {
+        desc: plain(event_model.pack_event_page(
+            *sorted(evs, key=lambda e: (e["seq_num"], e["uid"]))))
+        for desc, evs in events.items()}
     return out
 
 

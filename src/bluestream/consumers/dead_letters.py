@@ -30,7 +30,12 @@ class KafkaDeadLetters:
             **kafka_client_options(settings.kafka),
             client_id=f"{settings.kafka.client_id}-dlq",
             acks="all",
-            enable_idempotence=True,
+            # Not idempotent: when the broker refuses one batch as too large for the
+            # dead-letter topic, aiokafka's idempotent producer never renumbers what
+            # follows, so every later send to that partition failed (OutOfOrderSequence)
+            # and the source partition could never be committed past the record. Dead
+            # letters are at-least-once anyway (identified by their source coordinates).
+            enable_idempotence=False,
             # Dead letters carry the original bytes, which may exceed our own limit
             # (that can be why they are dead): allow what the broker allows by default.
             max_request_size=max(settings.limits.max_message_bytes, 32 * 1024 * 1024)
@@ -77,14 +82,22 @@ class KafkaDeadLetters:
         smaller ``max.message.bytes`` than its source) is sent again without its value,
         so one oversized record cannot block its partition forever."""
         pending, self._pending = self._pending, []
+        # Every future is awaited, whatever fails first (none is left unretrieved).
+        results = await asyncio.gather(*(fut for _, _, fut in pending),
+                                       return_exceptions=True)
         retry = []
-        for env, headers, fut in pending:
-            try:
-                await fut
-            except MessageSizeTooLargeError:
+        failure: BaseException | None = None
+        for (env, headers, _), result in zip(pending, results, strict=True):
+            if isinstance(result, MessageSizeTooLargeError):
                 retry.append(await self._send_without_value(env, headers))
+            elif isinstance(result, BaseException) and failure is None:
+                failure = result
         if retry:
-            await asyncio.gather(*retry)
+            retried = await asyncio.gather(*retry, return_exceptions=True)
+            failure = failure or next((r for r in retried if isinstance(r, BaseException)),
+                                      None)
+        if failure is not None:
+            raise failure  # Kafka's error: the batch is retried (KafkaSource rewinds)
 
 
 #: Headers a dead letter gets from us; a producer's own headers of these names are
