@@ -66,7 +66,7 @@ class StreamUpdate:
     run_start: str
     stream_name: str
     zarr_path: str  # relative to the Zarr root (starts with the tenant)
-    length: int  # array length after the write = highest seq_num seen
+    length: int  # logical length: the highest seq_num this write reached
     seq_num_min: int
     seq_num_max: int
     time_min: float

@@ -143,7 +143,7 @@ class ZarrEventStore:
             run_start=run_start,
             stream_name=str(descriptor.get("name", "primary")),
             zarr_path=path,
-            length=max(needed, max(a.shape[0] for a in arrays)),
+            length=needed,  # logical: the arrays may be longer (grown by whole chunks)
             seq_num_min=int(page.seq_num.min()),
             seq_num_max=int(page.seq_num.max()),
             time_min=float(page.time.min()),
@@ -214,15 +214,24 @@ class ZarrEventStore:
     async def _grow(self, path: str, arrays: list[AsyncArray[Any]],
                     needed: int) -> list[AsyncArray[Any]]:
         """Arrays at least ``needed`` long (called with the descriptor's lock held, the
-        shape re-read from storage: another writer may have grown them)."""
-        if all(a.shape[0] >= needed for a in arrays):
-            return arrays
+        shape re-read from storage: another writer may have grown them).
+
+        Growth is to the next whole chunk (headroom): resizing rewrites an array's
+        metadata, so growing by a batch at a time cost every batch a metadata write (and
+        its fsync) per array; now one per chunk of events. The logical length is the
+        ``event_stream`` record's; rows past it hold ``seq_num`` 0, which readers skip.
+        The shape depends on the highest seq_num only, never on how events were batched,
+        so replays and any batching still store identical bytes."""
         out = []
         for arr in arrays:
+            if arr.shape[0] >= needed:
+                out.append(arr)
+                continue
             fresh = await za.open_array(store=self._store, path=arr.path,
                                         zarr_format=3, mode="r+")
             if fresh.shape[0] < needed:
-                await fresh.resize((needed, *fresh.shape[1:]))
+                chunk = max(1, int(fresh.chunks[0]))
+                await fresh.resize((-(-needed // chunk) * chunk, *fresh.shape[1:]))
             else:  # grown by another writer, maybe one that has not synced yet
                 self._store.note(f"{arr.path}/zarr.json")
             self._arrays[(path, arr.path.removeprefix(path + "/"))] = fresh
