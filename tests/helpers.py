@@ -105,16 +105,20 @@ def make_ingestor(metadata_uri: str, zarr_root: Path, *, limits: Limits | None =
 
 def read_stream_arrays(zarr_root: Path, tenant: str, run_uid: str,
                        descriptor_uid: str) -> dict[str, np.ndarray]:
-    """Every array of one descriptor group, read straight from Zarr."""
+    """Every array of one descriptor group, read straight from Zarr, up to the last row
+    written (arrays grow by whole chunks: rows past it hold seq_num 0)."""
     group = zarr.open_group(str(zarr_root), path=descriptor_path(tenant, run_uid,
                                                                  descriptor_uid), mode="r")
+    seq = np.asarray(group["seq_num"][:])  # type: ignore[index]
+    written = np.flatnonzero(seq)
+    n = int(written[-1]) + 1 if written.size else 0
     out: dict[str, np.ndarray] = {}
     for name in ("time", "seq_num", "uid"):
-        out[name] = group[name][:]  # type: ignore[index]
+        out[name] = group[name][:n]  # type: ignore[index]
     for sub in ("data", "timestamps", "filled"):
         if sub in group:
             for key in group[sub].array_keys():  # type: ignore[union-attr]
-                out[f"{sub}/{key}"] = group[f"{sub}/{key}"][:]  # type: ignore[index]
+                out[f"{sub}/{key}"] = group[f"{sub}/{key}"][:n]  # type: ignore[index]
     return out
 
 
