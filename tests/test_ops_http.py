@@ -124,26 +124,45 @@ async def test_metrics_match_what_was_sent(kafka_bootstrap: str, kafka_topic: st
 
 @pytest.mark.kafka
 async def test_readyz_says_why_not(tmp_path: Path, zarr_root: Path) -> None:
-    """Nothing listens on port 1: the daemon stays up, /readyz answers 503 with why."""
+    """Nothing listens on port 1: the daemon stays up, /readyz answers 503 with why --
+    the failure to reach Kafka at 127.0.0.1:1, not the start-up message ("starting:
+    connecting to Kafka at 127.0.0.1:1"), which names the same broker before anything
+    failed and would match a looser check.
+
+    Checked against a broken build (a copy of src run with PYTHONPATH=copy/src) in which
+    neither ``_start_dead_letters`` nor ``KafkaSource._start_consumer`` records the
+    connection error in ``last_error``: /readyz kept answering only the start-up
+    message, and the wait for "Kafka at 127.0.0.1:1 unreachable" timed out."""
     daemon = Daemon(http_settings("127.0.0.1:1", "x.bluesky.runengine.documents",
                                   f"sqlite:///{tmp_path}/meta.db", zarr_root),
                     handle_signals=False)
     async with anyio.create_task_group() as tg:
         tg.start_soon(daemon.run)
-        await wait_for(_bound(daemon), 10, "the HTTP server")
+        await wait_for(_bound(daemon), 30, "the HTTP server")
         assert daemon.http is not None
-        await anyio.sleep(1.5)
-        status, body = await get(daemon.http.port, "/readyz")
+        port = daemon.http.port
+        answers: list[tuple[int, list[str]]] = []
+
+        async def kafka_named() -> bool:
+            status, body = await get(port, "/readyz")
+            answers.append((status, json.loads(body)["reasons"]))
+            return any(r.startswith("Kafka at 127.0.0.1:1 unreachable: ")
+                       for r in answers[-1][1])
+        try:
+            await wait_for(kafka_named, 60, "/readyz to name the unreachable Kafka")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; last answer: {answers[-1:]}") from None
+        status, reasons = answers[-1]
         assert status == 503
-        reasons = json.loads(body)["reasons"]
-        assert any("Kafka" in r and "127.0.0.1:1" in r for r in reasons), reasons
-        status, _ = await get(daemon.http.port, "/healthz")
+        assert not any(r.startswith("starting") for r in reasons), reasons
+        status, _ = await get(port, "/healthz")
         assert status == 200
         done = await anyio.run_process(
             [sys.executable, "-m", "bluestream", "status", "--url",
-             f"http://127.0.0.1:{daemon.http.port}"], check=False)
+             f"http://127.0.0.1:{port}"], check=False)
         assert done.returncode == 1, done.stderr  # running, not ready
-        assert "NOT READY" in done.stdout.decode() and "127.0.0.1:1" in done.stdout.decode()
+        shown = done.stdout.decode()
+        assert "NOT READY" in shown and "Kafka at 127.0.0.1:1 unreachable" in shown, shown
         daemon.stop.set()
 
 

@@ -1,6 +1,11 @@
 """Support for the operations tests (no tests here): the daemon as a real subprocess,
-its HTTP endpoints, a producer that keeps publishing through outages, private Kafka
-and MongoDB instances started by ``scripts/services``, and the exactly-once verifier."""
+its HTTP endpoints and JSON log, a receiver for its sd_notify datagrams, a producer that
+keeps publishing through outages, private Kafka and MongoDB instances started by
+``scripts/services``, and the exactly-once verifier.
+
+Tests wait on what the daemon shows (a log event, a datagram, a counter in ``/status``),
+each with a generous timeout, never on a fixed sleep: a loaded machine makes them slower,
+not red."""
 
 from __future__ import annotations
 
@@ -15,10 +20,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import numpy as np
@@ -30,7 +37,26 @@ from bluestream.consumers.decode import encode_message
 from helpers import read_stream_arrays, scalar_run
 
 ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
 Run = list[tuple[str, dict[str, Any]]]
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, what: str, *,
+               daemon: DaemonProcess | None = None, interval: float = 0.1) -> T:
+    """Poll ``predicate`` until it returns something true and return that; fail after
+    ``timeout`` seconds (or at once if ``daemon`` exited), saying what was awaited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = predicate()
+        if got:
+            return got
+        if daemon is not None:
+            assert daemon.alive(), f"the daemon exited while waiting for {what}: {daemon.tail()}"
+        if time.monotonic() > deadline:
+            tail = f": {daemon.tail()}" if daemon is not None else ""
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}{tail}")
+        time.sleep(interval)
 
 
 # -- configuration files -------------------------------------------------------------
@@ -95,15 +121,18 @@ class DaemonProcess:
     log: Path
     env: dict[str, str] = field(default_factory=daemon_env)
     proc: subprocess.Popen[bytes] | None = None
+    #: What to run instead of ``python -m bluestream serve -c config``.
+    command: list[str] | None = None
 
     def start(self) -> DaemonProcess:
         url_file = self.url_file
         if url_file.exists():
             url_file.unlink()
+        argv = self.command or [sys.executable, "-m", "bluestream", "serve", "-c",
+                                str(self.config)]
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bluestream", "serve", "-c", str(self.config)],
-                env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=str(self.config.parent))
+            self.proc = subprocess.Popen(argv, env=self.env, stdout=out,
+                                         stderr=subprocess.STDOUT, cwd=str(self.config.parent))
         return self
 
     @property
@@ -120,6 +149,36 @@ class DaemonProcess:
 
     def tail(self, n: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+
+    def log_events(self) -> list[dict[str, Any]]:
+        """Every complete JSON line of the log, in order (a line still being written and
+        anything that is not a JSON object are left out)."""
+        if not self.log.exists():
+            return []
+        text = self.log.read_text(errors="replace")
+        out = []
+        for line in text[:text.rfind("\n") + 1].splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict):
+                out.append(event)
+        return out
+
+    def wait_log(self, predicate: Callable[[dict[str, Any]], bool], what: str, *,
+                 after: int = 0, count: int = 1, timeout: float = 60) -> list[int]:
+        """Indices (into :meth:`log_events`) of the first ``count`` events at or past
+        index ``after`` for which ``predicate`` holds, once there are that many."""
+        def found() -> list[int]:
+            hits = [i for i, e in enumerate(self.log_events()) if i >= after and predicate(e)]
+            return hits[:count] if len(hits) >= count else []
+        return wait_until(found, timeout, what, daemon=self)
+
+    def pid_state(self) -> str:
+        """The process state letter from /proc (R, S, T when stopped, ...)."""
+        stat = Path(f"/proc/{self.pid}/stat").read_text()
+        return stat[stat.rfind(")") + 2]
 
     def url(self, timeout: float = 60) -> str:
         deadline = time.monotonic() + timeout
@@ -176,15 +235,161 @@ class DaemonProcess:
             self.proc.wait()
 
 
+def readyz(daemon: DaemonProcess) -> tuple[int, list[str]]:
+    """(HTTP status, reasons) from /readyz; (0, []) when nothing answers."""
+    code, body = daemon.get("/readyz")
+    return (code, list(json.loads(body)["reasons"])) if code else (0, [])
+
+
 def poll_readiness(daemon: DaemonProcess, seconds: float,
                    interval: float = 0.5) -> list[bool | None]:
-    """/readyz answers over ``seconds`` (None: no answer)."""
+    """/readyz answers over ``seconds`` (None: no answer). For holding a fault for a
+    scenario's length while watching the daemon, not for synchronisation."""
     seen: list[bool | None] = []
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         seen.append(daemon.ready(timeout=1.0))
         time.sleep(interval)
     return seen
+
+
+# -- the systemd notify socket ---------------------------------------------------------
+
+class Receiver:
+    """Collects the datagrams sent to a bound AF_UNIX socket, as ``{key: value}``, in
+    the order they arrived: for datagrams sent one after the other by one process that
+    is the order they were sent in, so tests compare positions, not times."""
+
+    def __init__(self, address: str | bytes) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(address)
+        self.sock.settimeout(0.2)
+        self.messages: list[dict[str, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.messages.append(dict(line.split("=", 1)
+                                      for line in data.decode().splitlines() if line))
+
+    def mark(self) -> int:
+        """The position the next datagram will have."""
+        return len(self.messages)
+
+    def find(self, key: str, value: str | None = None, *, since: int = 0,
+             until: int | None = None) -> list[int]:
+        """Positions in [since, until) of datagrams with ``key`` (set to ``value``)."""
+        msgs = self.messages[:until] if until is not None else list(self.messages)
+        return [i for i in range(since, len(msgs))
+                if key in msgs[i] and (value is None or msgs[i][key] == value)]
+
+    def wait_for(self, key: str, value: str | None = None, *, since: int = 0,
+                 count: int = 1, timeout: float = 60.0) -> int:
+        """The position of the ``count``-th datagram at or past ``since`` with ``key``
+        (set to ``value``), once it arrived."""
+        try:
+            found = wait_until(lambda: self.find(key, value, since=since)[count - 1:],
+                               timeout, f"{count} x {key}={value} since #{since}",
+                               interval=0.02)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; received (the last 30 of {len(self.messages)}): "
+                                 f"{self.messages[-30:]}") from None
+        return found[0]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+@contextmanager
+def notify_receiver() -> Iterator[tuple[str, Receiver]]:
+    """A receiver on a fresh abstract-namespace socket: ($NOTIFY_SOCKET value, receiver)."""
+    name = f"bluestream-test-{uuid.uuid4().hex}"
+    receiver = Receiver(b"\0" + name.encode())
+    try:
+        yield "@" + name, receiver
+    finally:
+        receiver.close()
+
+
+# -- a hung event loop, on demand ------------------------------------------------------
+
+#: A record carrying this header makes :func:`serve_with_blocking_ingestor` block the
+#: daemon's event loop for the header's value (seconds, as ASCII).
+BLOCK_HEADER = "x-test-block-loop-s"
+
+
+def blocking_serve_command(config: Path) -> list[str]:
+    """The command line running :func:`serve_with_blocking_ingestor` for ``config``."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_ops_support as t; "
+            "sys.exit(t.serve_with_blocking_ingestor(sys.argv[2]))")
+    return [sys.executable, "-c", code, str(TESTS), str(config)]
+
+
+def serve_with_blocking_ingestor(config: str) -> int:
+    """``bluestream serve -c config``, but with the real ingestor wrapped: a batch holding
+    a record with :data:`BLOCK_HEADER` first blocks the event loop (``time.sleep`` inside
+    the async ``process``, as a synchronous call gone wrong would) for that many
+    seconds. ``BLOCKED=1`` and then ``UNBLOCKED=1`` with ``BLOCKED_S`` (measured) go to
+    ``$NOTIFY_SOCKET`` around the block, so the receiver sees where it lies among the
+    daemon's own datagrams. A fault no real component produces on demand."""
+    from bluestream.daemon import service
+    from bluestream.daemon.logs import configure_logging
+    from bluestream.daemon.notify import Notifier
+    from bluestream.settings import load_settings
+
+    def block(seconds: float) -> None:
+        notifier = Notifier()
+        notifier.send(BLOCKED=1)
+        t0 = time.monotonic()
+        time.sleep(seconds)
+        notifier.send(UNBLOCKED=1, BLOCKED_S=f"{time.monotonic() - t0:.3f}")
+        notifier.close()
+
+    class BlockingIngestor(service.Ingestor):
+        async def process(self, envelopes: Any) -> None:
+            batch = list(envelopes)
+            for env in batch:
+                for key, value in env.headers:
+                    if key == BLOCK_HEADER:
+                        block(float(value))  # in the event loop, on purpose
+            await super().process(batch)
+
+    service.Ingestor = BlockingIngestor  # type: ignore[misc]
+    settings = load_settings(config)
+    configure_logging(settings.log.format, settings.log.level)
+    return service.run_daemon(settings, Path(config))
+
+
+async def _publish(bootstrap: str, topic: str,
+                   messages: list[tuple[bytes, bytes | None, list[tuple[str, bytes]]]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        for value, key, headers in messages:
+            await producer.send_and_wait(topic, value, key=key, headers=headers or None)
+    finally:
+        await producer.stop()
+
+
+def publish(bootstrap: str, topic: str, docs: Run, *,
+            headers: Mapping[int, list[tuple[str, bytes]]] | None = None) -> None:
+    """Publish ``docs`` in order (key: the first document's uid), waiting for every
+    acknowledgement; ``headers`` maps a document's index to its record headers."""
+    key = str(docs[0][1]["uid"]).encode() if docs else None
+    anyio.run(_publish, bootstrap, topic,
+              [(encode_message(n, d), key, (headers or {}).get(i, []))
+               for i, (n, d) in enumerate(docs)])
+
 
 
 # -- a producer that keeps publishing --------------------------------------------------
@@ -378,8 +583,13 @@ def verify_exactly_once(mongo_uri: str, tenant: str, zarr_root: Path, runs: list
             events = [d for n, d in run if n == "event"]
             stream = streams[uid]
             assert stream["length"] == len(events), (uid, stream["length"], len(events))
-            arrays = read_stream_arrays(zarr_root, tenant, uid, stream["descriptor_uid"])
-            np.testing.assert_array_equal(arrays["seq_num"], np.arange(1, len(events) + 1))
+            raw = read_stream_arrays(zarr_root, tenant, uid, stream["descriptor_uid"])
+            # Arrays grow by whole chunks: rows past the logical length (the stream
+            # record's) hold seq_num 0, which readers skip; no event may be stored there.
+            n = len(events)
+            assert not raw["seq_num"][n:].any(), (uid, "rows past the length hold events")
+            arrays = {k: v[:n] for k, v in raw.items()}
+            np.testing.assert_array_equal(arrays["seq_num"], np.arange(1, n + 1))
             np.testing.assert_array_equal(arrays["data/counter"],
                                           [e["data"]["counter"] for e in events])
             np.testing.assert_array_equal(arrays["data/f1"], [e["data"]["f1"] for e in events])

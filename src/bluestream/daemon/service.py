@@ -65,6 +65,8 @@ class Daemon:
     announced_ready: bool = False
     _wake: anyio.Event = field(default_factory=anyio.Event, init=False, repr=False)
     _loop_lag_s: float = field(default=0.0, init=False, repr=False)
+    #: Set by a reload that changes ``log.summary_interval_s`` (wakes the summary loop).
+    _interval_changed: anyio.Event | None = field(default=None, init=False, repr=False)
     _metrics_collector: MetricsCollector | None = field(default=None, init=False, repr=False)
 
     # -- what probes and `status` see -------------------------------------------------
@@ -293,7 +295,13 @@ class Daemon:
     async def _summaries(self) -> None:
         last_events, last_t = 0.0, time.monotonic()
         while True:
-            await anyio.sleep(self.settings.log.summary_interval_s)
+            # A reload that changes the interval wakes this wait, so the new interval
+            # applies at once (not after the old one, up to an hour, ran out).
+            self._interval_changed = anyio.Event()
+            with anyio.move_on_after(self.settings.log.summary_interval_s):
+                await self._interval_changed.wait()
+            if self._interval_changed.is_set():
+                continue
             events = self.counters.total("events")
             now = time.monotonic()
             st = self.source.state if self.source else None
@@ -339,6 +347,8 @@ class Daemon:
                 "park_max_count": new.limits.park_max_count,
                 "park_max_age_s": new.limits.park_max_age_s}),
         })
+        if "log.summary_interval_s" in applied and self._interval_changed is not None:
+            self._interval_changed.set()
         if self.source is not None:
             parked = self.source.ingestor.parked
             parked.max_count = self.settings.limits.park_max_count
