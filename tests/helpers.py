@@ -263,3 +263,16 @@ def storage_digest(metadata_uri: str, tenant: str, zarr_root: Path) -> dict[str,
         finally:
             client.close()
     return out
+
+
+async def group_offsets(bootstrap: str, group: str) -> dict[tuple[str, int], int]:
+    """The consumer group's committed offsets, per (topic, partition), from the broker."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    return {(tp.topic, tp.partition): int(om.offset) for tp, om in offsets.items()}

@@ -11,14 +11,14 @@ from typing import Any
 import anyio
 import msgpack
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bluestream.consumers.decode import encode_message
 from bluestream.daemon.service import Daemon
 from bluestream.settings import Settings
 from bluestream.storage.backends import open_metadata_store
-from helpers import scalar_run
+from helpers import group_offsets, scalar_run
 from test_ingest_kafka import settings_for, wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.anyio]
@@ -162,14 +162,7 @@ DLQ_MAX_MESSAGE_BYTES = 64 * 1024
 
 
 async def committed_offset(bootstrap: str, group: str, topic: str) -> int:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        offsets = await admin.list_consumer_group_offsets(group)
-    finally:
-        await admin.close()
-    meta = offsets.get(TopicPartition(topic, 0))
-    return -1 if meta is None else int(meta.offset)
+    return (await group_offsets(bootstrap, group)).get((topic, 0), -1)
 
 
 async def publish_and_dead_letter(

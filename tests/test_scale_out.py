@@ -18,9 +18,9 @@ from pathlib import Path
 
 import anyio
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
 
 from conftest import create_topic
+from helpers import group_offsets
 from test_ops_support import (
     ContinuousProducer,
     DaemonProcess,
@@ -58,13 +58,8 @@ def _events(d: DaemonProcess) -> float:
 
 
 async def _group_offsets(bootstrap: str, group: str) -> dict[str, int]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        offsets = await admin.list_consumer_group_offsets(group)
-    finally:
-        await admin.close()
-    return {f"{tp.topic}:{tp.partition}": max(0, om.offset) for tp, om in offsets.items()}
+    return {f"{t}:{p}": max(0, off) for (t, p), off in
+            (await group_offsets(bootstrap, group)).items()}
 
 
 def _committed(bootstrap: str, group: str, partitions: Iterable[str] | None = None) -> int:
