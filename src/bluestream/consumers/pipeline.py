@@ -346,28 +346,28 @@ class Ingestor:
             whole = concat_pages([p for p, _ in pages])
             updates = [await self.arrays.write_page(tenant, info.run_start, info.doc,
                                                     info.specs, whole)]
-        except ValidationError as exc:  # e.g. a dtype that differs from the stored array
-            if len(pages) == 1:
-                for item in pages[0][1]:
-                    await self._dead(item.env, exc)
-                return []
-            updates = await self._write_one_by_one(tenant, info, pages)
-        self.counters.inc("events", tenant, sum(len(p) for p, _ in pages))
+            written = len(whole)
+        except ValidationError:  # e.g. a dtype that differs from the stored array
+            updates, written = await self._write_one_by_one(tenant, info, pages)
+        self.counters.inc("events", tenant, written)
         return updates
 
     async def _write_one_by_one(self, tenant: str, info: DescriptorInfo,
-                                pages: list[tuple[Page, list[Routed]]]) -> list[StreamUpdate]:
+                                pages: list[tuple[Page, list[Routed]]]
+                                ) -> tuple[list[StreamUpdate], int]:
         """Pages that the array refused together, written apart: only the events of a
-        refused page are dead-lettered."""
+        refused page are dead-lettered. The updates, and how many events were written."""
         updates = []
+        written = 0
         for page, its in pages:
             try:
                 updates.append(await self.arrays.write_page(tenant, info.run_start, info.doc,
                                                             info.specs, page))
+                written += len(page)
             except ValidationError as exc:
                 for item in its:
                     await self._dead(item.env, exc)
-        return updates
+        return updates, written
 
     async def _pages(self, info: DescriptorInfo,
                      items: list[Routed]) -> list[tuple[Page, list[Routed]]]:

@@ -215,9 +215,13 @@ class MongoMetadataStore(MetadataStore):
         self._db = db
 
     async def _open_readonly(self, db: AsyncDatabase[Doc]) -> None:
-        """Check the tenant exists and how FullText can be answered, writing nothing."""
-        tenants = await self.tenants()
-        if self.tenant not in tenants:
+        """Check the tenant exists and how FullText can be answered, writing nothing.
+        One query for its own database; every database is listed only to say which
+        tenants exist when it does not."""
+        with self._errors("open"):
+            exists = "run_start" in await db.list_collection_names()
+        if not exists:
+            tenants = await self.tenants()
             raise NotFound(f"tenant {self.tenant!r} does not exist at MongoDB {self.uri}; "
                            f"tenants there: {', '.join(tenants) or '(none)'}")
         with self._errors("open"):
