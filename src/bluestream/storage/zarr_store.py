@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import numpy as np
@@ -44,6 +44,7 @@ from bluestream.layout import (
     stored_columns,
     timestamps_path,
 )
+from bluestream.storage import chunk_writer
 from bluestream.storage.base import StreamUpdate
 from bluestream.storage.local_store import (
     SyncingLocalStore,
@@ -118,18 +119,10 @@ class ZarrEventStore:
         needed = int(positions[-1]) + 1
         try:
             async with descriptor_lock(self.root, path):
-                group = await self._group(path, descriptor, run_start)
-                arrays = [await self._array(group, path, col) for col in columns]
+                arrays = await self._arrays_of(path, descriptor, run_start, columns)
                 self._check_dtypes(arrays, columns)
                 arrays = await self._grow(path, arrays, needed)
-                # seq_num last: a reader that sees a row's seq_num sees the whole row.
-                async with anyio.create_task_group() as tg:
-                    for arr, col in zip(arrays, columns, strict=True):
-                        if col.name != SEQ_NUM:
-                            tg.start_soon(_write_runs, arr, positions, values[col.name])
-                seq = next(a for a, c in zip(arrays, columns, strict=True)
-                           if c.name == SEQ_NUM)
-                await _write_runs(seq, positions, values[SEQ_NUM])
+                await _write_columns(arrays, columns, positions, values)
         except (OSError, zarr.errors.BaseZarrError) as exc:
             raise StorageError(f"writing Zarr group {self.root / path} failed: {exc}") from exc
         except BaseExceptionGroup as group:  # the concurrent array writes above failed
@@ -151,6 +144,18 @@ class ZarrEventStore:
             data_keys=tuple(sorted(specs)),
             schema_version=SCHEMA_VERSION,
         )
+
+    async def _arrays_of(self, path: str, descriptor: Mapping[str, Any], run_start: str,
+                         columns: list[Column]) -> list[AsyncArray[Any]]:
+        """The descriptor's arrays, from the handle cache when all are there (no store
+        access at all), else through its group (created if missing)."""
+        cached = [self._arrays.get((path, col.name)) for col in columns]
+        if all(arr is not None for arr in cached):
+            for col in columns:
+                self._arrays.move_to_end((path, col.name))
+            return cast(list[AsyncArray[Any]], cached)
+        group = await self._group(path, descriptor, run_start)
+        return [await self._array(group, path, col) for col in columns]
 
     async def _group(self, path: str, descriptor: Mapping[str, Any],
                      run_start: str) -> AsyncGroup:
@@ -270,6 +275,32 @@ def _column_values(page: Page, order: np.ndarray) -> dict[str, np.ndarray]:
     for key, arr in page.filled.items():
         vals[filled_path(key)] = arr[take]
     return vals
+
+
+async def _write_columns(arrays: list[AsyncArray[Any]], columns: list[Column],
+                         positions: np.ndarray, values: dict[str, np.ndarray]) -> None:
+    """Every column's rows; ``seq_num`` last, once the others are stored: a reader that
+    sees a row's seq_num sees the whole row. In one worker thread when zarr's codecs
+    and the store can run synchronously (:mod:`~bluestream.storage.chunk_writer`),
+    else through ``setitem``."""
+    seq = next(a for a, c in zip(arrays, columns, strict=True) if c.name == SEQ_NUM)
+    rest = [(a, c) for a, c in zip(arrays, columns, strict=True) if c.name != SEQ_NUM]
+    if all(chunk_writer.supports(a) for a in arrays):
+        runs = list(_contiguous_runs(positions))
+
+        def writes(arr: AsyncArray[Any], col: Column) -> list[chunk_writer.RowWrite]:
+            column = values[col.name]
+            return [chunk_writer.RowWrite(arr, start, column[first:first + (stop - start)])
+                    for first, start, stop in runs]
+
+        groups = [[w for a, c in rest for w in writes(a, c)],
+                  writes(seq, next(c for c in columns if c.name == SEQ_NUM))]
+        await anyio.to_thread.run_sync(chunk_writer.write_all, groups)
+        return
+    async with anyio.create_task_group() as tg:
+        for arr, col in rest:
+            tg.start_soon(_write_runs, arr, positions, values[col.name])
+    await _write_runs(seq, positions, values[SEQ_NUM])
 
 
 async def _write_runs(arr: AsyncArray[Any], positions: np.ndarray, values: np.ndarray) -> None:
