@@ -26,7 +26,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "bluestream"
 
 #: The bottom: small package-level modules every layer may use.
 BASE = {"errors", "limits", "layout", "documents", "queries", "counters", "handlers", "log",
-        "_version"}
+        "_version", "gc_tuning"}
 #: Package (or top-level module) -> what it may import besides itself and BASE.
 ALLOWED: dict[str, set[str]] = {
     **{name: set() for name in BASE},

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 __all__ = ["DeadLetterSink", "Envelope", "Routed"]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Envelope:
     """One message as it came from its source (Kafka record, or a line of a file)."""
 
@@ -33,7 +33,7 @@ class Envelope:
         return f"{self.topic}[{self.partition}]@{self.offset}"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Routed:
     """A decoded, schema-valid document with the envelope it came in."""
 
@@ -43,6 +43,9 @@ class Routed:
     extra: dict[str, Any] = field(default_factory=dict)
     #: For events and event pages: their descriptor, resolved once when routed.
     descriptor: DescriptorInfo | None = None
+    #: Decoded by the typed decoder (:mod:`bluestream.schemas.typed`): schema-valid, data
+    #: values scalars, timestamps floats.
+    typed: bool = False
 
 
 class DeadLetterSink(Protocol):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,8 +39,10 @@ from bluestream.schemas.normalise import (
     datum_page_to_datums,
     page_from_event_page,
     page_from_events,
+    page_from_typed_events,
     to_jsonable,
 )
+from bluestream.schemas.typed import decode_typed
 from bluestream.schemas.validate import validate
 from bluestream.storage.base import IngestLogEntry, MetadataStore, PutOutcome, StreamUpdate, key_of
 from bluestream.storage.rules import same_content
@@ -70,17 +72,21 @@ class _Batch:
         default_factory=lambda: defaultdict(list))
     events: dict[tuple[str, str], list[Routed]] = field(default_factory=dict)
     provenance: dict[tuple[str, str, str, int], list[int]] = field(default_factory=dict)
+    #: Descriptors resolved while routing this batch: (tenant, uid) -> info.
+    descriptors: dict[tuple[str, str], DescriptorInfo] = field(default_factory=dict)
 
     def note(self, tenant: str, run_start: str, env: Envelope) -> None:
         if not run_start:
             return
         key = (tenant, run_start, env.topic, env.partition)
         span = self.provenance.get(key)
+        offset = env.offset
         if span is None:
-            self.provenance[key] = [env.offset, env.offset]
-        else:
-            span[0] = min(span[0], env.offset)
-            span[1] = max(span[1], env.offset)
+            self.provenance[key] = [offset, offset]
+        elif offset > span[1]:
+            span[1] = offset
+        elif offset < span[0]:
+            span[0] = offset
 
 
 class Ingestor:
@@ -108,11 +114,20 @@ class Ingestor:
         """Store, dead-letter or park every envelope; return when that is durable."""
         batch = _Batch()
         self.index.begin_batch()
+        tally: Counter[str] = Counter()
+        nbytes: Counter[str] = Counter()
         try:
             for env in envelopes:
-                routed = await self._decode(env)
-                if routed is not None:
-                    await self._route(routed, batch)
+                env.received = env.received or self._clock()
+                nbytes[env.topic] += len(env.value or b"")
+                routed = self._decode(env)
+                if isinstance(routed, DocumentError):
+                    await self._dead(env, routed)
+                    continue
+                tally[routed.name] += 1
+                if routed.name == "event" and self._route_known_event(routed, batch):
+                    continue
+                await self._route(routed, batch)
             await self._evict_parked(batch)
             await self._flush(batch)
         except BaseException:
@@ -120,6 +135,11 @@ class Ingestor:
             # so a retry of the same messages writes them again.
             self.reset()
             raise
+        finally:
+            for topic, n in nbytes.items():
+                self.counters.inc("bytes", topic, n)
+            for name, n in tally.items():
+                self.counters.inc("documents", name, n)
 
     def reset(self) -> None:
         """Forget cached routing state and parked documents (after a failed batch the
@@ -154,17 +174,37 @@ class Ingestor:
         self.counters.set("parked", "", float(len(self.parked)))
 
     # -- decode and validate ------------------------------------------------------------
-    async def _decode(self, env: Envelope) -> Routed | None:
-        env.received = env.received or self._clock()
-        self.counters.inc("bytes", env.topic, len(env.value or b""))
+    def _decode(self, env: Envelope) -> Routed | DocumentError:
+        """The document of a message, schema-checked, or the error its dead letter gets."""
+        value, max_bytes = env.value, self.limits.max_message_bytes
+        # Events and pages the typed decoder proves valid skip the general path.
+        typed = decode_typed(value) if value is not None and len(value) <= max_bytes \
+            else None
+        if typed is not None:
+            return Routed(typed[0], typed[1], env, typed=True)
         try:
-            name, doc = decode_message(env.value, max_bytes=self.limits.max_message_bytes)
+            name, doc = decode_message(value, max_bytes=max_bytes)
             validate(name, doc)
         except _ABOUT_THE_MESSAGE as exc:
-            await self._dead(env, _as_document_error(exc, env))
-            return None
-        self.counters.inc("documents", name)
+            return _as_document_error(exc, env)
         return Routed(name, doc, env)
+
+    def _route_known_event(self, item: Routed, batch: _Batch) -> bool:
+        """Route an event whose descriptor this batch already resolved (nearly every
+        event): what :meth:`_route_one` does for it, without the lookups. False when
+        the descriptor is not known yet (the general way then resolves or parks it)."""
+        key = (item.env.tenant, item.doc["descriptor"])
+        info = batch.descriptors.get(key)
+        if info is None:
+            return False
+        item.descriptor = info
+        events = batch.events.get(key)
+        if events is None:
+            batch.events[key] = [item]
+        else:
+            events.append(item)
+        batch.note(key[0], info.run_start, item.env)
+        return True
 
     async def _dead(self, env: Envelope, error: DocumentError) -> None:
         self.counters.inc("dead_lettered", error.reason)
@@ -212,6 +252,7 @@ class Ingestor:
                 if item.descriptor is None:
                     self._park(tenant, kind, parent_key, item)
                     return
+                batch.descriptors[(tenant, parent_key)] = item.descriptor
                 run_start = item.descriptor.run_start
             else:
                 parent = await self._parent(tenant, kind, parent_key)
@@ -383,7 +424,11 @@ class Ingestor:
                     await self._dead(item.env, _as_document_error(exc, item.env))
             return out
         try:
-            return [(page_from_events([i.doc for i in items], info.specs, self.limits), items)]
+            page = page_from_typed_events([i.doc for i in items], info.specs, self.limits) \
+                if all(i.typed for i in items) else None
+            if page is None:
+                page = page_from_events([i.doc for i in items], info.specs, self.limits)
+            return [(page, items)]
         except _ABOUT_THE_MESSAGE:
             pass  # which event is bad is found out below
         good: list[tuple[Page, list[Routed]]] = []

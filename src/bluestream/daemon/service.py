@@ -33,7 +33,9 @@ from bluestream.daemon.logs import configure_logging
 from bluestream.daemon.metrics import CONTENT_TYPE, DaemonGauges, MetricsCollector
 from bluestream.daemon.notify import Notifier
 from bluestream.errors import ConfigError
+from bluestream.gc_tuning import tune_gc
 from bluestream.log import get_logger
+from bluestream.schemas.validate import warm_up
 from bluestream.settings import RELOADABLE, Settings, changed_keys, load_settings
 from bluestream.storage.registry import StoreRegistry
 from bluestream.storage.zarr_store import ZarrEventStore
@@ -409,6 +411,8 @@ async def serve(settings: Settings, config_path: Path | None = None) -> None:
 def run_daemon(settings: Settings, config_path: Path | None = None) -> int:
     """Run until stopped; the process exit code. 2 for configuration problems found
     at start (the message names the key), as for an invalid file."""
+    warm_up()  # compile the schemas before the collector's start state is frozen
+    tune_gc()
     try:
         anyio.run(serve, settings, config_path)
     except ConfigError as exc:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ __all__ = [
     "datum_page_to_datums",
     "page_from_event_page",
     "page_from_events",
+    "page_from_typed_events",
     "page_to_event_page",
     "page_to_events",
     "to_jsonable",
@@ -83,6 +85,57 @@ def page_from_events(events: Sequence[Mapping[str, Any]], specs: Mapping[str, Fi
         filled={k: [(e.get("filled") or {}).get(k, False) for e in events] for k in external},
     )
     return _build(cols, specs, limits)
+
+
+def page_from_typed_events(events: Sequence[Mapping[str, Any]],
+                           specs: Mapping[str, FieldSpec], limits: Limits) -> Page | None:
+    """:func:`page_from_events` for the common case, without per-event Python per key:
+    events from the typed decoder (scalar data values, float timestamps) of a
+    descriptor whose keys are all float scalars. Each event contributes one tuple of
+    values and one of timestamps; numpy converts them all at once. None when anything
+    is out of the ordinary (a string value, keys that differ, ...): the caller then uses
+    :func:`page_from_events`, which gives the verdict and the error message."""
+    keys = tuple(specs)
+    if not keys or not all(s.kind == "number" and s.dtype is not None and s.dtype.kind == "f"
+                           and not s.external and not s.variable and s.shape == ()
+                           for s in specs.values()):
+        return None
+    descriptor = events[0].get("descriptor")
+    keyset = set(keys)
+    row = itemgetter(*keys) if len(keys) > 1 else (lambda d: (d[keys[0]],))
+    values, stamps = [], []
+    for event in events:
+        data, times = event["data"], event["timestamps"]
+        if data.keys() != keyset or times.keys() != keyset or event.get("filled") or \
+                event["descriptor"] != descriptor:
+            return None
+        values.append(row(data))
+        stamps.append(row(times))
+    try:
+        table = np.array(values)
+        seq_num = np.array([e["seq_num"] for e in events], dtype=np.int64)
+    except (ValueError, OverflowError, TypeError):
+        return None
+    time = np.array([e["time"] for e in events], dtype=np.float64)
+    stamp_table = np.array(stamps, dtype=np.float64)
+    if table.dtype.kind != "f" or table.shape != (len(events), len(keys)) or \
+            seq_num.min() < 1 or seq_num.max() > limits.max_seq_num or \
+            not np.isfinite(time).all() or not np.isfinite(stamp_table).all():
+        return None
+    data_cols: dict[str, Array] = {}
+    for j, key in enumerate(keys):
+        dtype = specs[key].dtype
+        assert dtype is not None
+        data_cols[key] = _cast(f"data[{key!r}]", np.ascontiguousarray(table[:, j]), dtype)
+    return Page(
+        descriptor=str(descriptor),
+        uid=np.array([e["uid"] for e in events], dtype=STRING),
+        seq_num=seq_num,
+        time=time,
+        data=data_cols,
+        timestamps={k: np.ascontiguousarray(stamp_table[:, j]) for j, k in enumerate(keys)},
+        filled={},
+    )
 
 
 def page_from_event_page(doc: Mapping[str, Any], specs: Mapping[str, FieldSpec],

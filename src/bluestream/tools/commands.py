@@ -22,6 +22,7 @@ import typer
 
 from bluestream.daemon.logs import configure_logging
 from bluestream.errors import BluestreamError, ConfigError
+from bluestream.gc_tuning import tune_gc
 from bluestream.settings import load_settings
 
 if TYPE_CHECKING:
@@ -114,6 +115,7 @@ def ingest(files: Annotated[list[Path], typer.Argument(help="Document files (.js
     """Store documents from files directly (no Kafka), as the daemon would; idempotent."""
     from bluestream.tools.ingest import ingest_files
 
+    tune_gc()
     settings = _settings(config, metadata=metadata,
                          zarr_root=None if zarr_root is None else str(zarr_root))
     total = sum(p.stat().st_size for p in files if p.is_file())
@@ -142,6 +144,7 @@ def ingest_mongo(uri: Annotated[str, typer.Argument(help="MongoDB URI of the sui
     """Import runs from a suitcase-mongo "normalized" database; resumable, idempotent."""
     from bluestream.tools.ingest_mongo import ingest_mongo as _ingest_mongo
 
+    tune_gc()
     settings = _settings(config, metadata=metadata,
                          zarr_root=None if zarr_root is None else str(zarr_root))
     progress = _progress("ingest-mongo", None, "runs", quiet)
