@@ -19,11 +19,21 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import asdict
 from pathlib import Path
 from types import ModuleType
 
 from benchmarks import image_ingest, latency, profile, read, scalar_ingest, scaling
-from benchmarks.common import Context, Result, Target, bar_chart, save_result
+from benchmarks.common import (
+    GOALS,
+    Context,
+    Result,
+    Target,
+    bar_chart,
+    fmt,
+    print_table,
+    save_result,
+)
 from benchmarks.infra import delete_topics, drop_databases
 from bluestream.daemon.logs import configure_logging
 
@@ -115,8 +125,14 @@ def _summary(ctx: Context, results: dict[str, Result], failed: list[str],
              seconds: float) -> None:
     targets: list[Target] = [t for r in results.values() for t in r.targets]
     print(f"\n== summary ({ctx.mode} mode, {seconds:.0f} s)")
-    for t in targets:
-        print("  " + t.line())
+    if targets:
+        print_table(["scenario", "target", "measured", "goal", "verdict"], [
+            [scenario, t.name, f"{fmt(t.measured)} {t.unit}", f"{t.op} {fmt(t.target)} "
+             f"{t.unit}", "met" if t.met else "MISSED"]
+            for scenario, r in results.items() for t in r.targets], left=2)
+        print(f"  targets: {sum(t.met for t in targets)} of {len(targets)} met"
+              + (" (quick mode: tiny sizes, the verdicts mean nothing)" if ctx.quick
+                 else ""))
     checks = [(s, c) for s, r in results.items() for c in r.checks]
     print(f"  checks: {sum(c.ok for _, c in checks)} of {len(checks)} passed")
     for scenario, check in checks:
@@ -126,8 +142,9 @@ def _summary(ctx: Context, results: dict[str, Result], failed: list[str],
         print(f"  FAILED scenarios: {', '.join(failed)}")
     summary = {"mode": ctx.mode, "run_id": ctx.run_id, "seconds": seconds,
                "scenarios": sorted(results), "failed": failed,
-               "targets": [{"scenario": s, **t.__dict__, "met": t.met}
+               "targets": [{"scenario": s, **asdict(t), "op": t.op, "met": t.met}
                            for s, r in results.items() for t in r.targets],
+               "goals": [{**asdict(g), "op": g.op} for g in GOALS],
                "checks": [{"scenario": s, **c.__dict__} for s, c in checks]}
     (ctx.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if targets:

@@ -24,8 +24,8 @@ import matplotlib.pyplot as plt
 
 from benchmarks.checks import Check
 
-__all__ = ["FULL", "QUICK", "Check", "Context", "Result", "Sizes", "Target", "fmt", "mb",
-           "plt", "print_table", "rate", "save_result"]
+__all__ = ["FULL", "GOALS", "QUICK", "Check", "Context", "Goal", "Result", "Sizes", "Target",
+           "fmt", "mb", "plt", "print_table", "rate", "save_result"]
 
 MB = 1_000_000
 
@@ -70,7 +70,7 @@ QUICK = Sizes(
     scalar_runs=2, scalar_events_per_run=400, scalar_fields=10, page_events=50,
     ingest_backends=("sqlite", "mongo"), incumbent_runs=1,
     image_frames=24, image_shape=(128, 128),
-    latency_rate=50.0, latency_seconds=2.0, latency_backends=("mongo",),
+    latency_rate=50.0, latency_seconds=2.0, latency_backends=("mongo", "sqlite"),
     read_scalar_events=2_000, read_image_frames=16, read_incumbent_image_frames=8,
     read_repeats=1,
     scaling_runs=6, scaling_events_per_run=300, scaling_partitions=6,
@@ -127,25 +127,97 @@ class Context:
 
 @dataclass
 class Target:
-    """One target of issue 8 and what was measured for it."""
+    """One target of issue 12 (see :data:`GOALS`) and what was measured for it."""
 
     name: str
     measured: float
     target: float
     unit: str
     higher_is_better: bool = True
+    #: Lower is better: met at ``measured <= target`` (else strictly below it).
+    or_equal: bool = False
+
+    @property
+    def op(self) -> str:
+        return ">=" if self.higher_is_better else "<=" if self.or_equal else "<"
 
     @property
     def met(self) -> bool:
         if self.higher_is_better:
             return self.measured >= self.target
+        if self.or_equal:
+            return self.measured <= self.target
         return self.measured < self.target
 
     def line(self) -> str:
-        op = ">=" if self.higher_is_better else "<"
         verdict = "met" if self.met else "MISSED"
         return (f"{self.name}: {fmt(self.measured)} {self.unit} "
-                f"(target {op} {fmt(self.target)} {self.unit}) {verdict}")
+                f"(target {self.op} {fmt(self.target)} {self.unit}) {verdict}")
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A target definition of issue 12 ("hot path"): the bar, independent of a run.
+    Scenarios turn a measurement into a :class:`Target` with :meth:`target`."""
+
+    key: str
+    what: str
+    value: float
+    unit: str
+    higher_is_better: bool = True
+    or_equal: bool = False
+
+    @property
+    def op(self) -> str:
+        return ">=" if self.higher_is_better else "<=" if self.or_equal else "<"
+
+    def target(self, name: str, measured: float) -> Target:
+        return Target(name, measured, self.value, self.unit, self.higher_is_better,
+                      self.or_equal)
+
+
+# -- the targets of issue 12 ("hot path"). The raw consume *limit* is the faster of two
+# raw consumers of the same topic, each with the daemon's decode (decode_message): aiokafka
+# and confluent-kafka (librdkafka). They replace issue 8's ">= 10x the incumbent" ingest
+# and "p99 < 1 s" latency targets; the read ratios stay.
+SCALAR_EVENTS_VS_LIMIT = Goal(
+    "scalar_events_vs_limit", "single scalar events (10 float fields), SQLite and Mongo "
+    "metadata: bluestream / raw consume limit", 0.5, "x")
+SCALAR_EVENTS_VS_CEILING = Goal(
+    "scalar_events_vs_incumbent_ceiling", "single scalar events: bluestream / the "
+    "incumbent's client-side ceiling (msgpack decode + sanitize_doc + BSON encode, no "
+    "server)", 3.0, "x")
+SCALAR_PAGES_VS_LIMIT = Goal(
+    "scalar_pages_vs_limit", "event pages of 100 events, SQLite and Mongo metadata: "
+    "bluestream / raw consume limit (events/s)", 0.5, "x")
+IMAGES_VS_BOUND = Goal(
+    "images_vs_bound", "512x512 uint16 images: bluestream / min(plain Zarr write, raw "
+    "consume limit) of the same frames", 0.8, "x")
+LATENCY_P50 = Goal(
+    "latency_p50_ms", "live latency publish -> readable, single events at 200/s, both "
+    "metadata stores: p50", 50.0, "ms", higher_is_better=False)
+LATENCY_P99 = Goal(
+    "latency_p99_ms", "live latency publish -> readable, single events at 200/s, both "
+    "metadata stores: p99", 250.0, "ms", higher_is_better=False)
+PEAK_RSS = Goal(
+    "peak_rss_mb", "daemon peak RSS (VmHWM) in every daemon scenario: scalar single "
+    "events, event pages, images, latency (each metadata store run)", 500.0, "MB",
+    higher_is_better=False)
+READ_SCALAR_SECONDS = Goal(
+    "read_scalar_s", "read() of a 100,000-event scalar run (absolute)", 0.3, "s",
+    higher_is_better=False, or_equal=True)
+READ_SCALAR_VS_INCUMBENT = Goal(
+    "read_scalar_vs_incumbent", "read() of 100,000 scalar events: bluestream / incumbent",
+    10.0, "x")
+READ_IMAGES_VS_INCUMBENT = Goal(
+    "read_images_vs_incumbent", "read() of images (frames/s): bluestream / incumbent",
+    10.0, "x")
+
+GOALS: tuple[Goal, ...] = (
+    SCALAR_EVENTS_VS_LIMIT, SCALAR_EVENTS_VS_CEILING, SCALAR_PAGES_VS_LIMIT,
+    IMAGES_VS_BOUND, LATENCY_P50, LATENCY_P99, PEAK_RSS, READ_SCALAR_SECONDS,
+    READ_SCALAR_VS_INCUMBENT, READ_IMAGES_VS_INCUMBENT,
+)
 
 
 @dataclass
@@ -173,7 +245,7 @@ class Result:
             "machine": machine(),
             "params": self.params,
             "results": self.results,
-            "targets": [{**asdict(t), "met": t.met} for t in self.targets],
+            "targets": [{**asdict(t), "op": t.op, "met": t.met} for t in self.targets],
             "checks": [asdict(c) for c in self.checks],
             "notes": self.notes,
             "charts": self.charts,
@@ -220,13 +292,14 @@ def fmt(value: float) -> str:
     return f"{value:.3g}"
 
 
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], left: int = 1) -> None:
+    """Columns after the first ``left`` (text) ones are right-aligned."""
     cells = [[fmt(c) if isinstance(c, float) else str(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
     print("  " + "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
     print("  " + "  ".join("-" * w for w in widths))
     for row in cells:
-        print("  " + "  ".join(c.rjust(w) if i else c.ljust(w)
+        print("  " + "  ".join(c.rjust(w) if i >= left else c.ljust(w)
                                for i, (c, w) in enumerate(zip(row, widths, strict=True))))
 
 

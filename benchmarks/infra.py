@@ -15,8 +15,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,10 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from bluestream.storage.backends import open_metadata_store
 
-__all__ = ["DaemonProcess", "IngestTiming", "Message", "checked_ingest", "committed_offsets",
-           "create_topic", "delete_topics", "drop_databases", "end_offsets", "metadata_uri",
-           "publish", "stored_events", "timed_ingest", "wait_committed"]
+__all__ = ["DaemonProcess", "IngestTiming", "Message", "RssSampler", "checked_ingest",
+           "committed_offsets", "create_topic", "delete_topics", "drop_databases",
+           "end_offsets", "metadata_uri", "publish", "rss_report", "stored_events",
+           "timed_ingest", "wait_committed"]
 
 #: (key, value, partition or -1 for the partitioner's choice)
 Message = tuple[bytes | None, bytes, int]
@@ -228,6 +230,57 @@ class DaemonProcess:
         return int(self.proc.returncode)
 
 
+class RssSampler:
+    """The daemons' resident memory while they work: the sum of their ``VmRSS`` every
+    ``interval`` s, sampled by a background thread, and each one's ``VmHWM`` (its peak,
+    which no sampling can miss) read by :meth:`stop` - call it before the daemons exit
+    (``/proc`` reads 0 afterwards)."""
+
+    def __init__(self, procs: Sequence[DaemonProcess], interval: float = 0.05) -> None:
+        self.procs = list(procs)
+        self.interval = interval
+        self.started = time.time()
+        self.samples: list[tuple[float, float]] = []  # (wall time, MB summed)
+        self.peak_mb: list[float] = []  # VmHWM per daemon, once stopped
+        self._halt = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-rss", daemon=True)
+
+    def start(self) -> RssSampler:
+        self.started = time.time()
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._halt.is_set():
+            kb = sum(p.status_kb("VmRSS") for p in self.procs)
+            self.samples.append((time.time(), kb / 1024))
+            self._halt.wait(self.interval)
+
+    def stop(self) -> list[float]:
+        """Read every daemon's VmHWM (once) and stop sampling; returns the peaks in MB."""
+        if not self.peak_mb:
+            self.peak_mb = [p.status_kb("VmHWM") / 1024 for p in self.procs]
+        self._halt.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        return self.peak_mb
+
+    def report(self, t0: float | None = None) -> dict[str, Any]:
+        """:func:`rss_report` of this sampler, times relative to ``t0`` (default: the
+        start of sampling)."""
+        start = self.started if t0 is None else t0
+        return rss_report(self.peak_mb, [(t - start, m) for t, m in self.samples])
+
+
+def rss_report(peak_mb: Sequence[float], samples: Sequence[tuple[float, float]],
+               max_points: int = 300) -> dict[str, Any]:
+    """The JSON every daemon scenario reports: ``peak`` (MB, the largest VmHWM),
+    ``peak_per_daemon`` and ``samples`` ([s, MB summed], at most ``max_points``)."""
+    step = max(1, -(-len(samples) // max_points))
+    return {"peak": max(peak_mb, default=0.0), "peak_per_daemon": list(peak_mb),
+            "samples": [[round(t, 2), round(m, 1)] for t, m in samples[::step]]}
+
+
 def stamp(record: dict[str, Any]) -> float:
     return datetime.fromisoformat(str(record["timestamp"])).timestamp()
 
@@ -264,6 +317,14 @@ class IngestTiming:
         self.rss_samples: list[tuple[float, float]] = []  # (s since t0, MB summed)
         self.exit_codes: list[int] = []
 
+    @property
+    def peak_rss(self) -> float:
+        """MB: the largest daemon's VmHWM."""
+        return max(self.peak_rss_mb, default=0.0)
+
+    def rss_json(self) -> dict[str, Any]:
+        return rss_report(self.peak_rss_mb, self.rss_samples)
+
     def as_dict(self) -> dict[str, Any]:
         return {"seconds": self.seconds, "startup_s": self.startup_s,
                 "publish_s": self.publish_s, "peak_rss_mb": self.peak_rss_mb,
@@ -288,11 +349,11 @@ def timed_ingest(*, kafka: str, topic: str, group: str, metadata: str, zarr_root
                            zarr_root=zarr_root, log=log_dir / f"daemon{i}.log", argv=argv,
                            extra_env=extra_env)
              for i in range(daemons)]
+    rss = RssSampler(procs).start()
 
     def alive() -> None:
         for p in procs:
             p.check_alive()
-        timing.rss_samples.append((time.time(), sum(p.status_kb("VmRSS") for p in procs) / 1024))
 
     try:
         assigned_at = [p.first_time("partitions assigned") for p in procs]
@@ -316,9 +377,10 @@ def timed_ingest(*, kafka: str, topic: str, group: str, metadata: str, zarr_root
         ends = end_offsets(kafka, topic)
         t1 = wait_committed(kafka, group, topic, ends, timeout=timeout, alive=alive)
         timing.seconds = t1 - t0
-        timing.peak_rss_mb = [p.status_kb("VmHWM") / 1024 for p in procs]
-        timing.rss_samples = [(t - t0, m) for t, m in timing.rss_samples]
+        timing.peak_rss_mb = rss.stop()
+        timing.rss_samples = [(t - t0, m) for t, m in rss.samples]
     finally:
+        rss.stop()
         timing.exit_codes = [p.stop() for p in procs]
     return timing
 

@@ -29,15 +29,26 @@ def _get(data: Any, path: tuple[str, ...]) -> Any:
     return data
 
 
+_VARIANTS = ("events", "pages")
+_BACKENDS = ("sqlite", "mongo")  # scalar ingest and (quick mode too) latency
+
 #: Per scenario: where (inside ``results``) a rate or size that must be > 0 is.
 POSITIVE: dict[str, list[tuple[str, ...]]] = {
-    "scalar_ingest": [(v, *what) for v in ("events", "pages") for what in (
-        ("raw", "events_per_s"), ("bluestream", "sqlite", "events_per_s"),
-        ("bluestream", "mongo", "events_per_s"), ("incumbent", "events_per_s"))],
+    "scalar_ingest": [(v, *what) for v in _VARIANTS for what in (
+        ("raw", "events_per_s"), ("raw_confluent", "events_per_s"), ("limit", "events_per_s"),
+        *(("bluestream", b, key) for b in _BACKENDS
+          for key in ("events_per_s", "ratio_to_limit", "ratio_to_incumbent_ceiling")),
+        *(("bluestream", b, "rss_mb", "peak") for b in _BACKENDS),
+        ("incumbent", "events_per_s"), ("incumbent", "client_side_ceiling_events_per_s"))],
     "image_ingest": [("bluestream", "mb_per_s"), ("plain_zarr", "mb_per_s"), ("ratio",),
-                     ("rss_mb", "peak")],
-    "latency": [("mongo", "p50_s"), ("mongo", "p99_s"), ("mongo", "events")],
+                     ("raw_consume", "mb_per_s"), ("raw_consume_confluent", "mb_per_s"),
+                     ("limit", "mb_per_s"), ("bound", "mb_per_s"), ("ratio_to_bound",),
+                     ("raw_disk_write", "mb_per_s"), ("raw_disk_write", "seconds"),
+                     ("ratio_to_disk_write",), ("rss_mb", "peak")],
+    "latency": [(b, key) for b in _BACKENDS for key in ("p50_s", "p99_s", "events")]
+    + [(b, "rss_mb", "peak") for b in _BACKENDS],
     "read": [("scalar", "bluestream", "events_per_s"), ("scalar", "incumbent", "events_per_s"),
+             ("scalar", "bluestream", "seconds"),
              ("image", "bluestream", "frames_per_s"), ("image", "incumbent", "frames_per_s")],
     "scaling": [("1_daemons", "events_per_s"), ("2_daemons", "events_per_s"), ("speedup",)],
     "profile": [("in_process", "events/sqlite", "events_per_s"),
@@ -45,21 +56,39 @@ POSITIVE: dict[str, list[tuple[str, ...]]] = {
                 ("daemon", "default", "events_per_s"), ("daemon", "gc_tuned", "events_per_s")],
 }
 
+#: Per scenario: the targets it reports (names; numbers, not verdicts, are tested). Every
+#: daemon scenario reports its peak RSS, per variant and metadata store.
+TARGETS: dict[str, set[str]] = {
+    "scalar_ingest": {
+        *(f"scalar {v} {b}: bluestream / limit" for v in _VARIANTS for b in _BACKENDS),
+        *(f"scalar events {b}: bluestream / incumbent ceiling" for b in _BACKENDS),
+        *(f"daemon peak RSS: scalar {v} {b}" for v in _VARIANTS for b in _BACKENDS)},
+    "image_ingest": {"images: bluestream / min(plain zarr, limit)", "daemon peak RSS: images"},
+    "latency": {f"{what} ({b})" for b in _BACKENDS
+                for what in ("latency p50", "latency p99", "daemon peak RSS: latency")},
+    "read": {"read scalar (2,000 events): seconds", "read scalar: bluestream / incumbent",
+             "read images: bluestream / incumbent"},
+    "scaling": set(),
+    "profile": set(),
+}
 
-_VARIANTS = ("events", "pages")
+
 #: Per scenario: the correctness checks (``benchmarks.checks``) its run must report, each
 #: passed. A daemon that needed a repeated ingest (``data_loss_retries``), a wrong stored
 #: count on either side, or values read back that differ from the documents fail these.
 CHECKS: dict[str, set[str]] = {
     "scalar_ingest": {
         *(f"raw consume saw every message: {v}" for v in _VARIANTS),
-        *(f"no data loss: {v}/{b}" for v in _VARIANTS for b in ("sqlite", "mongo")),
+        *(f"raw consume saw every message: {v} (confluent-kafka)" for v in _VARIANTS),
+        *(f"no data loss: {v}/{b}" for v in _VARIANTS for b in _BACKENDS),
         *(f"incumbent consumed every event: {v}" for v in _VARIANTS),
         *(f"incumbent stored count: {v}" for v in _VARIANTS)},
-    "image_ingest": {"raw consume saw every message", "no data loss: daemon",
+    "image_ingest": {"raw consume saw every message",
+                     "raw consume saw every message (confluent-kafka)",
+                     "raw disk write wrote every byte", "no data loss: daemon",
                      "no data loss: daemon with write_empty_chunks",
                      "daemon stored frames bit-exact"},
-    "latency": {"stored (runs, events, stops): mongo"},
+    "latency": {f"stored (runs, events, stops): {b}" for b in _BACKENDS},
     "read": {"incumbent stored count", "read scalar values: bluestream",
              "read scalar values: incumbent", "read image values: bluestream",
              "read image seq_num: bluestream", "read image values: incumbent"},
@@ -67,6 +96,40 @@ CHECKS: dict[str, set[str]] = {
     "profile": {f"no data loss: daemon {label}"
                 for label in ("default", "gc_tuned", "batch_20000", "gc_tuned+batch_20000")},
 }
+
+
+def _check_limits(name: str, results: dict[str, Any]) -> None:
+    """The raw consume limit is the faster of the two raw consumers, and the ratios the
+    targets use are taken against it."""
+    if name == "scalar_ingest":
+        for v in _VARIANTS:
+            r = results[v]
+            rates = {"aiokafka": r["raw"]["events_per_s"],
+                     "confluent-kafka": r["raw_confluent"]["events_per_s"]}
+            assert r["limit"]["events_per_s"] == max(rates.values()), (v, r["limit"], rates)
+            assert rates[r["limit"]["client"]] == r["limit"]["events_per_s"], v
+            assert r["raw_confluent"]["client"].startswith("confluent-kafka"), v
+            for b in _BACKENDS:
+                bs = r["bluestream"][b]
+                assert bs["ratio_to_limit"] == pytest.approx(
+                    bs["events_per_s"] / r["limit"]["events_per_s"]), (v, b)
+                assert bs["rss_mb"]["peak"] == max(bs["peak_rss_mb"]), (v, b)
+                assert bs["rss_mb"]["samples"], (v, b)
+    elif name == "image_ingest":
+        rates = {"aiokafka": results["raw_consume"]["mb_per_s"],
+                 "confluent-kafka": results["raw_consume_confluent"]["mb_per_s"]}
+        assert results["limit"]["mb_per_s"] == max(rates.values()), (results["limit"], rates)
+        assert rates[results["limit"]["client"]] == results["limit"]["mb_per_s"]
+        bound = min(results["plain_zarr"]["mb_per_s"], results["limit"]["mb_per_s"])
+        assert results["bound"]["mb_per_s"] == bound
+        assert results["ratio_to_bound"] == pytest.approx(
+            results["bluestream"]["mb_per_s"] / bound)
+        assert results["ratio_to_disk_write"] == pytest.approx(
+            results["bluestream"]["mb_per_s"] / results["raw_disk_write"]["mb_per_s"])
+        assert results["rss_mb"]["samples"]
+    elif name == "latency":
+        for b in _BACKENDS:
+            assert results[b]["rss_mb"]["samples"], b
 
 
 @pytest.mark.kafka
@@ -103,6 +166,9 @@ def test_quick_benchmarks_produce_results(kafka_bootstrap: str, mongo_uri: str,
             assert target["measured"] == target["measured"]  # not NaN
         for chart in data["charts"]:
             assert (out / chart).stat().st_size > 0, chart
+        _check_limits(name, data["results"])
+        reported = {t["name"] for t in data["targets"]}
+        assert TARGETS[name] <= reported, (name, sorted(TARGETS[name] - reported))
         checks = {c["name"]: c for c in data["checks"]}
         assert CHECKS[name] <= checks.keys(), (name, sorted(CHECKS[name] - checks.keys()))
         failed = [c for c in checks.values() if not c["ok"]]
@@ -111,10 +177,13 @@ def test_quick_benchmarks_produce_results(kafka_bootstrap: str, mongo_uri: str,
     assert len(summary["checks"]) >= sum(len(c) for c in CHECKS.values())
     # Scenarios that have targets report them (numbers, not verdicts, are tested).
     names = {t["name"] for t in summary["targets"]}
-    assert any(n.startswith("scalar") for n in names)
-    assert any(n.startswith("latency p99") for n in names)
-    assert any(n.startswith("read") for n in names)
-    assert any("RSS" in n for n in names)
+    assert set().union(*TARGETS.values()) <= names
+    assert all({"op", "met", "measured", "target"} <= t.keys() for t in summary["targets"])
+    assert {g["key"] for g in summary["goals"]} >= {
+        "scalar_events_vs_limit", "scalar_events_vs_incumbent_ceiling",
+        "scalar_pages_vs_limit", "images_vs_bound", "latency_p50_ms", "latency_p99_ms",
+        "peak_rss_mb", "read_scalar_s"}
+    assert "targets:" in report and "verdict" in report  # the printed targets table
 
 
 def test_a_failed_check_fails_the_run(tmp_path: Path) -> None:
@@ -191,3 +260,25 @@ def test_data_loss_retries_and_counts_fail_checks(checks: Any) -> None:
     assert not lost.ok and "attempt 1" in lost.detail
     assert checks.equal("incumbent stored count", {"event": 400}, {"event": 400}).ok
     assert not checks.equal("incumbent stored count", {"event": 399}, {"event": 400}).ok
+
+
+@pytest.fixture
+def common(monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.syspath_prepend(str(ROOT))
+    import benchmarks.common
+
+    return benchmarks.common
+
+
+def test_targets_compare_in_their_direction(common: Any) -> None:
+    """A target is met at its bar when it says ">=" or "<=", not when it says "<"; the
+    JSON carries the operator the table prints."""
+    assert common.SCALAR_EVENTS_VS_LIMIT.target("b/limit", 0.5).met
+    assert not common.SCALAR_EVENTS_VS_LIMIT.target("b/limit", 0.49).met
+    assert common.READ_SCALAR_SECONDS.target("read", 0.3).met
+    assert not common.READ_SCALAR_SECONDS.target("read", 0.31).met
+    assert not common.LATENCY_P99.target("p99", common.LATENCY_P99.value).met
+    assert common.PEAK_RSS.target("rss", common.PEAK_RSS.value - 1).met
+    target = common.READ_SCALAR_SECONDS.target("read", 0.2)
+    assert (target.op, target.line()) == ("<=", "read: 0.2 s (target <= 0.3 s) met")
+    assert len({g.key for g in common.GOALS}) == len(common.GOALS)
