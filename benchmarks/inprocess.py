@@ -94,6 +94,7 @@ def ingest_in_process(uri: str, zarr_root: Path, tenant: str,
 #: looks them up. Nested stages (zarr.*) are also inside their parent (write_page).
 _STAGES: list[tuple[Any, str, str]] = [
     (Ingestor, "process", "total"),
+    (Ingestor, "prepare", "prepare (decode+route)"),
     (pipeline, "decode_message", "decode"),
     (pipeline, "validate", "validate"),
     (Ingestor, "_route", "route"),

@@ -338,7 +338,7 @@ def blocking_serve_command(config: Path) -> list[str]:
 def serve_with_blocking_ingestor(config: str) -> int:
     """``bluestream serve -c config``, but with the real ingestor wrapped: a batch holding
     a record with :data:`BLOCK_HEADER` first blocks the event loop (``time.sleep`` inside
-    the async ``process``, as a synchronous call gone wrong would) for that many
+    the async ``prepare``, as a synchronous call gone wrong would) for that many
     seconds. ``BLOCKED=1`` and then ``UNBLOCKED=1`` with ``BLOCKED_S`` (measured) go to
     ``$NOTIFY_SOCKET`` around the block, so the receiver sees where it lies among the
     daemon's own datagrams. A fault no real component produces on demand."""
@@ -356,13 +356,13 @@ def serve_with_blocking_ingestor(config: str) -> int:
         notifier.close()
 
     class BlockingIngestor(service.Ingestor):
-        async def process(self, envelopes: Any) -> None:
+        async def prepare(self, envelopes: Any) -> Any:
             batch = list(envelopes)
             for env in batch:
                 for key, value in env.headers:
                     if key == BLOCK_HEADER:
                         block(float(value))  # in the event loop, on purpose
-            await super().process(batch)
+            return await super().prepare(batch)
 
     service.Ingestor = BlockingIngestor  # type: ignore[misc]
     settings = load_settings(config)

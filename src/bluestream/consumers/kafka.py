@@ -1,10 +1,15 @@
 """The Kafka source: the consumer loop that feeds the ingestor (dead letters go through
 :mod:`bluestream.consumers.dead_letters`).
 
-One loop fetches a batch, has the ingestor store it, then commits per partition up to
-(not past) the oldest parked message. Fetching waits while a batch is written, so a slow
-store pauses consumption instead of filling memory (DESIGN I5). A rebalance waits for
-the batch in hand to be stored and committed before partitions are let go (I6).
+One loop fetches a batch, has the ingestor prepare it (decode, check, route), then
+hands it to a flush task that stores it and commits per partition up to (not past) the
+oldest parked message. The loop fetches and prepares the next batch while that flush
+runs (the writes spend their time in worker threads, so both cores work), and waits for
+it before starting the next flush: at most one batch is prepared and one in flight, so a
+slow store pauses consumption instead of filling memory (DESIGN I5), flushes and commits
+happen in fetch order, and an offset is committed only once its batch is stored (I1). A
+rebalance waits for the batch in flight to be stored and committed before partitions
+are let go (I6).
 
 Outages: a store or Kafka error abandons the batch in hand, rewinds to the committed
 offsets, pauses fetching and retries after a capped exponential backoff; everything
@@ -26,10 +31,11 @@ import anyio
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, KafkaTimeoutError
+from anyio.abc import TaskGroup
 
 from bluestream.consumers.envelope import Envelope
 from bluestream.consumers.kafka_clients import kafka_client_options, stop_client
-from bluestream.consumers.pipeline import Ingestor
+from bluestream.consumers.pipeline import Batch, Ingestor
 from bluestream.counters import Counters
 from bluestream.errors import StorageError, leaf_errors
 from bluestream.log import get_logger
@@ -72,6 +78,14 @@ class SourceState:
                 if tp in self.assigned}
 
 
+@dataclass
+class _InFlight:
+    """The batch being flushed: set ``done`` when it ended, with ``error`` if it failed."""
+
+    done: anyio.Event = field(default_factory=anyio.Event)
+    error: BaseException | None = None
+
+
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, source: KafkaSource) -> None:
         self.source = source
@@ -95,6 +109,8 @@ class KafkaSource:
         self.state = SourceState()
         self._on_ready = on_ready
         self._busy = anyio.Lock()
+        self._in_flight: _InFlight | None = None
+        self._tasks: TaskGroup | None = None
         self._caught_up = False
         #: First offset handed to us per partition since its assignment: where a rewind
         #: goes while nothing is committed yet (``seek_to_committed`` then does nothing).
@@ -125,34 +141,39 @@ class KafkaSource:
         backoff = _Backoff(cap=self._backoff_cap)
         try:
             await self._start_consumer(stop)
-            while not stop.is_set():
-                try:
-                    await self._step()
-                    backoff.reset()
-                    continue
-                except (StorageError, KafkaError, BaseExceptionGroup) as caught:
-                    exc = _outage(caught)
-                    if exc is None:
-                        raise
-                if isinstance(exc, StorageError):
-                    self.state.stores_ok = False
-                    self.state.last_error = self.state.store_error = str(exc)
-                    self.counters.inc("errors", "storage")
-                    log.error("store failed; rewinding to committed offsets and retrying",
-                              error=str(exc), retry_in_s=backoff.peek())
-                    await self._retry_later(stop, backoff.next())
-                else:
-                    self.state.kafka_ok = False
-                    self.state.last_error = self.state.kafka_error = f"Kafka: {exc}"
-                    self.counters.inc("errors", "kafka")
-                    log.error("Kafka error; rewinding to committed offsets and retrying",
-                              error=str(exc) or repr(exc), retry_in_s=backoff.peek())
-                    await self._retry_later(stop, backoff.next())
+            async with anyio.create_task_group() as tasks:
+                self._tasks = tasks
+                await self._consume(stop, backoff)
+                await self._settle()  # the last batch stored and committed
         finally:
             # Shielded from the cancellation that may have ended the loop, but bounded:
             # with Kafka gone, leaving the group could otherwise wait forever.
             with anyio.move_on_after(self.settings.shutdown_timeout_s, shield=True):
                 await self._shutdown()
+
+    async def _consume(self, stop: anyio.Event, backoff: _Backoff) -> None:
+        while not stop.is_set():
+            try:
+                await self._step()
+                backoff.reset()
+                continue
+            except (StorageError, KafkaError, BaseExceptionGroup) as caught:
+                exc = _outage(caught)
+                if exc is None:
+                    raise
+            if isinstance(exc, StorageError):
+                self.state.stores_ok = False
+                self.state.last_error = self.state.store_error = str(exc)
+                self.counters.inc("errors", "storage")
+                log.error("store failed; rewinding to committed offsets and retrying",
+                          error=str(exc), retry_in_s=backoff.peek())
+            else:
+                self.state.kafka_ok = False
+                self.state.last_error = self.state.kafka_error = f"Kafka: {exc}"
+                self.counters.inc("errors", "kafka")
+                log.error("Kafka error; rewinding to committed offsets and retrying",
+                          error=str(exc) or repr(exc), retry_in_s=backoff.peek())
+            await self._retry_later(stop, backoff.next())
 
     async def _retry_later(self, stop: anyio.Event, delay: float) -> None:
         """Abandon the batch: rewind to the committed offsets, stop fetching meanwhile
@@ -199,6 +220,7 @@ class KafkaSource:
             return
         async with self._busy:
             try:
+                await self._settle()
                 await self._commit()
             except Exception as exc:  # best effort: uncommitted records are re-read
                 log.warning("final commit failed", error=repr(exc))
@@ -212,6 +234,7 @@ class KafkaSource:
             self.state.kafka_ok = True
         async with self._busy:
             if not records:
+                await self._settle()
                 await self.ingestor.expire_parked()
                 await self._commit()
                 self._update_highwater()
@@ -238,18 +261,52 @@ class KafkaSource:
                         tp.topic, tp.partition, r.offset, r.value, r.key,
                         list(r.headers or ()), tenant))
                     fetched[(tp.topic, tp.partition)] = r.offset + 1
+            context = _log_context(envelopes)
             started = time.perf_counter()
-            with structlog.contextvars.bound_contextvars(**_log_context(envelopes)):
-                await self.ingestor.process(envelopes)
+            with structlog.contextvars.bound_contextvars(**context):
+                batch = await self.ingestor.prepare(envelopes)
+            # Meanwhile the previous batch was being written: it must be stored and
+            # committed (or its error raised here) before this one's flush starts.
+            await self._settle()
+            flight = self._in_flight = _InFlight()
+            assert self._tasks is not None
+            self._tasks.start_soon(self._flush, batch, fetched, flight, context, started)
+
+    async def _flush(self, batch: Batch, fetched: dict[tuple[str, int], int],
+                     flight: _InFlight, context: dict[str, Any], started: float) -> None:
+        """Store a prepared batch, then advance and commit its partitions' positions.
+        Positions advance only once the batch is stored: however this ends (error,
+        cancellation at shutdown), nothing unstored is ever committed."""
+        try:
+            with structlog.contextvars.bound_contextvars(**context):
+                await self.ingestor.flush(batch)
             self.counters.observe("write_seconds", time.perf_counter() - started)
-            # Positions advance only once the batch is stored: however we leave this
-            # method otherwise (error, cancellation at shutdown), nothing unstored is
-            # ever committed.
             self.state.positions.update(fetched)
             self.state.stores_ok = True
             self.state.last_batch_at = time.time()
             await self._commit()
             self._update_highwater()
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException as exc:  # raised by the loop's next _settle
+            flight.error = exc
+        finally:
+            flight.done.set()
+
+    async def _settle(self, *, quiet: bool = False) -> None:
+        """Wait for the batch in flight; raise its error (unless ``quiet``: the caller
+        rewinds, or lets the partitions go, anyway)."""
+        flight = self._in_flight
+        if flight is None:
+            return
+        await flight.done.wait()
+        self._in_flight = None
+        if flight.error is not None:
+            if quiet:
+                log.warning("the batch in flight failed; its records will be re-read",
+                            error=repr(flight.error))
+                return
+            raise flight.error
 
     async def _commit(self) -> None:
         held = self.ingestor.held_offsets()
@@ -335,6 +392,7 @@ class KafkaSource:
 
     async def _rewind(self) -> None:
         """After a failed batch: forget in-memory state, re-read from committed offsets."""
+        await self._settle(quiet=True)
         self.ingestor.reset()
         live = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
         for tp in sorted(self.state.assigned | live):
@@ -355,6 +413,7 @@ class KafkaSource:
         gone = {(tp.topic, tp.partition) for tp in revoked}
         async with self._busy:  # wait for the batch in hand to be stored
             try:
+                await self._settle_keeping_error()
                 await self._commit()
             except Exception as exc:
                 log.warning("commit on revocation failed; records will be re-read",
@@ -369,6 +428,16 @@ class KafkaSource:
                 self.counters.drop_gauge("lag", f"{tp[0]}:{tp[1]}")
         if gone:
             log.info("partitions revoked", partitions=sorted(f"{t}:{p}" for t, p in gone))
+
+    async def _settle_keeping_error(self) -> None:
+        """Wait for the batch in flight without taking its error: the loop's next
+        :meth:`_settle` raises it and rewinds (the positions it would have advanced were
+        not, so what is committed now is stored)."""
+        flight = self._in_flight
+        if flight is not None:
+            await flight.done.wait()
+            if flight.error is None:
+                self._in_flight = None
 
     async def _on_assigned(self, assigned: list[TopicPartition]) -> None:
         dlq = self.settings.kafka.dlq_suffix

@@ -48,7 +48,7 @@ from bluestream.storage.base import IngestLogEntry, MetadataStore, PutOutcome, S
 from bluestream.storage.rules import same_content
 from bluestream.storage.zarr_store import ZarrEventStore
 
-__all__ = ["Ingestor", "concat_pages"]
+__all__ = ["Batch", "Ingestor", "concat_pages"]
 
 log = get_logger("bluestream.pipeline")
 
@@ -65,7 +65,9 @@ StoreFor = Callable[[str], Awaitable[MetadataStore]]
 
 
 @dataclass
-class _Batch:
+class Batch:
+    """One batch, routed: what :meth:`Ingestor.flush` writes."""
+
     metadata: dict[str, dict[str, list[tuple[Routed, dict[str, Any]]]]] = field(
         default_factory=lambda: defaultdict(lambda: defaultdict(list)))
     stops: dict[str, list[tuple[Routed, dict[str, Any]]]] = field(
@@ -112,7 +114,13 @@ class Ingestor:
     # -- public -----------------------------------------------------------------------
     async def process(self, envelopes: Iterable[Envelope]) -> None:
         """Store, dead-letter or park every envelope; return when that is durable."""
-        batch = _Batch()
+        await self.flush(await self.prepare(envelopes))
+
+    async def prepare(self, envelopes: Iterable[Envelope]) -> Batch:
+        """Decode, check and route a batch: what :meth:`flush` then writes. Bad documents
+        are dead-lettered and orphans parked here already. A source may prepare the next
+        batch while the previous one is being flushed (never two flushes at once)."""
+        batch = Batch()
         self.index.begin_batch()
         tally: Counter[str] = Counter()
         nbytes: Counter[str] = Counter()
@@ -129,7 +137,6 @@ class Ingestor:
                     continue
                 await self._route(routed, batch)
             await self._evict_parked(batch)
-            await self._flush(batch)
         except BaseException:
             # Nothing of this batch may be taken as stored: forget what routing learnt,
             # so a retry of the same messages writes them again.
@@ -140,6 +147,16 @@ class Ingestor:
                 self.counters.inc("bytes", topic, n)
             for name, n in tally.items():
                 self.counters.inc("documents", name, n)
+        return batch
+
+    async def flush(self, batch: Batch) -> None:
+        """Write a prepared batch: arrays (synced), then metadata, then the dead letters'
+        acknowledgements. When this returns, the batch is durable."""
+        try:
+            await self._flush(batch)
+        except BaseException:
+            self.reset()
+            raise
 
     def reset(self) -> None:
         """Forget cached routing state and parked documents (after a failed batch the
@@ -152,7 +169,7 @@ class Ingestor:
         """Dead-letter parked documents that waited too long (called when idle too)."""
         await self.process(())
 
-    async def _evict_parked(self, batch: _Batch) -> None:
+    async def _evict_parked(self, batch: Batch) -> None:
         """Parked documents past the age, count or byte limits: routed after all if their
         parent was stored meanwhile (by another daemon, say), else dead-lettered."""
         for item in self.parked.evict():
@@ -189,7 +206,7 @@ class Ingestor:
             return _as_document_error(exc, env)
         return Routed(name, doc, env)
 
-    def _route_known_event(self, item: Routed, batch: _Batch) -> bool:
+    def _route_known_event(self, item: Routed, batch: Batch) -> bool:
         """Route an event whose descriptor this batch already resolved (nearly every
         event): what :meth:`_route_one` does for it, without the lookups. False when
         the descriptor is not known yet (the general way then resolves or parks it)."""
@@ -221,13 +238,13 @@ class Ingestor:
             reason=Reason.unknown(kind))
 
     # -- routing ------------------------------------------------------------------------
-    async def _route(self, item: Routed, batch: _Batch) -> None:
+    async def _route(self, item: Routed, batch: Batch) -> None:
         try:
             await self._route_one(item, batch)
         except _ABOUT_THE_MESSAGE as exc:  # outages (store, Kafka) propagate: retried
             await self._dead(item.env, _as_document_error(exc, item.env))
 
-    async def _route_one(self, item: Routed, batch: _Batch) -> None:
+    async def _route_one(self, item: Routed, batch: Batch) -> None:
         tenant, name, doc = item.env.tenant, item.name, item.doc
         if name == "datum_page":
             datums = datum_page_to_datums(doc, self.limits)  # checked before it waits
@@ -317,7 +334,7 @@ class Ingestor:
             f"(differing fields: {', '.join(_diff_keys(known, doc)) or '?'})",
             reason=Reason.conflicting(kind))
 
-    async def _release(self, tenant: str, kind: str, key: str, batch: _Batch) -> None:
+    async def _release(self, tenant: str, kind: str, key: str, batch: Batch) -> None:
         for child in self.parked.release((tenant, kind, key)):
             await self._route(child, batch)
 
@@ -326,7 +343,7 @@ class Ingestor:
         return await store.get(kind, key)
 
     # -- writing ------------------------------------------------------------------------
-    async def _flush(self, batch: _Batch) -> None:
+    async def _flush(self, batch: Batch) -> None:
         updates: dict[str, list[StreamUpdate]] = defaultdict(list)
 
         async def write(tenant: str, desc_uid: str, items: list[Routed]) -> None:
