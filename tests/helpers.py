@@ -68,6 +68,16 @@ def scalar_run(n_events: int, *, fields: int = 3, scan_id: int = 1, uid: str | N
     return docs
 
 
+def page_run(n_events: int, page_events: int, *, fields: int = 3, scan_id: int = 1
+             ) -> list[tuple[str, Doc]]:
+    """:func:`scalar_run`'s events packed into event pages of ``page_events``."""
+    docs = scalar_run(n_events, fields=fields, scan_id=scan_id)
+    events = [doc for name, doc in docs if name == "event"]
+    pages = [("event_page", event_model.pack_event_page(*events[i:i + page_events]))
+             for i in range(0, len(events), page_events)]
+    return [*docs[:2], *pages, docs[-1]]
+
+
 def image_run(n_events: int, shape: tuple[int, int] = (16, 16), *, scan_id: int = 1,
               t0: float | None = None) -> list[tuple[str, Doc]]:
     t0 = time.time() if t0 is None else t0

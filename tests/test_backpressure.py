@@ -51,10 +51,20 @@ from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 import bluestream.daemon.service as service_module
+from bluestream.consumers.kafka import records_for
+from bluestream.consumers.pipeline import Ingestor
 from bluestream.daemon.service import Daemon
+from bluestream.settings import LimitSettings
 from bluestream.storage.zarr_store import ZarrEventStore
 from conftest import create_topic
-from helpers import assert_stored_events, image_run, new_uid, publish_docs, stored_stop
+from helpers import (
+    assert_stored_events,
+    image_run,
+    new_uid,
+    page_run,
+    publish_docs,
+    stored_stop,
+)
 from test_ingest_kafka import settings_for, wait_for
 from test_ops_support import DaemonProcess, daemon_config
 
@@ -173,6 +183,57 @@ async def test_slow_store_bounds_what_is_fetched_ahead(
     assert len(during) >= 20, f"only {len(during)} samples during writes"
     assert max(s.handed - s.committed for s in during) > 0
     assert max(s.buffered_bytes for s in during) > 0
+
+
+# -- 1b. event pages: batches bounded by decoded events, not only by records -------------
+def test_records_for_follows_events_per_record() -> None:
+    lim = LimitSettings(batch_max_records=20_000, batch_max_events=20_000)
+    assert records_for(500, 500, lim) == 20_000  # single events: the record bound
+    assert records_for(0, 0, lim) == 20_000
+    assert records_for(200, 20_000, lim) == 200  # pages of 100
+    assert records_for(2, 200_000, lim) == 1  # pages of 100,000: one at a time
+    assert records_for(1_000, 2_000, LimitSettings(batch_max_records=300)) == 300
+
+
+async def test_event_pages_batched_by_events(
+        kafka_bootstrap: str, kafka_topic: str, tenant: str, tmp_path: Path,
+        zarr_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backlog of pages of 100 events with ``batch_max_events`` 1,000 (and a record
+    bound far above): no batch holds more than about 1,000 events (the next fetch's
+    record count is judged from the previous batch's events per record, start and
+    descriptor included, so a batch after the first may overshoot by a few pages), and
+    every event is stored once.
+
+    Checked to fail: with ``_step`` fetching ``batch_max_records`` always (the events
+    bound ignored), the largest batch held the whole backlog (30,000 events)."""
+    sizes: list[int] = []
+    original = Ingestor.prepare
+
+    async def recording(self: Ingestor, envelopes: Any) -> Any:
+        batch = await original(self, envelopes)
+        sizes.append(batch.event_count())
+        return batch
+    monkeypatch.setattr(Ingestor, "prepare", recording)
+    metadata = f"sqlite:///{tmp_path}/meta.db"
+    settings = settings_for(kafka_bootstrap, kafka_topic, metadata, zarr_root,
+                            batch_max_records=5_000, batch_max_events=1_000)
+    run = page_run(30_000, 100, scan_id=6)
+    await publish_docs(kafka_bootstrap, kafka_topic, run)
+    tp = (kafka_topic, 0)
+    daemon = Daemon(settings, handle_signals=False)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(daemon.run)
+
+        async def all_committed() -> bool:
+            return bool(daemon.source) and daemon.source.state.committed.get(tp) == len(run)
+        await wait_for(all_committed, 120, "the pages to be stored and committed")
+        daemon.stop.set()
+    assert_stored_events(zarr_root, tenant, run)
+    with_events = [n for n in sizes if n]
+    assert sum(with_events) == 30_000
+    assert len(with_events) >= 25, sizes
+    assert max(with_events) <= 1_300, sizes
+    assert sum(n <= 1_000 for n in with_events) >= len(with_events) - 2, sizes
 
 
 # -- 2. a subprocess: peak RSS with 200+ MB waiting ----------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -142,7 +143,33 @@ async def test_sync_covers_every_written_file_and_directory(root: Path, log: Log
     assert changed, "the second batch rewrote nothing?"
     assert changed <= set(second), sorted(changed - set(second))
     assert {os.path.dirname(f) for f in changed} <= set(second)
-    assert str(root) in second and max(second.values()) == 1
+    assert max(second.values()) == 1
+    # The chain above is durable since the first sync: not synced again.
+    assert str(root) not in second and str(root / "t") not in second
+
+
+async def test_recreated_directories_have_their_parents_synced(root: Path, log: Log) -> None:
+    """A directory removed behind the store's back and created again by a write is not
+    trusted as durable: its parent (and every recreated one above) is synced again.
+
+    Checked to fail: with ``_noting`` recording the key only (no forgetting of missing
+    directories), the run's directory is not among the second sync's fsyncs.
+    """
+    store = ZarrEventStore(root)
+    start, desc, events = run_docs(2)
+    await write(store, "t", start, desc, events[:1])
+    await store.sync()
+    run_dir = root / "t" / start["uid"][:2] / start["uid"]
+    assert run_dir.is_dir()
+    shutil.rmtree(run_dir.parent)
+    store.forget("t", start["uid"])
+    mark = len(log)
+    await write(store, "t", start, desc, events)
+    await store.sync()
+    second = synced(log, mark)
+    _files, dirs = on_disk(root)
+    assert dirs <= set(second) | {str(root / LOCK_DIR)}, sorted(dirs - set(second))
+    assert str(root / "t") in second and str(run_dir.parent) in second
 
 
 # -- (b) fsync = false ---------------------------------------------------------------------

@@ -139,8 +139,10 @@ class LimitSettings(_Section):
     batch_max_records: int = Field(default=20_000, ge=1)
     #: Most message bytes held in one batch; bounds memory with large images.
     batch_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
-    #: Batches decoded ahead of the writer (the bounded queue between stages).
-    queue_batches: int = Field(default=2, ge=1)
+    #: Most events (a page counts its rows) in one batch: bounds the decoded size when
+    #: messages are event pages, which are small on the wire and large once decoded.
+    #: The record count of the next fetch follows from the events per record seen.
+    batch_max_events: int = Field(default=20_000, ge=1)
 
     def limits(self) -> Limits:
         return Limits(

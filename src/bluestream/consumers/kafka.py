@@ -39,7 +39,7 @@ from bluestream.consumers.pipeline import Batch, Ingestor
 from bluestream.counters import Counters
 from bluestream.errors import StorageError, leaf_errors
 from bluestream.log import get_logger
-from bluestream.settings import Settings, tenant_for_topic
+from bluestream.settings import LimitSettings, Settings, tenant_for_topic
 
 __all__ = ["KafkaSource", "SourceState"]
 
@@ -115,10 +115,14 @@ class KafkaSource:
         #: First offset handed to us per partition since its assignment: where a rewind
         #: goes while nothing is committed yet (``seek_to_committed`` then does nothing).
         self._first_fetched: dict[tuple[str, int], int] = {}
+        #: Records asked of the next fetch: ``batch_max_records``, or fewer when records
+        #: carry many events each (pages), so a batch holds about ``batch_max_events``.
+        #: Before any batch is seen, records are assumed to be pages of 100 events.
+        lim = settings.limits
+        self._max_records = max(1, min(lim.batch_max_records, lim.batch_max_events // 100))
         self.commit_timeout_s = settings.kafka.commit_timeout_s
         self._backoff_cap = settings.retry_backoff_max_s
         k = settings.kafka
-        lim = settings.limits
         self.consumer = AIOKafkaConsumer(
             **kafka_client_options(k),
             group_id=k.group_id,
@@ -229,7 +233,7 @@ class KafkaSource:
     # -- one batch ----------------------------------------------------------------------
     async def _step(self) -> None:
         lim = self.settings.limits
-        records = await self.consumer.getmany(timeout_ms=500, max_records=lim.batch_max_records)
+        records = await self.consumer.getmany(timeout_ms=500, max_records=self._max_records)
         if records:
             self.state.kafka_ok = True
         async with self._busy:
@@ -265,6 +269,7 @@ class KafkaSource:
             started = time.perf_counter()
             with structlog.contextvars.bound_contextvars(**context):
                 batch = await self.ingestor.prepare(envelopes)
+            self._max_records = records_for(len(envelopes), batch.event_count(), lim)
             # Meanwhile the previous batch was being written: it must be stored and
             # committed (or its error raised here) before this one's flush starts.
             await self._settle()
@@ -470,6 +475,15 @@ def _outage(exc: BaseException) -> StorageError | KafkaError | None:
             return next((e for e in leaves if isinstance(e, StorageError)),
                         leaves[0])
     return None
+
+
+def records_for(records: int, events: int, lim: LimitSettings) -> int:
+    """Records to fetch next so that a batch holds about ``batch_max_events`` events,
+    judged from the last batch (``records`` records carrying ``events`` events)."""
+    if records <= 0 or events <= records:
+        return lim.batch_max_records
+    per_record = events / records
+    return max(1, min(lim.batch_max_records, int(lim.batch_max_events / per_record)))
 
 
 def _log_context(envelopes: list[Envelope]) -> dict[str, Any]:

@@ -77,6 +77,11 @@ class Batch:
     #: Descriptors resolved while routing this batch: (tenant, uid) -> info.
     descriptors: dict[tuple[str, str], DescriptorInfo] = field(default_factory=dict)
 
+    def event_count(self) -> int:
+        """Events routed for writing (a page counts its rows): the decoded size."""
+        return sum(len(r.doc["seq_num"]) if r.name == "event_page" else 1
+                   for routed in self.events.values() for r in routed)
+
     def note(self, tenant: str, run_start: str, env: Envelope) -> None:
         if not run_start:
             return

@@ -5,7 +5,10 @@ once per batch. zarr's ``LocalStore`` writes each key to a temporary file and re
 into place, without fsync: after a power loss a committed offset could cover chunks that
 were only in the page cache. :class:`SyncingLocalStore` records the keys it writes;
 :func:`sync_written` fsyncs them, then every directory from their parents up to the root
-(a rename or a new directory is only durable once its parent is synced).
+(a rename or a new directory is only durable once its parent is synced). A directory
+whose own entry has been synced once is remembered as durable: later batches sync only the
+directories they renamed files into, not the chain above them, unless a write finds a
+directory missing (created anew, e.g. after a removal) and forgets it again.
 
 Writers of one descriptor serialise through :func:`descriptor_lock`: a chunk write is a
 read-modify-write of the whole chunk, so two processes writing different rows of one
@@ -18,6 +21,7 @@ import fcntl
 import hashlib
 import os
 from collections.abc import AsyncIterator, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Self
@@ -34,6 +38,7 @@ __all__ = ["SyncingLocalStore", "descriptor_lock", "metadata_keys", "sync_writte
 #: file system commits concurrent fsyncs together (about half the time of one thread
 #: for a scalar batch's ~50 files and ~50 directories here).
 _SYNC_THREADS = 8
+_SYNC_POOL = ThreadPoolExecutor(max_workers=_SYNC_THREADS, thread_name_prefix="bluestream-fsync")
 #: Lock files, shared by descriptors by hash: a fixed number of files, never one per
 #: run (an inode each), kept outside every Zarr group.
 _LOCK_STRIPES = 64
@@ -53,11 +58,23 @@ class SyncingLocalStore(LocalStore):
         super().__init__(root, read_only=read_only)
         self._files: set[str] = set()  # keys written
         self._dirs: set[str] = set()  # keys of directories whose entries were removed
+        #: Directories whose entry in their parent is known to be on disk.
+        self.durable: set[str] = set()
 
     def with_read_only(self, read_only: bool = False) -> Self:
         other = super().with_read_only(read_only)
         other._files, other._dirs = self._files, self._dirs  # one record per store
+        other.durable = self.durable
         return other
+
+    def _noting(self, key: str) -> None:
+        """Record ``key`` as written; a directory it is about to create is forgotten as
+        durable (with every missing one above it), so its entry gets synced."""
+        self._files.add(key)
+        parent = _parent_key(key)
+        while parent and parent in self.durable and not os.path.isdir(self.root / parent):
+            self.durable.discard(parent)
+            parent = _parent_key(parent)
 
     def note(self, key: str) -> None:
         """Record a key to sync although this store did not write it (metadata written
@@ -83,11 +100,11 @@ class SyncingLocalStore(LocalStore):
         self._dirs.update(dirs)
 
     async def _set(self, key: str, value: Buffer, exclusive: bool = False) -> None:
-        self._files.add(key)
+        self._noting(key)
         await super()._set(key, value, exclusive=exclusive)
 
     def set_sync(self, key: str, value: Buffer) -> None:
-        self._files.add(key)
+        self._noting(key)
         super().set_sync(key, value)
 
     async def delete(self, key: str) -> None:
@@ -99,7 +116,10 @@ class SyncingLocalStore(LocalStore):
         super().delete_sync(key)
 
     async def delete_dir(self, prefix: str) -> None:
-        self._dirs.add(_parent_key(prefix.rstrip("/")))
+        gone = prefix.rstrip("/")
+        self._dirs.add(_parent_key(gone))
+        self.durable.difference_update(
+            [d for d in self.durable if d == gone or d.startswith(gone + "/")])
         await super().delete_dir(prefix)
 
 
@@ -111,10 +131,11 @@ async def sync_written(store: SyncingLocalStore, root: Path) -> None:
     if not (files or dirs):
         return
     paths = [root / key for key in sorted(files)]
-    directories = [root / key for key in sorted(_dirs_to_sync(files, dirs))]
+    synced = _dirs_to_sync(files, dirs, store.durable)
+    directories = [root / key for key in sorted(synced)]
     try:
-        await _fsync_all(paths, directory=False)
-        await _fsync_all(directories, directory=True)
+        await anyio.to_thread.run_sync(_fsync_blocking, paths, directories)
+        store.durable.update(synced)
     except BaseException as exc:
         store.give_back(files, dirs)
         error = _first_os_error(exc)
@@ -158,18 +179,20 @@ def metadata_keys(node: str) -> list[str]:
     return [f"{'/'.join(parts[:i])}/zarr.json".lstrip("/") for i in range(len(parts) + 1)]
 
 
-def _dirs_to_sync(files: Iterable[str], dirs: Iterable[str]) -> set[str]:
-    """Every directory from the files' parents (and the changed directories) up to the
-    root (``""``). All of them, not only the new ones: which ones zarr's ``mkdir`` (or a
-    process that stopped before its sync) created is not known here, and syncing a
-    directory that did not change costs next to nothing."""
+def _dirs_to_sync(files: Iterable[str], dirs: Iterable[str],
+                  durable: set[str] | frozenset[str] = frozenset()) -> set[str]:
+    """The files' parents and the changed directories, and above each of them every
+    directory up to the first one in ``durable`` (whose own entry is known to be on
+    disk) or the root (``""``). Which directories zarr's ``mkdir`` (or a process that
+    stopped before its sync) created is not known here, so a directory not known to be
+    durable has its parent synced. Once synced, every directory returned is durable."""
     out: set[str] = set()
     todo = [_parent_key(f) for f in files]
     todo.extend(dirs)
     for key in todo:
         while key not in out:
             out.add(key)
-            if not key:
+            if not key or key in durable:
                 break
             key = _parent_key(key)
     return out
@@ -192,14 +215,23 @@ def _fsync_some(paths: list[Path], directory: bool) -> None:
         _fsync_path(path, directory)
 
 
-async def _fsync_all(paths: list[Path], *, directory: bool) -> None:
-    """fsync ``paths`` in up to :data:`_SYNC_THREADS` worker threads."""
+def _fsync_all(paths: list[Path], *, directory: bool) -> None:
+    """fsync ``paths`` in up to :data:`_SYNC_THREADS` threads of a pool (blocking)."""
     if not paths:
         return
     n = min(_SYNC_THREADS, len(paths))
-    async with anyio.create_task_group() as tg:
-        for i in range(n):
-            tg.start_soon(anyio.to_thread.run_sync, _fsync_some, paths[i::n], directory)
+    if n == 1:
+        _fsync_some(paths, directory)
+        return
+    for _ in _SYNC_POOL.map(_fsync_some, [paths[i::n] for i in range(n)],
+                            [directory] * n):
+        pass
+
+
+def _fsync_blocking(files: list[Path], directories: list[Path]) -> None:
+    """The files, then the directories (a rename is durable once its directory is)."""
+    _fsync_all(files, directory=False)
+    _fsync_all(directories, directory=True)
 
 
 def _first_os_error(exc: BaseException) -> OSError | None:

@@ -44,7 +44,7 @@ from bluestream.layout import (
     stored_columns,
     timestamps_path,
 )
-from bluestream.storage import chunk_writer
+from bluestream.storage import array_meta, chunk_writer
 from bluestream.storage.base import StreamUpdate
 from bluestream.storage.local_store import (
     SyncingLocalStore,
@@ -154,14 +154,22 @@ class ZarrEventStore:
             for col in columns:
                 self._arrays.move_to_end((path, col.name))
             return cast(list[AsyncArray[Any]], cached)
-        group = await self._group(path, descriptor, run_start)
+        attrs: dict[str, Any] = {
+            "descriptor_uid": str(descriptor["uid"]), "run_start": run_start,
+            "stream_name": str(descriptor.get("name", "primary")),
+            "schema_version": SCHEMA_VERSION}
+        if array_meta.supported(self._store):
+            def open_sync() -> list[AsyncArray[Any]]:
+                array_meta.ensure_group(self._store, path, attrs)
+                return array_meta.open_or_create(self._store, path, columns)
+            arrays = await anyio.to_thread.run_sync(open_sync)
+            for col, arr in zip(columns, arrays, strict=True):
+                self._remember(path, col, arr)
+            return arrays
+        group = await self._group(path, attrs)
         return [await self._array(group, path, col) for col in columns]
 
-    async def _group(self, path: str, descriptor: Mapping[str, Any],
-                     run_start: str) -> AsyncGroup:
-        attrs: dict[str, Any] = {"descriptor_uid": str(descriptor["uid"]), "run_start": run_start,
-                 "stream_name": str(descriptor.get("name", "primary")),
-                 "schema_version": SCHEMA_VERSION}
+    async def _group(self, path: str, attrs: dict[str, Any]) -> AsyncGroup:
         try:
             return await za.open_group(store=self._store, path=path, mode="a",
                                        zarr_format=3, attributes=attrs)
@@ -188,15 +196,18 @@ class ZarrEventStore:
                 arr = await group.getitem(col.name)
         if not isinstance(arr, AsyncArray):
             raise StorageError(f"{path}/{col.name} is a group, expected an array")
+        self._remember(path, col, arr)
+        return arr
+
+    def _remember(self, path: str, col: Column, arr: AsyncArray[Any]) -> None:
         # First use in this process: the array's metadata and its parent groups' (the
         # root's included) may have been written by a process that stopped before its
         # sync, and exist, so they are not rewritten now; the next commit relies on them.
         for meta in metadata_keys(arr.path):
             self._store.note(meta)
-        self._arrays[key] = arr
+        self._arrays[(path, col.name)] = arr
         while len(self._arrays) > _MAX_OPEN_ARRAYS:
             self._arrays.popitem(last=False)
-        return arr
 
     @staticmethod
     def _check_dtypes(arrays: list[AsyncArray[Any]], columns: list[Column]) -> None:
@@ -221,12 +232,23 @@ class ZarrEventStore:
         """Arrays at least ``needed`` long (called with the descriptor's lock held, the
         shape re-read from storage: another writer may have grown them).
 
-        Growth is to the next whole chunk (headroom): resizing rewrites an array's
-        metadata, so growing by a batch at a time cost every batch a metadata write (and
-        its fsync) per array; now one per chunk of events. The logical length is the
+        Growth is to a power of two of whole chunks (headroom,
+        :func:`~bluestream.storage.array_meta.grown_length`): resizing rewrites an
+        array's metadata, so growing by a batch at a time cost every batch a metadata
+        write (and its fsync) per array; now about log2(chunks) per run. The logical length is the
         ``event_stream`` record's; rows past it hold ``seq_num`` 0, which readers skip.
         The shape depends on the highest seq_num only, never on how events were batched,
         so replays and any batching still store identical bytes."""
+        if all(arr.shape[0] >= needed for arr in arrays):
+            return list(arrays)
+        if array_meta.supported(self._store):
+            out, elsewhere = await anyio.to_thread.run_sync(
+                array_meta.grow_all, self._store, arrays, needed)
+            for key in elsewhere:  # grown by another writer, maybe one not synced yet
+                self._store.note(key)
+            for arr in out:
+                self._arrays[(path, arr.path.removeprefix(path + "/"))] = arr
+            return out
         out = []
         for arr in arrays:
             if arr.shape[0] >= needed:
@@ -236,7 +258,8 @@ class ZarrEventStore:
                                         zarr_format=3, mode="r+")
             if fresh.shape[0] < needed:
                 chunk = max(1, int(fresh.chunks[0]))
-                await fresh.resize((-(-needed // chunk) * chunk, *fresh.shape[1:]))
+                await fresh.resize((array_meta.grown_length(needed, chunk),
+                                    *fresh.shape[1:]))
             else:  # grown by another writer, maybe one that has not synced yet
                 self._store.note(f"{arr.path}/zarr.json")
             self._arrays[(path, arr.path.removeprefix(path + "/"))] = fresh
