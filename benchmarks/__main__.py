@@ -23,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from types import ModuleType
 
-from benchmarks import image_ingest, latency, profile, read, scalar_ingest, scaling
+from benchmarks import image_ingest, latency, profile, read, scalar_ingest, scaling, short_runs
 from benchmarks.common import (
     GOALS,
     Context,
@@ -38,7 +38,8 @@ from benchmarks.infra import delete_topics, drop_databases
 from bluestream.daemon.logs import configure_logging
 
 SCENARIOS: dict[str, ModuleType] = {
-    m.NAME: m for m in (scalar_ingest, image_ingest, latency, read, scaling, profile)
+    m.NAME: m for m in (scalar_ingest, image_ingest, latency, read, scaling, short_runs,
+                        profile)
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -213,10 +213,25 @@ READ_IMAGES_VS_INCUMBENT = Goal(
     "read_images_vs_incumbent", "read() of images (frames/s): bluestream / incumbent",
     10.0, "x")
 
+# -- the targets of issue 17 ("short runs").
+SHORT_RUNS_PER_S = Goal(
+    "short_runs_per_s", "one-event runs (start, descriptor, event, stop) per second through "
+    "bluestream ingest and through the daemon, SQLite and Mongo metadata", 1_000.0, "runs/s")
+SHORT_RUNS_VS_INCUMBENT = Goal(
+    "short_runs_vs_incumbent", "one-event runs per second, Mongo metadata: bluestream / the "
+    "incumbent (suitcase-mongo Serializer) on the same server", 2.0, "x")
+SHORT_RUNS_FILES = Goal(
+    "short_run_files", "files on disk per one-event run (Zarr and metadata store)", 3.0,
+    "files", higher_is_better=False, or_equal=True)
+SHORT_RUNS_KB = Goal(
+    "short_run_kb", "bytes on disk per one-event run (Zarr and metadata store)", 16.0, "KB",
+    higher_is_better=False, or_equal=True)
+
 GOALS: tuple[Goal, ...] = (
     SCALAR_EVENTS_VS_LIMIT, SCALAR_EVENTS_VS_CEILING, SCALAR_PAGES_VS_LIMIT,
     IMAGES_VS_BOUND, LATENCY_P50, LATENCY_P99, PEAK_RSS, READ_SCALAR_SECONDS,
-    READ_SCALAR_VS_INCUMBENT, READ_IMAGES_VS_INCUMBENT,
+    READ_SCALAR_VS_INCUMBENT, READ_IMAGES_VS_INCUMBENT, SHORT_RUNS_PER_S,
+    SHORT_RUNS_VS_INCUMBENT, SHORT_RUNS_FILES, SHORT_RUNS_KB,
 )
 
 

@@ -24,6 +24,7 @@ from bluestream.errors import DocumentError
 from bluestream.layout import descriptor_path
 from bluestream.limits import Limits
 from bluestream.storage.registry import StoreRegistry
+from bluestream.storage.tail import DEFAULT_BLOCK, Tail
 from bluestream.storage.zarr_store import ZarrEventStore
 
 Doc = dict[str, Any]
@@ -104,32 +105,84 @@ def envelopes(docs: Iterable[tuple[str, Doc]], tenant: str, *, topic: str = "fil
 
 
 def make_ingestor(metadata_uri: str, zarr_root: Path, *, limits: Limits | None = None,
-                  park_max_age_s: float = 60.0) -> tuple[Ingestor, CollectingSink,
-                                                         StoreRegistry]:
+                  park_max_age_s: float = 60.0, tail_rows: int = DEFAULT_BLOCK
+                  ) -> tuple[Ingestor, CollectingSink, StoreRegistry]:
     sink = CollectingSink()
     registry = StoreRegistry(metadata_uri)
-    ing = Ingestor(store_for=registry, arrays=ZarrEventStore(zarr_root), dlq=sink,
+    ing = Ingestor(store_for=registry, arrays=ZarrEventStore(zarr_root, tail_rows=tail_rows),
+                   dlq=sink,
                    limits=limits or Limits(), park_max_age_s=park_max_age_s)
     return ing, sink, registry
 
 
-def read_stream_arrays(zarr_root: Path, tenant: str, run_uid: str,
-                       descriptor_uid: str) -> dict[str, np.ndarray]:
-    """Every array of one descriptor group, read straight from Zarr, up to the last row
-    written (arrays grow by whole chunks: rows past it hold seq_num 0)."""
-    group = zarr.open_group(str(zarr_root), path=descriptor_path(tenant, run_uid,
-                                                                 descriptor_uid), mode="r")
-    seq = np.asarray(group["seq_num"][:])  # type: ignore[index]
-    written = np.flatnonzero(seq)
-    n = int(written[-1]) + 1 if written.size else 0
+def stored_tail(metadata_uri: str, tenant: str, descriptor_uid: str) -> Tail | None:
+    """The descriptor's tail (its newest rows, kept in the metadata store), read
+    straight from the store (synchronously: callable from async tests too)."""
+    if metadata_uri.startswith("sqlite:///"):
+        import sqlite3
+
+        from bluestream.storage.sqlite import sqlite_path
+
+        con = sqlite3.connect(f"file:{sqlite_path(metadata_uri)}?mode=ro", uri=True)
+        try:
+            row = con.execute("SELECT rows FROM event_tail WHERE tenant = ? AND "
+                              "descriptor_uid = ?", (tenant, descriptor_uid)).fetchone()
+        finally:
+            con.close()
+        return None if row is None else Tail.decode(bytes(row[0]))
+    from pymongo import MongoClient
+
+    client: MongoClient[dict[str, Any]] = MongoClient(metadata_uri)
+    try:
+        rec = client[tenant]["event_stream"].find_one({"descriptor_uid": descriptor_uid})
+    finally:
+        client.close()
+    return None if rec is None or "tail" not in rec else Tail.decode(bytes(rec["tail"]))
+
+
+def read_stream_arrays(zarr_root: Path, tenant: str, run_uid: str, descriptor_uid: str,
+                       metadata_uri: str, *, record: dict[str, Any] | None = None
+                       ) -> dict[str, np.ndarray]:
+    """Every column of one descriptor up to the last row written, read straight from
+    storage: the Zarr group (arrays grow by whole chunks: rows past the last hold
+    seq_num 0), with the rows of the stream's tail over it (from ``record``, a MongoDB
+    ``event_stream`` document, when given; else read from the store)."""
     out: dict[str, np.ndarray] = {}
-    for name in ("time", "seq_num", "uid"):
-        out[name] = group[name][:n]  # type: ignore[index]
-    for sub in ("data", "timestamps", "filled"):
-        if sub in group:
-            for key in group[sub].array_keys():  # type: ignore[union-attr]
-                out[f"{sub}/{key}"] = group[f"{sub}/{key}"][:n]  # type: ignore[index]
-    return out
+    try:
+        group = zarr.open_group(str(zarr_root), path=descriptor_path(
+            tenant, run_uid, descriptor_uid), mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        group = None
+    if group is not None:
+        for name in ("time", "seq_num", "uid"):
+            out[name] = np.asarray(group[name][:])  # type: ignore[index]
+        for sub in ("data", "timestamps", "filled"):
+            if sub in group:
+                for key in group[sub].array_keys():  # type: ignore[union-attr]
+                    out[f"{sub}/{key}"] = np.asarray(
+                        group[f"{sub}/{key}"][:])  # type: ignore[index]
+    if record is not None:
+        tail = Tail.decode(bytes(record["tail"])) if record.get("tail") else None
+    else:
+        tail = stored_tail(metadata_uri, tenant, descriptor_uid)
+    assert group is not None or tail is not None, "no rows stored for " + descriptor_uid
+    if tail is not None:
+        end = tail.start + len(tail)
+        written = tail.columns["seq_num"] > 0
+        for name, col in tail.columns.items():
+            base = out.get(name)
+            full = np.zeros((max(end, 0 if base is None else len(base)), *col.shape[1:]),
+                            dtype=col.dtype) if col.dtype.kind != "T" else \
+                np.full(max(end, 0 if base is None else len(base)), "", dtype=col.dtype)
+            if base is not None:
+                full[:len(base)] = base
+            view = full[tail.start:end]
+            view[written] = col[written]
+            out[name] = full
+    seq = out["seq_num"]
+    last = np.flatnonzero(seq)
+    n = int(last[-1]) + 1 if last.size else 0
+    return {name: arr[:n] for name, arr in out.items()}
 
 
 def events_by_descriptor(docs: Iterable[tuple[str, Doc]]) -> dict[str, list[Doc]]:
@@ -148,13 +201,15 @@ def events_by_descriptor(docs: Iterable[tuple[str, Doc]]) -> dict[str, list[Doc]
     return {d: [evs[k] for k in sorted(evs)] for d, evs in out.items()}
 
 
-def assert_stored_events(zarr_root: Path, tenant: str, docs: list[tuple[str, Doc]]) -> None:
+def assert_stored_events(zarr_root: Path, tenant: str, docs: list[tuple[str, Doc]],
+                         metadata_uri: str) -> None:
     """Every event of ``docs`` is stored at its seq_num, values bit-exact."""
     runs = {doc["uid"]: doc for name, doc in docs if name == "start"}
     desc_run = {doc["uid"]: doc["run_start"] for name, doc in docs if name == "descriptor"}
     assert runs
     for desc_uid, evs in events_by_descriptor(docs).items():
-        arrays = read_stream_arrays(zarr_root, tenant, desc_run[desc_uid], desc_uid)
+        arrays = read_stream_arrays(zarr_root, tenant, desc_run[desc_uid], desc_uid,
+                                    metadata_uri)
         seq = np.array([e["seq_num"] for e in evs])
         assert arrays["seq_num"].shape[0] == seq.max()
         np.testing.assert_array_equal(arrays["seq_num"][seq - 1], seq)

@@ -158,7 +158,7 @@ async def test_slow_store_bounds_what_is_fetched_ahead(
         await wait_for(all_committed, 240, "the whole backlog to be stored and committed")
         done.set()
         daemon.stop.set()
-    assert_stored_events(zarr_root, tenant, run)
+    assert_stored_events(zarr_root, tenant, run, metadata)
     assert await stored_stop(metadata, tenant, run[0][1]["uid"])
 
     worst_handed = max(samples, key=lambda s: s.handed - s.committed)
@@ -228,7 +228,7 @@ async def test_event_pages_batched_by_events(
             return bool(daemon.source) and daemon.source.state.committed.get(tp) == len(run)
         await wait_for(all_committed, 120, "the pages to be stored and committed")
         daemon.stop.set()
-    assert_stored_events(zarr_root, tenant, run)
+    assert_stored_events(zarr_root, tenant, run, metadata)
     with_events = [n for n in sizes if n]
     assert sum(with_events) == 30_000
     assert len(with_events) >= 25, sizes

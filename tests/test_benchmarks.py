@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCENARIOS = ("scalar_ingest", "image_ingest", "latency", "read", "scaling", "profile")
+SCENARIOS = ("scalar_ingest", "image_ingest", "latency", "read", "scaling", "short_runs",
+             "profile")
 
 
 def _get(data: Any, path: tuple[str, ...]) -> Any:
@@ -51,6 +52,13 @@ POSITIVE: dict[str, list[tuple[str, ...]]] = {
              ("scalar", "bluestream", "seconds"),
              ("image", "bluestream", "frames_per_s"), ("image", "incumbent", "frames_per_s")],
     "scaling": [("1_daemons", "events_per_s"), ("2_daemons", "events_per_s"), ("speedup",)],
+    "short_runs": [("ingest", e, key) for e in ("1", "10", "100") for key in (
+        "ingest_sqlite_runs_per_s", "ingest_mongo_runs_per_s", "daemon_sqlite_runs_per_s",
+        "daemon_mongo_runs_per_s", "incumbent_runs_per_s")]
+    + [("footprint", e, key) for e in ("1", "10", "100", "2000")
+       for key in ("files_per_run", "kb_per_run")]
+    + [("catalog", n, key) for n in ("200", "1000") for key in (
+        "len", "newest", "scan_id", "partial_uid", "first_10_of_time_range")],
     "profile": [("in_process", "events/sqlite", "events_per_s"),
                 ("in_process", "pages/sqlite", "events_per_s"),
                 ("daemon", "default", "events_per_s"), ("daemon", "gc_tuned", "events_per_s")],
@@ -69,6 +77,10 @@ TARGETS: dict[str, set[str]] = {
     "read": {"read scalar (2,000 events): seconds", "read scalar: bluestream / incumbent",
              "read images: bluestream / incumbent"},
     "scaling": set(),
+    "short_runs": {*(f"one-event runs/s: {p}" for p in (
+        "ingest/sqlite", "ingest/mongo", "daemon/sqlite", "daemon/mongo")),
+        "one-event runs: ingest/mongo / incumbent", "one-event runs: daemon/mongo / incumbent",
+        "files per one-event run", "KB per one-event run"},
     "profile": set(),
 }
 
@@ -93,6 +105,12 @@ CHECKS: dict[str, set[str]] = {
              "read scalar values: incumbent", "read image values: bluestream",
              "read image seq_num: bluestream", "read image values: incumbent"},
     "scaling": {f"stored (runs, events, stops): {n} daemon(s)" for n in (1, 2)},
+    "short_runs": {*(f"ingest stored every run: {e}-event runs, {b}" for e in (1, 10, 100)
+                     for b in _BACKENDS),
+                   *(f"incumbent stored every run: {e}-event runs" for e in (1, 10, 100)),
+                   *(f"no data loss: daemon/{b}, {e}-event runs" for e in (1, 10, 100)
+                     for b in _BACKENDS),
+                   *(f"catalog of {n} runs: len, newest scan_id" for n in (200, 1000))},
     "profile": {f"no data loss: daemon {label}"
                 for label in ("default", "gc_tuned", "batch_20000", "gc_tuned+batch_20000")},
 }

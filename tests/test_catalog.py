@@ -51,6 +51,7 @@ from test_catalog_support import (  # noqa: F401  (fixtures)
     reference_stream,
     run_with_uid,
     store_docs_fixture,
+    tail_rows_fixture,
 )
 
 LABELS = ("count", "scan", "image", "external")

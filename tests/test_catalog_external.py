@@ -34,6 +34,7 @@ from test_catalog_support import (  # noqa: F401  (fixtures)
     re_runs,
     reference_stream,
     store_docs_fixture,
+    tail_rows_fixture,
 )
 
 

@@ -27,6 +27,7 @@ import pytest
 import bluestream
 from bluestream.catalog import Catalog
 from bluestream.storage.registry import StoreRegistry
+from bluestream.storage.tail import DEFAULT_BLOCK
 from helpers import envelopes, make_ingestor
 
 Doc = dict[str, Any]
@@ -186,9 +187,9 @@ def new_uid(prefix: str = "") -> str:
 
 # -- ingestion ----------------------------------------------------------------------------
 async def ingest(metadata_uri: str, zarr_root: Path, tenant: str, docs: Sequence[tuple[str, Doc]],
-                 *, start_offset: int = 0) -> None:
+                 *, start_offset: int = 0, tail_rows: int = DEFAULT_BLOCK) -> None:
     """Store ``docs`` exactly as the daemon does; no document may be dead-lettered."""
-    ing, sink, registry = make_ingestor(metadata_uri, zarr_root)
+    ing, sink, registry = make_ingestor(metadata_uri, zarr_root, tail_rows=tail_rows)
     try:
         await ing.process(envelopes(docs, tenant, start_offset=start_offset))
     finally:
@@ -215,13 +216,23 @@ def metadata_uri_fixture(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return uri
 
 
+@pytest.fixture(name="tail_rows", params=[DEFAULT_BLOCK, 0, 3],
+                ids=["tail-default", "no-tail", "tail-3"])
+def tail_rows_fixture(request: pytest.FixtureRequest) -> int:
+    """Where events are stored: short runs wholly in the stream's tail (the default),
+    every row in Zarr (tails off), or both (blocks of 3 rows)."""
+    rows: int = request.param
+    return rows
+
+
 @pytest.fixture(name="store_docs")
-def store_docs_fixture(metadata_uri: str, zarr_root: Path, tenant: str) -> Any:
+def store_docs_fixture(metadata_uri: str, zarr_root: Path, tenant: str, tail_rows: int) -> Any:
     """``store_docs(docs)`` ingests documents into this test's tenant."""
     offset = [0]
 
     def store(docs: Docs) -> None:
-        anyio.run(partial(ingest, metadata_uri, zarr_root, tenant, docs, start_offset=offset[0]))
+        anyio.run(partial(ingest, metadata_uri, zarr_root, tenant, docs, start_offset=offset[0],
+                          tail_rows=tail_rows))
         offset[0] += len(docs)
 
     return store

@@ -200,13 +200,15 @@ def test_fsync_setting_and_environment() -> None:
 
 
 # -- (c) order within a batch, through the pipeline --------------------------------------
+@pytest.mark.parametrize("tail_rows", [0, 4])
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("mongo", marks=pytest.mark.mongo)])
 async def test_arrays_synced_before_metadata_of_each_batch(
-        backend: str, root: Path, tmp_path: Path, tenant: str, log: Log,
+        backend: str, tail_rows: int, root: Path, tmp_path: Path, tenant: str, log: Log,
         request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Through Ingestor.process, in every batch with events, the array files' fsyncs all
     end before the batch's first metadata write (put_documents, update_streams), and they
-    include the chunks of the arrays that batch wrote.
+    include the chunks of the arrays that batch wrote. With tails of 4 rows every batch
+    moves rows from the tail (metadata) to the arrays: those are synced first too.
 
     Checked to fail without the fix: with ``await self.arrays.sync()`` removed from
     ``Ingestor._flush`` no array file is fsynced at all; moved after the metadata
@@ -214,7 +216,7 @@ async def test_arrays_synced_before_metadata_of_each_batch(
     """
     uri = (f"sqlite:///{tmp_path / 'meta.db'}" if backend == "sqlite"
            else request.getfixturevalue("mongo_uri"))
-    ing, sink, registry = make_ingestor(uri, root)
+    ing, sink, registry = make_ingestor(uri, root, tail_rows=tail_rows)
     try:
         meta = await registry(tenant)
         for name in ("put_documents", "update_streams"):

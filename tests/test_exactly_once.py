@@ -1,6 +1,8 @@
 """Exactly-once in effect: the daemon is SIGKILLed at random moments while it ingests
 numbered events from several partitions; after restarts the stored result is exactly
 the published one. A replay of the whole topic into existing storage changes nothing.
+Two shapes: long runs (rows reach the Zarr arrays block by block) and many short runs
+(kept whole in their streams' tails in the metadata store).
 
 Every wait is on observable state, not on the machine's speed: kills follow stored
 progress (each one lands after a further share of the events is stored, plus a random
@@ -34,9 +36,11 @@ from helpers import read_stream_arrays, scalar_run
 
 pytestmark = [pytest.mark.kafka, pytest.mark.mongo, pytest.mark.slow]
 
-N_RUNS = 8
-EVENTS_PER_RUN = 6_250  # 50,000 events in all
 PARTITIONS = 4
+#: (runs, events per run, records per batch): long runs, 50,000 events in all, whose rows
+#: go to the arrays block by block; and 1,500 short runs kept whole in their streams'
+#: tails (storage/tail.py), in small batches so that kills fall between them.
+SHAPES = {"long-runs": (8, 6_250, 2_000), "short-runs": (1_500, 2, 100)}
 
 
 async def publish(bootstrap: str, topic: str, runs: list[list[tuple[str, Any]]]) -> None:
@@ -72,7 +76,8 @@ def stored_events(mongo_uri: str, tenant: str, zarr_root: Path) -> dict[str, dic
         db = client[tenant]
         out = {}
         for st in db.event_stream.find({}, {"_id": 0}):
-            arrays = read_stream_arrays(zarr_root, tenant, st["run_start"], st["descriptor_uid"])
+            arrays = read_stream_arrays(zarr_root, tenant, st["run_start"], st["descriptor_uid"],
+                                        mongo_uri, record=st)
             out[st["run_start"]] = {"stream": st, **arrays}
         return out
     finally:
@@ -113,24 +118,26 @@ def snapshot(mongo_uri: str, tenant: str, zarr_root: Path) -> dict[str, str]:
     return digests
 
 
+@pytest.mark.parametrize("shape", list(SHAPES))
 def test_sigkill_loop_stores_every_event_exactly_once(
-        kafka_bootstrap: str, mongo_uri: str, topic: str, tenant: str, tmp_path: Path,
-        zarr_root: Path) -> None:
-    runs = [scalar_run(EVENTS_PER_RUN, fields=4, scan_id=i + 1) for i in range(N_RUNS)]
+        shape: str, kafka_bootstrap: str, mongo_uri: str, topic: str, tenant: str,
+        tmp_path: Path, zarr_root: Path) -> None:
+    n_runs, per_run, batch = SHAPES[shape]
+    runs = [scalar_run(per_run, fields=4, scan_id=i + 1) for i in range(n_runs)]
     anyio.run(create_topic, kafka_bootstrap, topic, PARTITIONS)
     anyio.run(publish, kafka_bootstrap, topic, runs)
     env = {**os.environ, "BLUESTREAM_KAFKA_BOOTSTRAP": kafka_bootstrap,
            "BLUESTREAM_TOPICS": topic, "BLUESTREAM_GROUP_ID": f"g-{topic}",
            "BLUESTREAM_METADATA": mongo_uri, "BLUESTREAM_ZARR_ROOT": str(zarr_root),
            "BLUESTREAM_HTTP_PORT": "0", "BLUESTREAM_LOG_FORMAT": "json"}
-    # Batches of 2,000 records: several per partition, so a kill can fall between them
-    # (the default of 20,000 stores this topic in two or three batches).
+    # Small batches: several per partition, so a kill can fall between them (the
+    # default of 20,000 records stores this topic in two or three batches).
     config = tmp_path / "daemon.toml"
-    config.write_text("[limits]\nbatch_max_records = 2000\n")
+    config.write_text(f"[limits]\nbatch_max_records = {batch}\n")
     env["BLUESTREAM_CONFIG"] = str(config)
     log = tmp_path / "daemon.log"
     rng = random.Random(1234)
-    total = N_RUNS * EVENTS_PER_RUN
+    total = n_runs * per_run
     progress: list[int] = []
     group = env["BLUESTREAM_GROUP_ID"]
     for kill in range(1, 6):
@@ -148,7 +155,7 @@ def test_sigkill_loop_stores_every_event_exactly_once(
     assert sum(1 for p in progress if 0 < p < total) >= 3, progress
     proc = start_daemon(env, log)
     try:
-        _wait(lambda: all_stopped(mongo_uri, tenant) >= N_RUNS, proc, log, "every run")
+        _wait(lambda: all_stopped(mongo_uri, tenant) >= n_runs, proc, log, "every run")
         _wait(lambda: _committed_to_end(kafka_bootstrap, group, topic), proc, log,
               "offsets committed to the end")
         proc.send_signal(signal.SIGTERM)
@@ -156,7 +163,7 @@ def test_sigkill_loop_stores_every_event_exactly_once(
     finally:
         if proc.poll() is None:
             proc.kill()
-    verify(mongo_uri, tenant, zarr_root, runs)
+    verify(mongo_uri, tenant, zarr_root, runs, per_run)
 
     # A replay of the whole topic by a new consumer group changes nothing.
     before = snapshot(mongo_uri, tenant, zarr_root)
@@ -174,7 +181,7 @@ def test_sigkill_loop_stores_every_event_exactly_once(
         if proc.poll() is None:
             proc.kill()
     assert snapshot(mongo_uri, tenant, zarr_root) == before
-    verify(mongo_uri, tenant, zarr_root, runs)
+    verify(mongo_uri, tenant, zarr_root, runs, per_run)
 
 
 def _wait(done: Any, proc: subprocess.Popen[bytes], log: Path, what: str,
@@ -216,23 +223,24 @@ def _metric(url_file: Path, series: str) -> float:
 
 
 def verify(mongo_uri: str, tenant: str, zarr_root: Path,
-           runs: list[list[tuple[str, Any]]]) -> None:
+           runs: list[list[tuple[str, Any]]], per_run: int) -> None:
+    n_runs = len(runs)
     stored = stored_events(mongo_uri, tenant, zarr_root)
-    assert len(stored) == N_RUNS
+    assert len(stored) == n_runs
     for run in runs:
         uid = run[0][1]["uid"]
         got = stored[uid]
         events = [d for n, d in run if n == "event"]
-        assert got["stream"]["length"] == EVENTS_PER_RUN
-        np.testing.assert_array_equal(got["seq_num"], np.arange(1, EVENTS_PER_RUN + 1))
+        assert got["stream"]["length"] == per_run
+        np.testing.assert_array_equal(got["seq_num"], np.arange(1, per_run + 1))
         np.testing.assert_array_equal(got["data/counter"], [e["data"]["counter"] for e in events])
         np.testing.assert_array_equal(got["data/f0"], [e["data"]["f0"] for e in events])
         assert got["uid"].tolist() == [e["uid"] for e in events]
     client: MongoClient[dict[str, Any]] = MongoClient(mongo_uri)
     try:
         db = client[tenant]
-        assert db.run_start.count_documents({}) == N_RUNS
-        assert db.run_stop.count_documents({}) == N_RUNS
-        assert db.event_descriptor.count_documents({}) == N_RUNS
+        assert db.run_start.count_documents({}) == n_runs
+        assert db.run_stop.count_documents({}) == n_runs
+        assert db.event_descriptor.count_documents({}) == n_runs
     finally:
         client.close()

@@ -58,11 +58,12 @@ import bluestream
 from bluestream.consumers.decode import decode_message, encode_message
 from bluestream.consumers.envelope import Envelope
 from bluestream.consumers.pipeline import Ingestor
+from bluestream.consumers.run_index import DescriptorInfo
 from bluestream.daemon.dlq_tool import DeadLetter, read_dead_letters
 from bluestream.daemon.service import Daemon
 from bluestream.documents import DOCUMENT_NAMES
 from bluestream.errors import DocumentError
-from bluestream.layout import FieldSpec, Page, descriptor_path
+from bluestream.layout import Page, descriptor_path
 from bluestream.limits import Limits
 from bluestream.schemas.normalise import datum_page_to_datums, to_jsonable
 from bluestream.schemas.validate import validate
@@ -70,6 +71,7 @@ from bluestream.storage.backends import open_metadata_store
 from bluestream.storage.base import MetadataStore, StreamUpdate, key_of
 from bluestream.storage.registry import StoreRegistry
 from bluestream.storage.rules import same_content
+from bluestream.storage.tail import Tail
 from bluestream.storage.zarr_store import ZarrEventStore
 from bluestream.tools.rejects import drain_parked
 from helpers import image_run, make_ingestor, scalar_run
@@ -753,23 +755,24 @@ def _hex(value: Any) -> str:
         return repr(value)
 
 
-class RecordingZarrEventStore(ZarrEventStore):
-    """The real Zarr writer, noting every row it wrote: an event overwritten later by
-    another with the same seq_num leaves no trace in the arrays, yet it was stored."""
+class RecordingIngestor(Ingestor):
+    """The real Ingestor, noting every row it handed to storage (arrays or the stream's
+    tail): an event overwritten later by another with the same seq_num leaves no trace in
+    storage, yet it was stored."""
 
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.rows: set[Row] = set()
 
-    async def write_page(self, tenant: str, run_start: str, descriptor: Mapping[str, Any],
-                         specs: Mapping[str, FieldSpec], page: Page) -> StreamUpdate:
-        update = await super().write_page(tenant, run_start, descriptor, specs, page)
+    async def _store_page(self, tenant: str, info: DescriptorInfo, page: Page,
+                          stored: Tail | None) -> tuple[StreamUpdate, Tail | None]:
+        out = await super()._store_page(tenant, info, page, stored)
         stamps = {k: v.tolist() for k, v in page.timestamps.items()}
         self.rows.update(
-            row_of(descriptor["uid"], s, u, t, {k: v[i] for k, v in stamps.items()})
+            row_of(info.doc["uid"], s, u, t, {k: v[i] for k, v in stamps.items()})
             for i, (s, u, t) in enumerate(zip(page.seq_num.tolist(), page.uid.tolist(),
                                               page.time.tolist(), strict=True)))
-        return update
+        return out
 
 
 async def account(ledger: Ledger, dead: Counter[int], store: MetadataStore, zarr_root: Path,
@@ -845,13 +848,29 @@ async def _stored_uids(positions: dict[str, dict[int, set[str]]], store: Metadat
         if doc is None:
             out[desc] = {}
             continue
-        group = zarr.open_group(str(zarr_root), mode="r",
-                                path=descriptor_path(tenant, doc["run_start"], desc))
-        uids = group["uid"]
-        seqs = sorted(s for s in by_seq if 1 <= s <= uids.shape[0])
-        values = uids.get_orthogonal_selection((np.array(seqs, dtype=np.int64) - 1,)) \
-            if seqs else []
-        out[desc] = {s: str(v) if v else None for s, v in zip(seqs, values, strict=True)}
+        found: dict[int, str | None] = {}
+        rec = next((r for r in await store.streams(doc["run_start"])
+                    if r["descriptor_uid"] == desc), None)
+        tail = Tail.decode(rec["tail"]) if rec is not None and rec.get("tail") else None
+        rest = set(by_seq)
+        if tail is not None:  # the stream's newest rows, kept in the metadata store
+            for s in list(rest):
+                i = s - 1 - tail.start
+                if 0 <= i < len(tail) and tail.columns["seq_num"][i] > 0:
+                    found[s] = str(tail.columns["uid"][i])
+                    rest.discard(s)
+        try:
+            group = zarr.open_group(str(zarr_root), mode="r",
+                                    path=descriptor_path(tenant, doc["run_start"], desc))
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            group = None  # every row is in the tail (a short stream)
+        if group is not None:
+            uids = group["uid"]
+            seqs = sorted(s for s in rest if 1 <= s <= uids.shape[0])
+            values = uids.get_orthogonal_selection((np.array(seqs, dtype=np.int64) - 1,)) \
+                if seqs else []
+            found.update({s: str(v) if v else None for s, v in zip(seqs, values, strict=True)})
+        out[desc] = found
     return out
 
 
@@ -906,9 +925,8 @@ async def run_ingestor(messages: Iterator[tuple[str, bytes | None, bool]], rng: 
                        tenant: str, metadata: str, zarr_root: Path) -> tuple[Ledger, Outcome]:
     ledger, sink, clock = Ledger(), TallySink(), FakeClock()
     registry = StoreRegistry(metadata)
-    arrays = RecordingZarrEventStore(zarr_root)
-    ing = Ingestor(store_for=registry, arrays=arrays, dlq=sink, limits=LIMITS,
-                   park_max_age_s=PARK_AGE_S, clock=clock)
+    ing = RecordingIngestor(store_for=registry, arrays=ZarrEventStore(zarr_root), dlq=sink,
+                            limits=LIMITS, park_max_age_s=PARK_AGE_S, clock=clock)
     try:
         batch: list[Envelope] = []
         size = batch_size(rng)
@@ -926,7 +944,7 @@ async def run_ingestor(messages: Iterator[tuple[str, bytes | None, bool]], rng: 
         assert ing.counters.total("dead_lettered") == sum(sink.offsets.values())
         assert ing.counters.total("documents") == len(ledger.accepted)
         outcome = await account(ledger, sink.offsets, await registry(tenant), zarr_root,
-                                tenant, exactly_once=True, written=arrays.rows)
+                                tenant, exactly_once=True, written=ing.rows)
     finally:
         await registry.aclose()
     outcome.reasons = sink.reasons

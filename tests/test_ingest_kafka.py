@@ -107,7 +107,7 @@ async def test_runengine_documents_stored_bit_exact(
             if name in ("start", "descriptor"):
                 stored = await store.get(name, doc["uid"])
                 assert stored is not None and stored["uid"] == doc["uid"]
-        assert_stored_events(zarr_root, tenant, docs)
+        assert_stored_events(zarr_root, tenant, docs, metadata_uri)
         streams = {s["descriptor_uid"]: s for st in starts
                    for s in await store.streams(st["uid"])}
         n_events = sum(1 for n, _ in docs if n == "event")

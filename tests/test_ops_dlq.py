@@ -97,7 +97,8 @@ async def test_dlq_list_show_and_replay_after_a_fix(kafka_bootstrap: str, kafka_
     finally:
         await producer.stop()
         await store.close()
-    arrays = read_stream_arrays(zarr_root, tenant, start["uid"], descriptor["uid"])
+    arrays = read_stream_arrays(zarr_root, tenant, start["uid"], descriptor["uid"],
+                                metadata)
     np.testing.assert_array_equal(arrays["seq_num"], np.arange(1, 6))
     np.testing.assert_array_equal(arrays["data/counter"], [e["data"]["counter"] for _, e in events])
     assert daemon.counters.total("dead_lettered") == 6  # nothing new died

@@ -7,7 +7,6 @@ broker and the metadata store are real."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
@@ -26,16 +25,18 @@ pytestmark = [pytest.mark.kafka, pytest.mark.anyio]
 
 
 class FailsFirstWrites(ZarrEventStore):
-    """The real store, except that the first ``n`` page writes fail like a full disk."""
+    """The real store, except that the first ``n`` batches fail like a full disk when
+    they are made durable (every batch syncs, whether its rows went to the arrays or to
+    the streams' tails)."""
 
     failures = 2
 
-    async def write_page(self, *args: Any, **kwargs: Any) -> Any:
+    async def sync(self) -> None:
         if FailsFirstWrites.failures > 0:
             FailsFirstWrites.failures -= 1
-            raise StorageError(f"writing Zarr group {self.root} failed: [Errno 28] "
+            raise StorageError(f"syncing Zarr files under {self.root} failed: [Errno 28] "
                                "No space left on device (injected)")
-        return await super().write_page(*args, **kwargs)
+        await super().sync()
 
 
 async def test_failed_first_batch_is_read_again(kafka_bootstrap: str, kafka_topic: str,
@@ -67,4 +68,4 @@ async def test_failed_first_batch_is_read_again(kafka_bootstrap: str, kafka_topi
         await store.close()
     assert FailsFirstWrites.failures == 0
     assert daemon.counters.get("errors", "storage") == 2
-    assert_stored_events(zarr_root, tenant, run)
+    assert_stored_events(zarr_root, tenant, run, metadata)

@@ -583,7 +583,8 @@ def verify_exactly_once(mongo_uri: str, tenant: str, zarr_root: Path, runs: list
             events = [d for n, d in run if n == "event"]
             stream = streams[uid]
             assert stream["length"] == len(events), (uid, stream["length"], len(events))
-            raw = read_stream_arrays(zarr_root, tenant, uid, stream["descriptor_uid"])
+            raw = read_stream_arrays(zarr_root, tenant, uid, stream["descriptor_uid"],
+                                     mongo_uri)
             # Arrays grow by whole chunks: rows past the logical length (the stream
             # record's) hold seq_num 0, which readers skip; no event may be stored there.
             n = len(events)

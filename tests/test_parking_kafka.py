@@ -251,7 +251,8 @@ async def stored_streams(metadata: str, tenant: str, zarr_root: Path,
         await store.close()
     out = {}
     for st in streams:
-        arrays = read_stream_arrays(zarr_root, tenant, run_uid, st["descriptor_uid"])
+        arrays = read_stream_arrays(zarr_root, tenant, run_uid, st["descriptor_uid"],
+                                    metadata)
         out[st["descriptor_uid"]] = {k: v[: int(st["length"])] for k, v in arrays.items()}
     return out
 

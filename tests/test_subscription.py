@@ -209,8 +209,8 @@ async def _picked_up_after_start(bootstrap: str, metadata: str, zarr_root: Path,
         assert all(t != unmatched for t, _ in assigned)
         assert unmatched not in source.consumer.subscription()
         assert daemon.counters.total("dead_lettered") == 0
-    assert_stored_events(zarr_root, first, run_early)
-    assert_stored_events(zarr_root, late_tenant, run_late)
+    assert_stored_events(zarr_root, first, run_early, metadata)
+    assert_stored_events(zarr_root, late_tenant, run_late, metadata)
     # The unmatched topic's metadata arrived with (or before) the late topic's.
     assert not await _tenant_exists(metadata, unmatched.split(".")[0])
     assert not (zarr_root / unmatched.split(".")[0]).exists()
@@ -324,8 +324,9 @@ enabled = false
         await wait_for(_stored(metadata_uri, unmapped_first, run_unmapped, held), 90,
                        "the unmapped topic's run under its first component")
         assert daemon.counters.total("dead_lettered") == 0
-    assert_stored_events(zarr_root, target, run_mapped)
-    assert_stored_events(zarr_root, unmapped_first, run_unmapped)
+    assert_stored_events(zarr_root, target, run_mapped, metadata_uri)
+    assert_stored_events(zarr_root, unmapped_first, run_unmapped,
+                         metadata_uri)
     uid = run_mapped[0][1]["uid"]
     store = open_metadata_store(metadata_uri, target, readonly=True)
     await store.open()

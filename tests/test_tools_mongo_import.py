@@ -267,12 +267,12 @@ def test_import_killed_midway_resumes_with_nothing_twice(
     assert rows == dict.fromkeys(STORED_KINDS, (total, total)), rows
     for docs in runs:
         run, desc = docs[0][1]["uid"], docs[1][1]["uid"]
-        arrays = read_stream_arrays(zarr_root, tenant, run, desc)
+        arrays = read_stream_arrays(zarr_root, tenant, run, desc, metadata_uri)
         uids = arrays["uid"].tolist()
         assert len(uids) == len(set(uids)) == KILL_EVENTS, run
         assert uids == [d["uid"] for n, d in docs if n == "event"]
         np.testing.assert_array_equal(arrays["seq_num"], np.arange(1, KILL_EVENTS + 1))
-        assert_stored_events(zarr_root, tenant, docs)
+        assert_stored_events(zarr_root, tenant, docs, metadata_uri)
     stored = anyio.run(catalog_docs, make_settings(metadata_uri, zarr_root), tenant)
     assert sorted(stored) == sorted(docs[0][1]["uid"] for docs in runs)
     for docs in runs:

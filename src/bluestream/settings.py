@@ -118,6 +118,10 @@ class StorageSettings(_Section):
     #: metadata and offset commit (once per batch). false trades power-loss durability
     #: for speed; a process crash is still safe (the page cache survives it).
     fsync: bool = True
+    #: A stream's newest rows, up to this many (one block), are kept in the metadata
+    #: store and move to the Zarr arrays a block at a time: a live batch or a short run
+    #: writes one record instead of a file per array. 0 writes every row to Zarr at once.
+    tail_rows: int = Field(default=256, ge=0, le=65_536)
     mongo_server_selection_timeout_ms: int = Field(default=5_000, ge=100)
 
     @field_validator("metadata")

@@ -11,12 +11,13 @@ concurrently too); driver errors become :class:`~bluestream.errors.StorageError`
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 import zarr
 import zarr.api.asynchronous as za
@@ -27,8 +28,9 @@ from zarr.storage import LocalStore
 from bluestream.catalog._tasks import task_group
 from bluestream.errors import StorageError, StorageUnavailable
 from bluestream.layout import SEQ_NUM, STRING, TIME, UID, Page, column_names
+from bluestream.storage.tail import Tail
 
-__all__ = ["ArrayReader", "Rows", "row_bytes"]
+__all__ = ["ArrayReader", "Rows", "TailedArray", "row_bytes"]
 
 Array = NDArray[Any]
 _STRING_ITEM_BYTES = 64  # a guess for sizing reads of string columns
@@ -94,9 +96,37 @@ class ArrayReader:
             raise StorageError(f"reading Zarr group {self.root / zarr_path} failed: "
                                f"{exc}") from exc
 
-    async def open_arrays(self, zarr_path: str, names: Sequence[str],
-                          required: Sequence[str] = (SEQ_NUM,)) -> dict[str, AsyncArray[Any]]:
-        """The arrays ``names`` of a group that exist (those in ``required`` must)."""
+    async def open_arrays(self, record: Mapping[str, Any], names: Sequence[str],
+                          required: Sequence[str] = (SEQ_NUM,)) -> dict[str, Any]:
+        """The arrays ``names`` of a descriptor that exist (those in ``required`` must):
+        zarr's, or :class:`TailedArray` when the stream keeps its newest rows in the
+        metadata store (:mod:`bluestream.storage.tail`)."""
+        path = str(record["zarr_path"])
+        tail = _tail_of(record)
+        if tail is None:
+            return await self._open_zarr(path, names, required)
+        if not self.root.is_dir():  # else rows below the tail would read as never written
+            raise StorageUnavailable(f"Zarr root {self.root} does not exist (or is not "
+                                     "mounted)")
+        base: dict[str, AsyncArray[Any]] = {}
+        # Rows not in the tail are in the arrays, when any was ever written there (a
+        # short run has none; one stat tells).
+        if (self.root / path / "zarr.json").is_file():
+            base = await self._open_zarr(path, names, ())
+        written = tail.columns[SEQ_NUM] > 0
+        out: dict[str, Any] = {}
+        for name in dict.fromkeys(names):
+            col = tail.columns.get(name)
+            if col is not None:
+                out[name] = TailedArray(base.get(name), col, tail.start, written)
+            elif name in base:
+                out[name] = base[name]
+            elif name in required:
+                raise StorageError(f"the stream of {path} has no column {name!r}")
+        return out
+
+    async def _open_zarr(self, zarr_path: str, names: Sequence[str],
+                         required: Sequence[str]) -> dict[str, AsyncArray[Any]]:
         out: dict[str, AsyncArray[Any]] = {}
 
         async def one(name: str) -> None:
@@ -122,7 +152,7 @@ class ArrayReader:
         """Rows ``[start, stop)`` (positions) of one descriptor that were written."""
         path = str(record["zarr_path"])
         if arrays is None:
-            arrays = await self.open_arrays(path, column_names(keys, timestamps))
+            arrays = await self.open_arrays(record, column_names(keys, timestamps))
         n = min(int(record["length"]), *(int(a.shape[0]) for a in arrays.values()))
         stop = n if stop is None else min(stop, n)
         start = min(max(start, 0), stop)
@@ -157,7 +187,7 @@ class ArrayReader:
     async def written_positions(self, record: dict[str, Any], start: int = 0) -> Array:
         """Positions ``>= start`` that hold an event (a cheap read: seq_num only)."""
         path = str(record["zarr_path"])
-        arrays = await self.open_arrays(path, [SEQ_NUM])
+        arrays = await self.open_arrays(record, [SEQ_NUM])
         arr = arrays[SEQ_NUM]
         n = min(int(record["length"]), int(arr.shape[0]))
         if start >= n:
@@ -166,9 +196,98 @@ class ArrayReader:
             seq = np.asarray(await arr.getitem(slice(start, n)))
         return np.flatnonzero(seq > 0).astype(np.int64) + start
 
-    def sync_array(self, arr: AsyncArray[Any]) -> zarr.Array[Any]:
+    def sync_array(self, arr: Any) -> Any:
         """A synchronous handle (for dask) on an array opened here."""
+        if isinstance(arr, TailedArray):
+            return arr.sync()
         return zarr.Array(arr)
+
+
+def _tail_of(record: Mapping[str, Any]) -> Tail | None:
+    blob = record.get("tail")
+    if not blob:
+        return None
+    try:
+        return Tail.decode(bytes(blob))
+    except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
+        raise StorageError(f"the stored tail of {record.get('zarr_path')} cannot be read: "
+                           f"{exc}") from exc
+
+
+class TailedArray:
+    """One column of a stream whose rows from ``start`` on are kept in its tail: rows
+    below come from the Zarr array (when one was written), written tail rows over them.
+    Offers what the readers use of an ``AsyncArray``: ``shape``, ``dtype``, ``chunks``
+    and ``getitem`` of a slice along the event axis."""
+
+    def __init__(self, base: AsyncArray[Any] | None, tail: Array, start: int,
+                 written: Array) -> None:
+        self.base, self.tail, self.start, self.written = base, tail, start, written
+        self.dtype = tail.dtype
+        self.shape = (start + int(tail.shape[0]), *tail.shape[1:])
+        self.chunks = tuple(base.chunks) if base is not None else \
+            (max(1, int(tail.shape[0])), *tail.shape[1:])
+
+    def _empty(self, n: int) -> Array:
+        if self.dtype.kind == "T":
+            return np.full((n, *self.shape[1:]), "", dtype=self.dtype)
+        return np.zeros((n, *self.shape[1:]), dtype=self.dtype)
+
+    def _overlay(self, out: Array, a: int, b: int) -> Array:
+        lo, hi = max(a, self.start), min(b, self.shape[0])
+        if hi > lo:
+            w = self.written[lo - self.start:hi - self.start]
+            out[lo - a:hi - a][w] = self.tail[lo - self.start:hi - self.start][w]
+        return out
+
+    def _bounds(self, sel: slice) -> tuple[int, int, int]:
+        a, b, step = sel.indices(self.shape[0])
+        if step != 1:
+            raise ValueError("only contiguous slices of a tailed array are read")
+        # Zarr rows at positions the tail holds nothing for are read too: a block size
+        # changed between writers leaves rows there.
+        top = min(b, int(self.base.shape[0])) if self.base is not None else a
+        return a, max(a, b), max(a, top)
+
+    async def getitem(self, sel: slice) -> Array:
+        a, b, top = self._bounds(sel)
+        out = self._empty(b - a)
+        if self.base is not None and top > a:
+            out[:top - a] = np.asarray(await self.base.getitem(slice(a, top)))
+        return self._overlay(out, a, b)
+
+    def sync(self) -> _SyncTailed:
+        return _SyncTailed(self)
+
+
+class _SyncTailed:
+    """A synchronous view of a :class:`TailedArray` for dask (numpy-style indexing)."""
+
+    def __init__(self, arr: TailedArray) -> None:
+        self._arr = arr
+        self.dtype, self.shape, self.chunks = arr.dtype, arr.shape, arr.chunks
+        self.ndim = len(arr.shape)
+        self._base = zarr.Array(arr.base) if arr.base is not None else None
+
+    def __getitem__(self, key: Any) -> Array:
+        key = key if isinstance(key, tuple) else (key,)
+        first = key[0] if key else slice(None)
+        if isinstance(first, slice) and first.step in (None, 1):
+            rows = self._rows(first)
+            return rows[(slice(None), *key[1:])]
+        index = np.arange(self.shape[0])[first]
+        lo = int(np.min(index)) if np.size(index) else 0
+        hi = int(np.max(index)) + 1 if np.size(index) else 0
+        rows = self._rows(slice(lo, hi))
+        return np.asarray(rows[(np.asarray(index) - lo, *key[1:])])
+
+    def _rows(self, sel: slice) -> Array:
+        arr = self._arr
+        a, b, top = arr._bounds(sel)
+        out = arr._empty(b - a)
+        if self._base is not None and top > a:
+            out[:top - a] = np.asarray(self._base[a:top])
+        return arr._overlay(out, a, b)
 
 
 def _wanted(name: str, keys: Sequence[str], timestamps: bool) -> bool:

@@ -184,8 +184,7 @@ async def _pages(ctx: CatalogContext, record: Doc, keys: Sequence[str], *,
                  page_events: int, page_bytes: int,
                  positions: Array | None = None) -> AsyncIterator[Rows]:
     """Rows of one descriptor cut into pages; only ``positions`` if given."""
-    path = str(record["zarr_path"])
-    arrays = await ctx.arrays.open_arrays(path, column_names(keys))
+    arrays = await ctx.arrays.open_arrays(record, column_names(keys))
     n = min(int(record["length"]), *(int(a.shape[0]) for a in arrays.values()))
     per_row = row_bytes(list(arrays.values()))
     per_page = max(1, min(page_events, page_bytes // per_row))

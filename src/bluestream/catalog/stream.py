@@ -142,7 +142,7 @@ class AsyncEventStream:
         part = Part(desc, np.zeros(0, np.int64), np.zeros(0), np.zeros(0, "<U1"))
         if record is not None:
             names = column_names(zkeys, timestamps=False)
-            arrays = await ctx.arrays.open_arrays(str(record["zarr_path"]), names)
+            arrays = await ctx.arrays.open_arrays(record, names)
             lazy_keys = [k for k in zkeys if lazy and _plain_numeric(specs[k])
                          and data_path(k) in arrays]
             eager = [k for k in zkeys if k not in lazy_keys]

@@ -12,10 +12,11 @@ import socket
 import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
+import msgpack
 import numpy as np
 
 from bluestream._version import __version__
@@ -30,9 +31,10 @@ from bluestream.errors import (
     DocumentError,
     Reason,
     RoutingError,
+    StorageError,
     ValidationError,
 )
-from bluestream.layout import Page, descriptor_path, field_specs, safe_component
+from bluestream.layout import Page, descriptor_path, field_specs, safe_component, stored_columns
 from bluestream.limits import Limits
 from bluestream.log import get_logger
 from bluestream.schemas.normalise import (
@@ -46,7 +48,10 @@ from bluestream.schemas.typed import decode_typed
 from bluestream.schemas.validate import validate
 from bluestream.storage.base import IngestLogEntry, MetadataStore, PutOutcome, StreamUpdate, key_of
 from bluestream.storage.rules import same_content
-from bluestream.storage.zarr_store import ZarrEventStore
+from bluestream.storage.tail import Tail
+from bluestream.storage.tail import block_for as tail_block
+from bluestream.storage.tail import merge as merge_tail
+from bluestream.storage.zarr_store import ZarrEventStore, stream_update
 
 __all__ = ["Batch", "Ingestor", "concat_pages"]
 
@@ -349,10 +354,21 @@ class Ingestor:
 
     # -- writing ------------------------------------------------------------------------
     async def _flush(self, batch: Batch) -> None:
+        # The descriptors' locks are held from reading their tails to storing the new
+        # ones: a read-modify-write across the arrays and the metadata store.
+        paths = {descriptor_path(tenant, items[0].descriptor.run_start, desc_uid)
+                 for (tenant, desc_uid), items in batch.events.items()
+                 if items[0].descriptor is not None}
+        async with self.arrays.locked(paths):
+            await self._flush_locked(batch)
+
+    async def _flush_locked(self, batch: Batch) -> None:
         updates: dict[str, list[StreamUpdate]] = defaultdict(list)
+        tails = await self._stored_tails(batch)
 
         async def write(tenant: str, desc_uid: str, items: list[Routed]) -> None:
-            updates[tenant].extend(await self._write_events(tenant, desc_uid, items))
+            updates[tenant].extend(await self._write_events(
+                tenant, desc_uid, items, tails.get((tenant, desc_uid))))
 
         async with anyio.create_task_group() as tg:
             for (tenant, desc_uid), items in batch.events.items():
@@ -393,8 +409,25 @@ class Ingestor:
                     f"{kind} {key_of(kind, doc)!r} was already stored with different "
                     "content", reason=Reason.conflicting(kind)))
 
-    async def _write_events(self, tenant: str, desc_uid: str,
-                            items: list[Routed]) -> list[StreamUpdate]:
+    async def _stored_tails(self, batch: Batch) -> dict[tuple[str, str], Tail]:
+        """The stored tails of the batch's descriptors (one query per tenant)."""
+        by_tenant: dict[str, list[str]] = defaultdict(list)
+        for tenant, desc_uid in batch.events:
+            by_tenant[tenant].append(desc_uid)
+        out: dict[tuple[str, str], Tail] = {}
+        for tenant, uids in by_tenant.items():
+            store = await self._store_for(tenant)
+            for uid, (start, blob) in (await store.tails(uids)).items():
+                try:
+                    out[(tenant, uid)] = Tail.decode(blob)
+                except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
+                    raise StorageError(f"the stored tail of descriptor {uid!r} (tenant "
+                                       f"{tenant!r}, from row {start}) cannot be read: "
+                                       f"{exc}") from exc
+        return out
+
+    async def _write_events(self, tenant: str, desc_uid: str, items: list[Routed],
+                            stored: Tail | None) -> list[StreamUpdate]:
         info = items[0].descriptor  # resolved when the events were routed
         if info is None:  # cannot happen: routing attaches it; keep the promise anyway
             for item in items:
@@ -407,16 +440,15 @@ class Ingestor:
             return []
         try:
             whole = concat_pages([p for p, _ in pages])
-            updates = [await self.arrays.write_page(tenant, info.run_start, info.doc,
-                                                    info.specs, whole)]
-            written = len(whole)
+            update, _ = await self._store_page(tenant, info, whole, stored)
+            updates, written = [update], len(whole)
         except ValidationError:  # e.g. a dtype that differs from the stored array
-            updates, written = await self._write_one_by_one(tenant, info, pages)
+            updates, written = await self._write_one_by_one(tenant, info, pages, stored)
         self.counters.inc("events", tenant, written)
         return updates
 
     async def _write_one_by_one(self, tenant: str, info: DescriptorInfo,
-                                pages: list[tuple[Page, list[Routed]]]
+                                pages: list[tuple[Page, list[Routed]]], stored: Tail | None
                                 ) -> tuple[list[StreamUpdate], int]:
         """Pages that the array refused together, written apart: only the events of a
         refused page are dead-lettered. The updates, and how many events were written."""
@@ -424,13 +456,31 @@ class Ingestor:
         written = 0
         for page, its in pages:
             try:
-                updates.append(await self.arrays.write_page(tenant, info.run_start, info.doc,
-                                                            info.specs, page))
+                update, stored = await self._store_page(tenant, info, page, stored)
+                updates.append(update)
                 written += len(page)
             except ValidationError as exc:
                 for item in its:
                     await self._dead(item.env, exc)
         return updates, written
+
+    async def _store_page(self, tenant: str, info: DescriptorInfo, page: Page,
+                          stored: Tail | None) -> tuple[StreamUpdate, Tail | None]:
+        """Rows below the stream's tail to the arrays, the rest into its new tail
+        (:mod:`bluestream.storage.tail`); the update carries the tail to store."""
+        block = tail_block(stored_columns(info.specs, page), self.arrays.tail_rows)
+        args = (tenant, info.run_start, info.doc, info.specs)
+        if block == 0:
+            old = stored.page(page.descriptor) if stored is not None else None
+            update = await self.arrays.write_page(
+                *args, page if old is None else concat_pages([old, page]), lock=False)
+            # A tail kept before (tails turned off since) moved to the arrays with the page.
+            return (update if stored is None else replace(update, tail=b"")), None
+        to_arrays, new = merge_tail(stored, page, stored_columns(info.specs, page), block)
+        if to_arrays is not None:
+            await self.arrays.write_page(*args, to_arrays, lock=False)
+        update = replace(stream_update(*args, page), tail=new.encode(), tail_start=new.start)
+        return update, new
 
     async def _pages(self, info: DescriptorInfo,
                      items: list[Routed]) -> list[tuple[Page, list[Routed]]]:

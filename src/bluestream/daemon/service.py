@@ -144,7 +144,8 @@ class Daemon:
             s.storage.metadata,
             server_selection_timeout_ms=s.storage.mongo_server_selection_timeout_ms,
         )
-        arrays = ZarrEventStore(s.storage.zarr_root, fsync=s.storage.fsync)
+        arrays = ZarrEventStore(s.storage.zarr_root, fsync=s.storage.fsync,
+                            tail_rows=s.storage.tail_rows)
         dlq = KafkaDeadLetters(s)
         ingestor = Ingestor(
             store_for=self.registry, arrays=arrays, dlq=dlq, limits=s.limits.limits(),

@@ -73,6 +73,12 @@ class StreamUpdate:
     time_max: float
     data_keys: tuple[str, ...] = ()
     schema_version: int = 1
+    #: The stream's newest rows (:class:`bluestream.storage.tail.Tail`, encoded), which
+    #: replace the stored ones: ``None`` leaves them as they are, ``b""`` removes them.
+    #: Not combined like the fields above: the writer merged it with what was stored,
+    #: under the descriptor's lock.
+    tail: bytes | None = None
+    tail_start: int | None = None
 
 
 @dataclass(frozen=True)
@@ -137,6 +143,11 @@ class MetadataStore(ABC):
         """Merge stream summaries into ``event_stream`` (one record per descriptor)."""
 
     @abstractmethod
+    async def tails(self, descriptor_uids: Sequence[str]) -> dict[str, tuple[int, bytes]]:
+        """The stored tails (start, encoded rows) of these descriptors, those that have
+        one; one query."""
+
+    @abstractmethod
     async def log_ingest(self, entries: Sequence[IngestLogEntry]) -> None:
         """Merge provenance records into ``ingest_log``."""
 
@@ -155,7 +166,8 @@ class MetadataStore(ABC):
 
     @abstractmethod
     async def streams(self, run_start: str) -> list[Doc]:
-        """The ``event_stream`` records of a run, as dicts with StreamUpdate's fields."""
+        """The ``event_stream`` records of a run, as dicts with StreamUpdate's fields
+        (``tail`` and ``tail_start`` are ``None`` when the stream keeps no tail)."""
 
     @abstractmethod
     async def ingest_log(self, run_start: str) -> list[Doc]: ...

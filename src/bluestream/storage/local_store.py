@@ -22,7 +22,7 @@ import hashlib
 import os
 from collections.abc import AsyncIterator, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Self
 
@@ -32,7 +32,8 @@ from zarr.storage import LocalStore
 
 from bluestream.errors import StorageError, first_error
 
-__all__ = ["SyncingLocalStore", "descriptor_lock", "metadata_keys", "sync_written"]
+__all__ = ["SyncingLocalStore", "descriptor_lock", "lock_stripe", "metadata_keys", "stripe_lock",
+           "sync_written"]
 
 #: Worker threads that fsync one batch's files (then directories) concurrently: the
 #: file system commits concurrent fsyncs together (about half the time of one thread
@@ -145,14 +146,24 @@ async def sync_written(store: SyncingLocalStore, root: Path) -> None:
                            f"({error}); the batch is not committed") from exc
 
 
-@asynccontextmanager
-async def descriptor_lock(root: Path, path: str) -> AsyncIterator[None]:
-    """An exclusive advisory lock for writing the descriptor group ``path`` (one host).
+def lock_stripe(path: str) -> int:
+    """Which of the lock files guards the descriptor group ``path``."""
+    digest = hashlib.blake2b(path.encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big") % _LOCK_STRIPES
 
-    Taken without a thread hop when free; waited for in a worker thread otherwise."""
-    stripe = int.from_bytes(hashlib.blake2b(path.encode(), digest_size=4).digest(), "big")
+
+def descriptor_lock(root: Path, path: str) -> AbstractAsyncContextManager[None]:
+    """An exclusive advisory lock for writing the descriptor group ``path`` (one host)."""
+    return stripe_lock(root, lock_stripe(path))
+
+
+@asynccontextmanager
+async def stripe_lock(root: Path, stripe: int) -> AsyncIterator[None]:
+    """One lock file, exclusively (:func:`lock_stripe`). Taken without a thread hop
+    when free; waited for in a worker thread otherwise. A process must not take the same
+    stripe twice (flock locks of two open files exclude each other)."""
     lock_dir = root / _LOCK_DIR
-    lock = lock_dir / f"{stripe % _LOCK_STRIPES:02d}.lock"
+    lock = lock_dir / f"{stripe:02d}.lock"
     try:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     except FileNotFoundError:

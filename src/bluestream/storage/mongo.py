@@ -28,6 +28,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from bson.binary import Binary
 from bson.errors import BSONError
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
@@ -418,6 +419,16 @@ class MongoMetadataStore(MetadataStore):
             with self._errors("update event_stream"):
                 await _bulk_upsert(self._col("event_stream"), ops)
 
+    async def tails(self, descriptor_uids: Sequence[str]) -> dict[str, tuple[int, bytes]]:
+        if not descriptor_uids:
+            return {}
+        flt = {"descriptor_uid": {"$in": list(descriptor_uids)}, "tail": {"$exists": True}}
+        with self._errors("read event_stream tails"):
+            recs = await self._col("event_stream").find(
+                flt, {"_id": 0, "descriptor_uid": 1, "tail": 1, "tail_start": 1}).to_list(None)
+        return {str(r["descriptor_uid"]): (int(r.get("tail_start") or 0), bytes(r["tail"]))
+                for r in recs}
+
     async def log_ingest(self, entries: Sequence[IngestLogEntry]) -> None:
         ops = [UpdateOne({"run_start": e.run_start, "topic": e.topic, "partition": e.partition},
                          _ingest_update(e), upsert=True) for e in entries]
@@ -519,19 +530,28 @@ async def _bulk_upsert(col: Collection, ops: list[UpdateOne]) -> None:
 
 
 def _stream_update(u: StreamUpdate) -> Doc:
-    """Combine with max/min so that replays and reordering give the same record."""
-    return {
+    """Combine with max/min so that replays and reordering give the same record; the
+    tail (kept in the same document, so it changes atomically with the record) is set
+    or removed as the writer merged it."""
+    update: Doc = {
         "$set": {"run_start": u.run_start, "stream_name": u.stream_name,
                  "zarr_path": u.zarr_path, "data_keys": list(u.data_keys)},
         "$max": {"length": u.length, "seq_num_max": u.seq_num_max, "time_max": u.time_max,
                  "schema_version": u.schema_version},
         "$min": {"seq_num_min": u.seq_num_min, "time_min": u.time_min},
     }
+    if u.tail:
+        update["$set"].update(tail=Binary(u.tail), tail_start=u.tail_start or 0)
+    elif u.tail == b"":
+        update["$unset"] = {"tail": "", "tail_start": ""}
+    return update
 
 
 def _stream_record(rec: Mapping[str, Any]) -> Doc:
     out = {f: rec.get(f) for f in StreamUpdate.__dataclass_fields__}
     out["data_keys"] = list(rec.get("data_keys") or [])
+    if out["tail"] is not None:
+        out["tail"] = bytes(out["tail"])
     return out
 
 

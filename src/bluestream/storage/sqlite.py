@@ -107,6 +107,11 @@ _SCHEMA = "\n".join([
         schema_version INTEGER NOT NULL,
         PRIMARY KEY (tenant, descriptor_uid));
     CREATE INDEX IF NOT EXISTS event_stream_run_start ON event_stream (tenant, run_start);
+    CREATE TABLE IF NOT EXISTS event_tail (
+        tenant TEXT NOT NULL, descriptor_uid TEXT NOT NULL, run_start TEXT NOT NULL,
+        start INTEGER NOT NULL, rows BLOB NOT NULL,
+        PRIMARY KEY (tenant, descriptor_uid));
+    CREATE INDEX IF NOT EXISTS event_tail_run_start ON event_tail (tenant, run_start);
     CREATE TABLE IF NOT EXISTS ingest_log (
         tenant TEXT NOT NULL, run_start TEXT NOT NULL, topic TEXT NOT NULL,
         partition INTEGER NOT NULL, offset_min INTEGER NOT NULL,
@@ -128,6 +133,13 @@ _STREAM_UPSERT = f"""
         schema_version = max(schema_version, excluded.schema_version),
         seq_num_min = min(seq_num_min, excluded.seq_num_min),
         time_min = min(time_min, excluded.time_min)
+"""
+
+_TAIL_UPSERT = """
+    INSERT INTO event_tail (tenant, descriptor_uid, run_start, start, rows)
+    VALUES (?, ?, ?, ?, ?)
+    ON CONFLICT (tenant, descriptor_uid) DO UPDATE SET
+        run_start = excluded.run_start, start = excluded.start, rows = excluded.rows
 """
 
 _INGEST_UPSERT = f"""
@@ -383,14 +395,33 @@ class SqliteMetadataStore(MetadataStore):
         rows = [(self.tenant, u.descriptor_uid, u.run_start, u.stream_name, u.zarr_path,
                  u.length, u.seq_num_min, u.seq_num_max, u.time_min, u.time_max,
                  json.dumps(list(u.data_keys)), u.schema_version) for u in updates]
-        if rows:
-            await self._run("update event_stream", lambda c: self._executemany(c, _STREAM_UPSERT,
-                                                                               rows))
+        tails = [(self.tenant, u.descriptor_uid, u.run_start, u.tail_start or 0, u.tail)
+                 for u in updates if u.tail]
+        gone = [(self.tenant, u.descriptor_uid) for u in updates if u.tail == b""]
 
-    @staticmethod
-    def _executemany(conn: sqlite3.Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
-        with _transaction(conn):
-            conn.executemany(sql, rows)
+        def write(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):  # the tail first: a reader of the record sees it
+                conn.executemany(_TAIL_UPSERT, tails)
+                conn.executemany("DELETE FROM event_tail WHERE tenant = ? AND "
+                                 "descriptor_uid = ?", gone)
+                conn.executemany(_STREAM_UPSERT, rows)
+
+        if rows:
+            await self._run("update event_stream", write)
+
+    async def tails(self, descriptor_uids: Sequence[str]) -> dict[str, tuple[int, bytes]]:
+        def read(conn: sqlite3.Connection) -> dict[str, tuple[int, bytes]]:
+            out: dict[str, tuple[int, bytes]] = {}
+            for chunk in _chunks(list(descriptor_uids)):
+                sql = ("SELECT descriptor_uid, start, rows FROM event_tail WHERE tenant = ? "
+                       f"AND descriptor_uid IN ({_marks(len(chunk))})")
+                for uid, start, blob in conn.execute(sql, (self.tenant, *chunk)):
+                    out[uid] = (int(start), bytes(blob))
+            return out
+
+        if not descriptor_uids:
+            return {}
+        return await self._run("read event_tail", read)
 
     async def log_ingest(self, entries: Sequence[IngestLogEntry]) -> None:
         checked = [(e, check_extra(e.extra)) for e in entries]
@@ -447,8 +478,29 @@ class SqliteMetadataStore(MetadataStore):
         return await self._run(f"read {kind} documents", _find)
 
     async def streams(self, run_start: str) -> list[Doc]:
-        return await self._records("event_stream", _STREAM_COLUMNS, "data_keys", run_start,
-                                   "stream_name, descriptor_uid")
+        sql = ("SELECT descriptor_uid, start, rows FROM event_tail WHERE tenant = ? "
+               "AND run_start = ?")
+
+        def read(conn: sqlite3.Connection) -> list[Doc]:
+            conn.execute("BEGIN")  # one snapshot of records and tails
+            try:
+                recs = self._records_sync(conn, "event_stream", _STREAM_COLUMNS, "data_keys",
+                                          run_start, "stream_name, descriptor_uid")
+                try:
+                    tails = {u: (int(st), bytes(b))
+                             for u, st, b in conn.execute(sql, (self.tenant, run_start))}
+                except sqlite3.OperationalError as exc:  # a file older than tails, read-only
+                    if "no such table" not in str(exc):
+                        raise
+                    tails = {}
+            finally:
+                conn.execute("COMMIT")
+            for rec in recs:
+                start, blob = tails.get(rec["descriptor_uid"], (None, None))
+                rec["tail_start"], rec["tail"] = start, blob
+            return recs
+
+        return await self._run("read event_stream", read)
 
     async def ingest_log(self, run_start: str) -> list[Doc]:
         return await self._records("ingest_log", _INGEST_COLUMNS, "extra", run_start,
@@ -456,19 +508,20 @@ class SqliteMetadataStore(MetadataStore):
 
     async def _records(self, table: str, columns: Sequence[str], json_column: str,
                        run_start: str, order: str) -> list[Doc]:
+        return await self._run(f"read {table}", lambda c: self._records_sync(
+            c, table, columns, json_column, run_start, order))
+
+    def _records_sync(self, conn: sqlite3.Connection, table: str, columns: Sequence[str],
+                      json_column: str, run_start: str, order: str) -> list[Doc]:
         """Rows of one of our own tables for a run, one JSON-encoded column decoded."""
         sql = (f"SELECT {', '.join(columns)} FROM {table} WHERE tenant = ? "
                f"AND run_start = ? ORDER BY {order}")
-
-        def _read(conn: sqlite3.Connection) -> list[Doc]:
-            out = []
-            for row in conn.execute(sql, (self.tenant, run_start)):
-                rec = dict(zip(columns, row, strict=True))
-                rec[json_column] = json.loads(rec[json_column])
-                out.append(rec)
-            return out
-
-        return await self._run(f"read {table}", _read)
+        out = []
+        for row in conn.execute(sql, (self.tenant, run_start)):
+            rec = dict(zip(columns, row, strict=True))
+            rec[json_column] = json.loads(rec[json_column])
+            out.append(rec)
+        return out
 
     async def search(self, query: Query | None, *, skip: int = 0,
                      limit: int | None = None) -> list[Doc]:

@@ -17,7 +17,8 @@ a batch's writes durable before its metadata and offsets (DESIGN I1).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager, nullcontext
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,23 +34,20 @@ from bluestream.errors import Reason, StorageError, ValidationError, first_error
 from bluestream.layout import (
     SCHEMA_VERSION,
     SEQ_NUM,
-    TIME,
-    UID,
     Column,
     FieldSpec,
     Page,
-    data_path,
     descriptor_path,
-    filled_path,
     stored_columns,
-    timestamps_path,
 )
-from bluestream.storage import array_meta, chunk_writer
+from bluestream.storage import array_meta, chunk_writer, tail
 from bluestream.storage.base import StreamUpdate
 from bluestream.storage.local_store import (
     SyncingLocalStore,
     descriptor_lock,
+    lock_stripe,
     metadata_keys,
+    stripe_lock,
     sync_written,
 )
 
@@ -76,9 +74,13 @@ class ZarrEventStore:
     kernel crash, after which committed events may be missing from the arrays.
     """
 
-    def __init__(self, root: Path | str, *, fsync: bool = True) -> None:
+    def __init__(self, root: Path | str, *, fsync: bool = True,
+                 tail_rows: int = tail.DEFAULT_BLOCK) -> None:
         self.root = Path(root)
         self.fsync = fsync
+        #: Rows per block kept in the metadata store before they move to the arrays
+        #: (:mod:`bluestream.storage.tail`); 0 writes every row to the arrays at once.
+        self.tail_rows = tail_rows
         # The one store every group and array is opened with, so that every write is
         # recorded for :meth:`sync`.
         self._store = SyncingLocalStore(self.root)
@@ -107,18 +109,35 @@ class ZarrEventStore:
             self._store.take()  # nothing to sync: keep the record bounded
 
     # -- writing ----------------------------------------------------------------------
+    @asynccontextmanager
+    async def locked(self, paths: Iterable[str]) -> AsyncIterator[None]:
+        """Hold the locks of these descriptor groups (a batch's; see
+        :func:`~bluestream.storage.local_store.descriptor_lock`) for a read-modify-write
+        that spans the arrays and the metadata store (the tail). Pages written inside
+        are written with ``lock=False``."""
+        async with AsyncExitStack() as stack:
+            try:
+                for stripe in sorted({lock_stripe(p) for p in paths}):  # one order
+                    await stack.enter_async_context(stripe_lock(self.root, stripe))
+            except OSError as exc:  # the Zarr root is gone, full, read-only ...: an outage
+                raise StorageError(f"locking descriptor groups under {self.root} failed: "
+                                   f"{exc}") from exc
+            yield
+
     async def write_page(self, tenant: str, run_start: str, descriptor: Mapping[str, Any],
-                         specs: Mapping[str, FieldSpec], page: Page) -> StreamUpdate:
-        """Write one page by position. Later rows with the same seq_num win."""
+                         specs: Mapping[str, FieldSpec], page: Page, *,
+                         lock: bool = True) -> StreamUpdate:
+        """Write one page by position. Later rows with the same seq_num win.
+        ``lock=False``: the caller holds the descriptor's lock (:meth:`locked`)."""
         if len(page) == 0:
             raise ValueError("empty page")
         path = descriptor_path(tenant, run_start, str(descriptor["uid"]))
-        order, positions = _last_wins_order(page.seq_num)
+        order, positions = tail.last_wins_order(page.seq_num)
         columns = stored_columns(specs, page)
         values = _column_values(page, order)
         needed = int(positions[-1]) + 1
         try:
-            async with descriptor_lock(self.root, path):
+            async with descriptor_lock(self.root, path) if lock else nullcontext():
                 arrays = await self._arrays_of(path, descriptor, run_start, columns)
                 self._check_dtypes(arrays, columns)
                 arrays = await self._grow(path, arrays, needed)
@@ -131,19 +150,7 @@ class ZarrEventStore:
                 raise
             raise StorageError(f"writing Zarr group {self.root / path} failed: "
                                f"{first_error(io)}") from group
-        return StreamUpdate(
-            descriptor_uid=str(descriptor["uid"]),
-            run_start=run_start,
-            stream_name=str(descriptor.get("name", "primary")),
-            zarr_path=path,
-            length=needed,  # logical: the arrays may be longer (grown by whole chunks)
-            seq_num_min=int(page.seq_num.min()),
-            seq_num_max=int(page.seq_num.max()),
-            time_min=float(page.time.min()),
-            time_max=float(page.time.max()),
-            data_keys=tuple(sorted(specs)),
-            schema_version=SCHEMA_VERSION,
-        )
+        return stream_update(tenant, run_start, descriptor, specs, page)
 
     async def _arrays_of(self, path: str, descriptor: Mapping[str, Any], run_start: str,
                          columns: list[Column]) -> list[AsyncArray[Any]]:
@@ -273,12 +280,23 @@ class ZarrEventStore:
             del self._arrays[key]
 
 
-def _last_wins_order(seq_num: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Row order that keeps the last occurrence of each seq_num, sorted by position."""
-    rev = seq_num[::-1]
-    _, idx = np.unique(rev, return_index=True)  # first occurrence in reversed = last
-    order = (len(seq_num) - 1 - idx).astype(np.intp)  # sorted by seq_num already
-    return order, (seq_num[order] - 1).astype(np.int64)
+def stream_update(tenant: str, run_start: str, descriptor: Mapping[str, Any],
+                  specs: Mapping[str, FieldSpec], page: Page) -> StreamUpdate:
+    """The ``event_stream`` summary of writing ``page`` (its rows in the arrays or in
+    the tail)."""
+    return StreamUpdate(
+        descriptor_uid=str(descriptor["uid"]),
+        run_start=run_start,
+        stream_name=str(descriptor.get("name", "primary")),
+        zarr_path=descriptor_path(tenant, run_start, str(descriptor["uid"])),
+        length=int(page.seq_num.max()),  # logical: arrays may be longer (whole chunks)
+        seq_num_min=int(page.seq_num.min()),
+        seq_num_max=int(page.seq_num.max()),
+        time_min=float(page.time.min()),
+        time_max=float(page.time.max()),
+        data_keys=tuple(sorted(specs)),
+        schema_version=SCHEMA_VERSION,
+    )
 
 
 def _column_values(page: Page, order: np.ndarray) -> dict[str, np.ndarray]:
@@ -287,17 +305,7 @@ def _column_values(page: Page, order: np.ndarray) -> dict[str, np.ndarray]:
     take: slice | np.ndarray = order
     if order.size == len(page) and bool((order == np.arange(order.size)).all()):
         take = slice(None)
-    vals: dict[str, np.ndarray] = {
-        TIME: page.time[take],
-        SEQ_NUM: page.seq_num[take],
-        UID: page.uid[take],
-    }
-    for key, arr in page.data.items():
-        vals[data_path(key)] = arr[take]
-        vals[timestamps_path(key)] = page.timestamps[key][take]
-    for key, arr in page.filled.items():
-        vals[filled_path(key)] = arr[take]
-    return vals
+    return tail.page_values(page, take)
 
 
 async def _write_columns(arrays: list[AsyncArray[Any]], columns: list[Column],
