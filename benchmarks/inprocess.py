@@ -95,7 +95,7 @@ def ingest_in_process(uri: str, zarr_root: Path, tenant: str,
 _STAGES: list[tuple[Any, str, str]] = [
     (Ingestor, "process", "total"),
     (Ingestor, "prepare", "prepare (decode+route)"),
-    (pipeline, "decode_message", "decode"),
+    (pipeline, "decode_document", "decode"),
     (pipeline, "validate", "validate"),
     (Ingestor, "_route", "route"),
     (Ingestor, "_pages", "page building"),

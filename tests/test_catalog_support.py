@@ -218,10 +218,14 @@ def metadata_uri_fixture(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture(name="tail_rows", params=[DEFAULT_BLOCK, 0, 3],
                 ids=["tail-default", "no-tail", "tail-3"])
-def tail_rows_fixture(request: pytest.FixtureRequest) -> int:
+def tail_rows_fixture(request: pytest.FixtureRequest, metadata_uri: str) -> int:
     """Where events are stored: short runs wholly in the stream's tail (the default),
-    every row in Zarr (tails off), or both (blocks of 3 rows)."""
+    every row in Zarr (tails off), or both (blocks of 3 rows). The two other layouts
+    read through the same code on either metadata store (the tail's encoding is the
+    store's business, tested with the default): SQLite only, to keep the suite short."""
     rows: int = request.param
+    if rows != DEFAULT_BLOCK and metadata_uri.startswith("mongodb://"):
+        pytest.skip("non-default tail layouts are read on SQLite only")
     return rows
 
 

@@ -38,9 +38,9 @@ pytestmark = [pytest.mark.kafka, pytest.mark.mongo, pytest.mark.slow]
 
 PARTITIONS = 4
 #: (runs, events per run, records per batch): long runs, 50,000 events in all, whose rows
-#: go to the arrays block by block; and 1,500 short runs kept whole in their streams'
+#: go to the arrays block by block; and 300 short runs kept whole in their streams'
 #: tails (storage/tail.py), in small batches so that kills fall between them.
-SHAPES = {"long-runs": (8, 6_250, 2_000), "short-runs": (1_500, 2, 100)}
+SHAPES = {"long-runs": (8, 6_250, 2_000), "short-runs": (300, 2, 30)}
 
 
 async def publish(bootstrap: str, topic: str, runs: list[list[tuple[str, Any]]]) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from typing import Any
 
 import numpy as np
@@ -29,7 +30,7 @@ except ImportError:  # pragma: no cover
     from msgpack.fallback import Packer as _Packer
     from msgpack.fallback import unpackb as _unpackb
 
-__all__ = ["decode_message", "encode_message"]
+__all__ = ["decode_document", "decode_message", "encode_message"]
 
 _NAMES = frozenset(DOCUMENT_NAMES)
 
@@ -43,6 +44,13 @@ class _UnsafeArray(Exception):
     pass
 
 
+class _Made(threading.local):
+    numpy = 0  # numpy values built by this thread's decodes
+
+
+_MADE = _Made()
+
+
 def _ndarray_hook(obj: dict[Any, Any]) -> Any:
     """msgpack object hook: rebuild numpy values encoded by msgpack-numpy, safely; every
     other map must have string keys (JSON's rule: the schemas and stores assume it)."""
@@ -54,6 +62,7 @@ def _ndarray_hook(obj: dict[Any, Any]) -> Any:
             if type(key) is not str:
                 raise DecodeError(f"a map has a key that is not a string: {key!r:.80}")
         return obj
+    _MADE.numpy += 1
     try:
         data = obj[b"data"]
         descr = obj[b"type"]
@@ -86,6 +95,15 @@ def _ndarray_hook(obj: dict[Any, Any]) -> Any:
         raise
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise _UnsafeArray(f"malformed msgpack-numpy value: {exc}") from exc
+
+
+def decode_document(value: bytes | None, *, max_bytes: int
+                    ) -> tuple[str, dict[str, Any], bool]:
+    """:func:`decode_message`, and whether the document holds numpy values (when it does
+    not, validation needs no conversion of them)."""
+    before = _MADE.numpy
+    name, doc = decode_message(value, max_bytes=max_bytes)
+    return name, doc, _MADE.numpy != before
 
 
 def decode_message(value: bytes | None, *, max_bytes: int) -> tuple[str, dict[str, Any]]:

@@ -52,21 +52,23 @@ _UNSUPPORTED = frozenset({
 _MAX_MESSAGE = 1000
 
 
-def validate(name: str, doc: dict[str, Any]) -> None:
+def validate(name: str, doc: dict[str, Any], *, plain: bool = False) -> None:
     """Raise unless ``doc`` is a valid event-model document of kind ``name``.
 
     Raises :class:`ValidationError` (reason ``unknown-document``) for a kind that is not
     in :data:`DOCUMENT_NAMES`, and :class:`SchemaViolation` naming the kind, the document's uid,
     the failing path and the rule otherwise; a non-finite ``time`` (NaN, inf, which
     JSON schema lets through as a number) is a ValidationError (``bad-time``). Pure and
-    safe to call from any thread.
+    safe to call from any thread. ``plain``: the caller knows ``doc`` holds no numpy
+    values (decoded from JSON, or from msgpack without msgpack-numpy values), so they
+    need no conversion before the schema check.
     """
     check = _VALIDATORS.get(name) or _compile(name)
     if not isinstance(doc, dict):
         raise SchemaViolation(f"{name} document must be a mapping, got {type(doc).__name__}")
     try:
         view = _VIEWS.get(name)
-        check(view(doc) if view is not None else _plain(doc))
+        check(view(doc) if view is not None else doc if plain else _plain(doc))
     except fastjsonschema.JsonSchemaValueException as exc:
         raise SchemaViolation(_message(name, doc, exc)) from None
     except RecursionError:

@@ -364,8 +364,10 @@ class MongoMetadataStore(MetadataStore):
         keys = [key_of(kind, d) for d in docs]
         col = self._col(name)
         with self._errors(f"store {kind} documents"):
-            stored = await self._stored_content(col, key_field, keys)
-            outcomes, positions = classify_puts(docs, keys, stored)
+            # Insert first and read back only the keys that turn out to be stored
+            # already (a replay, or another writer): new documents, the usual case, cost
+            # one round trip instead of a read and an insert.
+            outcomes, positions = classify_puts(docs, keys, {})
             raced = await self._insert(col, [docs[i] for i in positions])
             if raced:
                 lost = {keys[positions[j]] for j in raced}
@@ -404,8 +406,9 @@ class MongoMetadataStore(MetadataStore):
     async def _reclassify(self, col: Collection, key_field: str, docs: Sequence[Doc],
                           keys: Sequence[str], lost: set[str],
                           outcomes: list[PutOutcome]) -> None:
-        """After losing a race, compare with what the other writer stored. A key that is
-        still absent clashed on another unique field (a stop's uid): CONFLICT."""
+        """Keys whose insert met a stored document: compare with what is stored (SAME
+        for a replay). A key that is still absent clashed on another unique field (a
+        stop's uid): CONFLICT."""
         stored = await self._stored_content(col, key_field, sorted(lost))
         for i, key in enumerate(keys):
             if key in lost:

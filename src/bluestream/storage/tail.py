@@ -21,6 +21,7 @@ stream's record, all under the descriptors' locks.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -99,14 +100,16 @@ def block_for(columns: Sequence[Column], block: int) -> int:
         return 0
     row = 0
     for col in columns:
-        item = _STRING_ITEM_BYTES if col.dtype is STRING or getattr(col.dtype, "kind", "") \
-            == "T" else np.dtype(col.dtype).itemsize
-        row += item * int(np.prod(col.shape, dtype=np.int64))
+        item = _STRING_ITEM_BYTES if getattr(col.dtype, "kind", "") == "T" \
+            else np.dtype(col.dtype).itemsize
+        row += item * math.prod(col.shape)
     return block if row * block <= MAX_TAIL_BYTES else 0
 
 
 def last_wins_order(seq_num: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Row order that keeps the last occurrence of each seq_num, sorted by position."""
+    if len(seq_num) == 1 or bool((seq_num[1:] > seq_num[:-1]).all()):  # the usual case
+        return np.arange(len(seq_num), dtype=np.intp), (seq_num - 1).astype(np.int64)
     rev = seq_num[::-1]
     _, idx = np.unique(rev, return_index=True)  # first occurrence in reversed = last
     order = (len(seq_num) - 1 - idx).astype(np.intp)  # sorted by seq_num already
@@ -168,6 +171,13 @@ def merge(old: Tail | None, page: Page, columns: Sequence[Column],
     order, positions = last_wins_order(page.seq_num)
     new = page_values(page, order)
     top = int(positions[-1])
+    if old is None and int(positions[0]) == top // block * block \
+            and int(positions[-1]) - int(positions[0]) + 1 == len(positions):
+        # A stream's first rows, contiguous from the start of their block (a short run):
+        # the page is the tail as it is.
+        return None, Tail(int(positions[0]), {
+            col.name: np.ascontiguousarray(new[col.name], dtype=np.dtype(col.dtype))
+            for col in columns})
     if old is not None:
         top = max(top, old.top)
         for name, arr in old.columns.items():
