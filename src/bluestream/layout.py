@@ -64,7 +64,9 @@ __all__ = [
 Array = NDArray[Any]
 
 #: Version of this layout, recorded per group and per ``event_stream`` record.
-SCHEMA_VERSION = 1
+#: 1: every row of a stream in its Zarr arrays. 2: a stream may keep its newest rows in
+#: the metadata store (:mod:`bluestream.storage.tail`); readers of 2 read 1 unchanged.
+SCHEMA_VERSION = 2
 TIME, SEQ_NUM, UID = "time", "seq_num", "uid"
 #: The dtype of every string column (uids, string fields, references, JSON text).
 STRING = np.dtypes.StringDType()
