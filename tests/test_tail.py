@@ -32,7 +32,7 @@ import bluestream
 from bluestream.catalog.arrays import TailedArray
 from bluestream.consumers.pipeline import concat_pages
 from bluestream.errors import ValidationError
-from bluestream.layout import STRING, Column, Page, field_specs, stored_columns
+from bluestream.layout import STRING, Page, field_specs, stored_columns
 from bluestream.limits import Limits
 from bluestream.storage.tail import Tail, block_for, last_wins_order, merge, page_values
 from helpers import (
@@ -87,11 +87,25 @@ def test_encode_round_trip_every_dtype() -> None:
         Tail.decode(b"\x81\xa6format\x02")
 
 
-def test_wide_rows_keep_no_tail() -> None:
-    assert block_for(_COLUMNS, 256) == 256
-    assert block_for(_COLUMNS, 0) == 0
-    image = [Column("data/img", np.dtype("<u2"), (512, 512), 0)]
-    assert block_for(image, 256) == 0
+def _specs(**keys: dict[str, Any]) -> Any:
+    return field_specs({"uid": "d", "data_keys": {
+        k: {"source": "s", **v} for k, v in keys.items()}}, Limits())
+
+
+def test_which_descriptors_keep_a_tail() -> None:
+    """Decided from the descriptor alone: numbers and references do; images (a block
+    would be large) and strings of unknown length (string keys, variable arrays kept as
+    JSON text: one value may be megabytes) do not."""
+    numbers = _specs(x={"dtype": "number", "shape": []}, n={"dtype": "integer", "shape": []})
+    assert block_for(numbers, 256) == 256
+    assert block_for(numbers, 0) == 0
+    assert block_for(_specs(x={"dtype": "number", "shape": []},
+                            img={"dtype": "array", "shape": [512, 512],
+                                 "dtype_numpy": "<u2"}), 256) == 0
+    assert block_for(_specs(s={"dtype": "string", "shape": []}), 256) == 0
+    assert block_for(_specs(v={"dtype": "array", "shape": [None]}), 256) == 0
+    assert block_for(_specs(ref={"dtype": "array", "shape": [2, 2],
+                                 "external": "FILESTORE:"}), 256) == 256
 
 
 def _replay(batches: list[Page], block: int) -> tuple[dict[int, tuple[float, str]], Tail]:
@@ -174,9 +188,10 @@ async def test_tailed_array_reads_arrays_tail_and_both() -> None:
     tail = np.array([100.0, 0.0, 102.0])
     written = np.array([True, False, True])
     arr = TailedArray(base, tail, 8, written)
-    assert arr.shape == (11,)
-    # rows the tail holds nothing for come from the arrays (here: position 9)
-    np.testing.assert_array_equal(await arr.getitem(slice(6, 11)), [6, 7, 100, 9, 102])
+    assert arr.shape == (16,)  # the arrays hold rows past the tail: they are read too
+    # rows the tail holds nothing for come from the arrays (here: position 9, and 11 on)
+    np.testing.assert_array_equal(await arr.getitem(slice(6, 13)),
+                                  [6, 7, 100, 9, 102, 11, 12])
     only_tail = TailedArray(None, tail, 0, written)
     np.testing.assert_array_equal(await only_tail.getitem(slice(None)), [100, 0, 102])
     sync = arr.sync()
@@ -184,7 +199,8 @@ async def test_tailed_array_reads_arrays_tail_and_both() -> None:
     np.testing.assert_array_equal(sync[np.array([10, 0, 8])], [102, 0, 100])
     import dask.array as da
     lazy = da.from_array(sync, chunks=sync.chunks, asarray=True)
-    np.testing.assert_array_equal(lazy.compute(), [0, 1, 2, 3, 4, 5, 6, 7, 100, 9, 102])
+    np.testing.assert_array_equal(lazy.compute(), [0, 1, 2, 3, 4, 5, 6, 7, 100, 9, 102,
+                                                   11, 12, 13, 14, 15])
 
 
 async def _ingest(uri: str, root: Path, tenant: str, docs: list[tuple[str, dict[str, Any]]],
@@ -223,6 +239,22 @@ async def test_block_size_changes(blocks: tuple[int, int], tmp_path: Path) -> No
         replayed = [d for n, d in cat[-1].documents() if n in ("event", "event_page")]
         assert sum(len(d["seq_num"]) if isinstance(d["seq_num"], list) else 1
                    for d in replayed) == 41
+
+
+async def test_late_row_below_rows_already_in_the_arrays(tmp_path: Path) -> None:
+    """A stream stored wholly in Zarr (tails off, or written by layout version 1) gets a
+    tail when a replayed early event arrives: the rows in the arrays past that tail must
+    still be read."""
+    uri, root, tenant = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "z", "t"
+    docs = scalar_run(30, fields=2)
+    await _ingest(uri, root, tenant, docs, 0, 0)
+    await _ingest(uri, root, tenant, [docs[6]], 256, len(docs))  # seq_num 5 again
+    events = [d for n, d in docs if n == "event"]
+    with bluestream.open_catalog(tenant, metadata=uri, zarr_root=root) as cat:
+        ds = cat[-1]["primary"].read()
+        assert ds.sizes["time"] == 30
+        key = next(iter(events[0]["data"]))
+        np.testing.assert_array_equal(ds[key].values, [e["data"][key] for e in events])
 
 
 async def test_one_event_run_writes_no_zarr_file(tmp_path: Path) -> None:

@@ -224,7 +224,11 @@ class TailedArray:
                  written: Array) -> None:
         self.base, self.tail, self.start, self.written = base, tail, start, written
         self.dtype = tail.dtype
-        self.shape = (start + int(tail.shape[0]), *tail.shape[1:])
+        # The arrays may hold rows past the tail (a stream whose rows went to Zarr before
+        # it kept a tail, then got a late row below them): the longer of the two.
+        end = start + int(tail.shape[0])
+        self.shape = (max(end, int(base.shape[0]) if base is not None else 0),
+                      *tail.shape[1:])
         self.chunks = tuple(base.chunks) if base is not None else \
             (max(1, int(tail.shape[0])), *tail.shape[1:])
 
@@ -234,7 +238,7 @@ class TailedArray:
         return np.zeros((n, *self.shape[1:]), dtype=self.dtype)
 
     def _overlay(self, out: Array, a: int, b: int) -> Array:
-        lo, hi = max(a, self.start), min(b, self.shape[0])
+        lo, hi = max(a, self.start), min(b, self.start + int(self.tail.shape[0]))
         if hi > lo:
             w = self.written[lo - self.start:hi - self.start]
             out[lo - a:hi - a][w] = self.tail[lo - self.start:hi - self.start][w]

@@ -81,9 +81,6 @@ class Batch:
     provenance: dict[tuple[str, str, str, int], list[int]] = field(default_factory=dict)
     #: Descriptors resolved while routing this batch: (tenant, uid) -> info.
     descriptors: dict[tuple[str, str], DescriptorInfo] = field(default_factory=dict)
-    #: Descriptors first stored by this batch: nothing of their streams is stored yet
-    #: (the descriptor is written before any stream record), so no tail to read.
-    new_descriptors: set[tuple[str, str]] = field(default_factory=set)
 
     def event_count(self) -> int:
         """Events routed for writing (a page counts its rows): the decoded size."""
@@ -317,7 +314,6 @@ class Ingestor:
             if specs is not None:  # accepted: its events need not compute them again
                 self.index.remember_descriptor(tenant, key,
                                                DescriptorInfo(clean, run_start, specs))
-                batch.new_descriptors.add((tenant, key))
             batch.metadata[tenant][name].append((item, clean))
             if name == "start":
                 self.open_runs[(tenant, key)] = self._clock()
@@ -449,8 +445,7 @@ class Ingestor:
         """The stored tails of the batch's descriptors (one query per tenant)."""
         by_tenant: dict[str, list[str]] = defaultdict(list)
         for tenant, desc_uid in batch.events:
-            if (tenant, desc_uid) not in batch.new_descriptors:
-                by_tenant[tenant].append(desc_uid)
+            by_tenant[tenant].append(desc_uid)
         out: dict[tuple[str, str], Tail] = {}
         for tenant, uids in by_tenant.items():
             store = await self._store_for(tenant)
@@ -506,7 +501,7 @@ class Ingestor:
         """Rows below the stream's tail to the arrays, the rest into its new tail
         (:mod:`bluestream.storage.tail`); the update carries the tail to store."""
         columns = stored_columns(info.specs, page)
-        block = tail_block(columns, self.arrays.tail_rows)
+        block = tail_block(info.specs, self.arrays.tail_rows)
         args = (tenant, info.run_start, info.doc, info.specs)
         if block == 0:
             old = stored.page(page.descriptor) if stored is not None else None

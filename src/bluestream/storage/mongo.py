@@ -364,10 +364,11 @@ class MongoMetadataStore(MetadataStore):
         keys = [key_of(kind, d) for d in docs]
         col = self._col(name)
         with self._errors(f"store {kind} documents"):
-            # Insert first and read back only the keys that turn out to be stored
-            # already (a replay, or another writer): new documents, the usual case, cost
-            # one round trip instead of a read and an insert.
-            outcomes, positions = classify_puts(docs, keys, {})
+            # Read first: a collection may lack the unique index on its key (kept from a
+            # suitcase database, or not creatable with the user's rights), so an insert
+            # alone would not catch a replayed document.
+            stored = await self._stored_content(col, key_field, keys)
+            outcomes, positions = classify_puts(docs, keys, stored)
             raced = await self._insert(col, [docs[i] for i in positions])
             if raced:
                 lost = {keys[positions[j]] for j in raced}
@@ -406,9 +407,8 @@ class MongoMetadataStore(MetadataStore):
     async def _reclassify(self, col: Collection, key_field: str, docs: Sequence[Doc],
                           keys: Sequence[str], lost: set[str],
                           outcomes: list[PutOutcome]) -> None:
-        """Keys whose insert met a stored document: compare with what is stored (SAME
-        for a replay). A key that is still absent clashed on another unique field (a
-        stop's uid): CONFLICT."""
+        """After losing a race, compare with what the other writer stored. A key that is
+        still absent clashed on another unique field (a stop's uid): CONFLICT."""
         stored = await self._stored_content(col, key_field, sorted(lost))
         for i, key in enumerate(keys):
             if key in lost:
@@ -425,12 +425,12 @@ class MongoMetadataStore(MetadataStore):
     async def tails(self, descriptor_uids: Sequence[str]) -> dict[str, tuple[int, bytes]]:
         if not descriptor_uids:
             return {}
-        flt = {"descriptor_uid": {"$in": list(descriptor_uids)}, "tail": {"$exists": True}}
+        flt = {"descriptor_uid": {"$in": list(descriptor_uids)}}
         with self._errors("read event_stream tails"):
             recs = await self._col("event_stream").find(
                 flt, {"_id": 0, "descriptor_uid": 1, "tail": 1, "tail_start": 1}).to_list(None)
         return {str(r["descriptor_uid"]): (int(r.get("tail_start") or 0), bytes(r["tail"]))
-                for r in recs}
+                for r in recs if r.get("tail")}
 
     async def log_ingest(self, entries: Sequence[IngestLogEntry]) -> None:
         ops = [UpdateOne({"run_start": e.run_start, "topic": e.topic, "partition": e.partition},

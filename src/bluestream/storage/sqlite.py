@@ -395,9 +395,10 @@ class SqliteMetadataStore(MetadataStore):
         rows = [(self.tenant, u.descriptor_uid, u.run_start, u.stream_name, u.zarr_path,
                  u.length, u.seq_num_min, u.seq_num_max, u.time_min, u.time_max,
                  json.dumps(list(u.data_keys)), u.schema_version) for u in updates]
+        last = {u.descriptor_uid: u for u in updates if u.tail is not None}  # in order
         tails = [(self.tenant, u.descriptor_uid, u.run_start, u.tail_start or 0, u.tail)
-                 for u in updates if u.tail]
-        gone = [(self.tenant, u.descriptor_uid) for u in updates if u.tail == b""]
+                 for u in last.values() if u.tail]
+        gone = [(self.tenant, u.descriptor_uid) for u in last.values() if u.tail == b""]
 
         def write(conn: sqlite3.Connection) -> None:
             with _transaction(conn):  # the tail first: a reader of the record sees it

@@ -30,7 +30,7 @@ import msgpack
 import numpy as np
 
 from bluestream.errors import Reason, ValidationError
-from bluestream.layout import SEQ_NUM, STRING, TIME, UID, Column, Page
+from bluestream.layout import SEQ_NUM, STRING, TIME, UID, Column, FieldSpec, Page
 
 __all__ = ["DEFAULT_BLOCK", "Tail", "block_for", "last_wins_order", "merge", "page_values"]
 
@@ -93,17 +93,36 @@ class Tail:
         return cls(int(raw["start"]), columns)
 
 
-def block_for(columns: Sequence[Column], block: int) -> int:
-    """The block size for a descriptor with these columns: 0 (no tail) when a block of
-    its rows would be large."""
+def block_for(specs: Mapping[str, FieldSpec], block: int) -> int:
+    """The block size for a descriptor: 0 (no tail) when a block of its rows could be
+    large. Decided from the descriptor alone (never from a page), so every batch and every
+    replay of a stream makes the same choice. Strings of unknown length (string keys, JSON
+    text of variable values) keep no tail: one of them may be megabytes."""
     if block <= 0:
         return 0
-    row = 0
-    for col in columns:
-        item = _STRING_ITEM_BYTES if getattr(col.dtype, "kind", "") == "T" \
-            else np.dtype(col.dtype).itemsize
-        row += item * math.prod(col.shape)
+    row = 8 + 8 + _STRING_ITEM_BYTES  # time, seq_num, uid
+    for spec in specs.values():
+        if spec.external:  # a datum id and its filled flag
+            row += _STRING_ITEM_BYTES + 1 + 8
+            continue
+        if spec.variable or spec.kind == "string":
+            return 0
+        item = spec.dtype.itemsize if spec.dtype is not None else 16  # widest number
+        row += item * math.prod(spec.shape) + 8
     return block if row * block <= MAX_TAIL_BYTES else 0
+
+
+def _fill(dtype: np.dtype[Any]) -> Any:
+    """The fill value the layout gives a data column of ``dtype`` (layout.stored_columns)."""
+    if dtype.kind == "T":
+        return ""
+    if dtype.kind == "f":
+        return np.nan
+    if dtype.kind == "c":
+        return complex(np.nan, np.nan)
+    if dtype.kind == "b":
+        return False
+    return 0
 
 
 def last_wins_order(seq_num: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -200,7 +219,11 @@ def merge(old: Tail | None, page: Page, columns: Sequence[Column],
     for col in columns:
         base = old.columns.get(col.name) if old is not None else None
         dtype = base.dtype if base is not None else np.dtype(col.dtype)
-        out = np.full((n, *col.shape), col.fill_value, dtype=dtype)
+        # Rows never written hold the fill of the tail's own dtype, whatever the page's
+        # (a data key whose dtype a page decides: an int page over a float tail).
+        fill = col.fill_value if base is None or np.dtype(col.dtype) == dtype \
+            else _fill(dtype)
+        out = np.full((n, *col.shape), fill, dtype=dtype)
         if base is not None and old is not None and old.start + len(old) > start:
             lo = max(old.start, start)
             out[lo - start:old.start + len(old) - start] = base[lo - old.start:]
