@@ -54,6 +54,7 @@ __all__ = [
     "data_path",
     "descriptor_path",
     "field_specs",
+    "fill_for",
     "filled_path",
     "reader_specs",
     "safe_component",
@@ -312,7 +313,7 @@ def stored_columns(specs: Mapping[str, FieldSpec], page: Page) -> list[Column]:
             cols.append(Column(data_path(key), STRING, (), ""))
         else:
             dtype = np.dtype(spec.dtype if spec.dtype is not None else page.data[key].dtype)
-            cols.append(Column(data_path(key), dtype, spec.shape, _fill_for(dtype)))
+            cols.append(Column(data_path(key), dtype, spec.shape, fill_for(dtype)))
         cols.append(Column(timestamps_path(key), np.dtype(np.float64), (), 0.0))
         if spec.external:
             cols.append(Column(filled_path(key), np.dtype(np.bool_), (), False))
@@ -324,7 +325,8 @@ def chunk_events(spec_shape: tuple[int, ...], itemsize: int) -> int:
     return int(max(1, min(_MAX_CHUNK_EVENTS, _CHUNK_TARGET_BYTES // per_event)))
 
 
-def _fill_for(dtype: np.dtype[Any]) -> Any:
+def fill_for(dtype: np.dtype[Any]) -> Any:
+    """The fill value of a numeric data column of ``dtype`` (rows never written)."""
     if dtype.kind == "f":
         return np.nan
     if dtype.kind == "c":

@@ -30,7 +30,7 @@ import msgpack
 import numpy as np
 
 from bluestream.errors import Reason, ValidationError
-from bluestream.layout import SEQ_NUM, STRING, TIME, UID, Column, FieldSpec, Page
+from bluestream.layout import SEQ_NUM, STRING, TIME, UID, Column, FieldSpec, Page, fill_for
 
 __all__ = ["DEFAULT_BLOCK", "Tail", "block_for", "last_wins_order", "merge", "page_values"]
 
@@ -114,15 +114,7 @@ def block_for(specs: Mapping[str, FieldSpec], block: int) -> int:
 
 def _fill(dtype: np.dtype[Any]) -> Any:
     """The fill value the layout gives a data column of ``dtype`` (layout.stored_columns)."""
-    if dtype.kind == "T":
-        return ""
-    if dtype.kind == "f":
-        return np.nan
-    if dtype.kind == "c":
-        return complex(np.nan, np.nan)
-    if dtype.kind == "b":
-        return False
-    return 0
+    return "" if dtype.kind == "T" else fill_for(dtype)
 
 
 def last_wins_order(seq_num: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
