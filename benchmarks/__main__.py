@@ -23,7 +23,16 @@ from dataclasses import asdict
 from pathlib import Path
 from types import ModuleType
 
-from benchmarks import image_ingest, latency, profile, read, scalar_ingest, scaling, short_runs
+from benchmarks import (
+    image_ingest,
+    latency,
+    object_store,
+    profile,
+    read,
+    scalar_ingest,
+    scaling,
+    short_runs,
+)
 from benchmarks.common import (
     GOALS,
     Context,
@@ -39,7 +48,7 @@ from bluestream.daemon.logs import configure_logging
 
 SCENARIOS: dict[str, ModuleType] = {
     m.NAME: m for m in (scalar_ingest, image_ingest, latency, read, scaling, short_runs,
-                        profile)
+                        object_store, profile)
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 

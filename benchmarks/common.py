@@ -53,6 +53,8 @@ class Sizes:
     scaling_events_per_run: int
     scaling_partitions: int
     profile_events: int
+    s3_image_frames: int  # the object-store scenario (the test S3 server is slow)
+    s3_scalar_events: int
 
 
 FULL = Sizes(
@@ -64,6 +66,7 @@ FULL = Sizes(
     read_repeats=3,
     scaling_runs=18, scaling_events_per_run=10_000, scaling_partitions=6,
     profile_events=50_000,
+    s3_image_frames=500, s3_scalar_events=40_000,
 )
 
 QUICK = Sizes(
@@ -75,6 +78,7 @@ QUICK = Sizes(
     read_repeats=1,
     scaling_runs=6, scaling_events_per_run=300, scaling_partitions=6,
     profile_events=2_000,
+    s3_image_frames=24, s3_scalar_events=2_000,
 )
 
 
@@ -227,11 +231,17 @@ SHORT_RUNS_KB = Goal(
     "short_run_kb", "bytes on disk per one-event run (Zarr and metadata store)", 16.0, "KB",
     higher_is_better=False, or_equal=True)
 
+# -- the target of issue 13 ("object storage").
+IMAGES_S3_VS_PLAIN = Goal(
+    "images_s3_vs_plain_zarr", "512x512 uint16 images with the Zarr root on S3: bluestream "
+    "/ a plain Zarr write of the same frames to the same S3 server with the same store "
+    "class", 0.8, "x")
+
 GOALS: tuple[Goal, ...] = (
     SCALAR_EVENTS_VS_LIMIT, SCALAR_EVENTS_VS_CEILING, SCALAR_PAGES_VS_LIMIT,
     IMAGES_VS_BOUND, LATENCY_P50, LATENCY_P99, PEAK_RSS, READ_SCALAR_SECONDS,
     READ_SCALAR_VS_INCUMBENT, READ_IMAGES_VS_INCUMBENT, SHORT_RUNS_PER_S,
-    SHORT_RUNS_VS_INCUMBENT, SHORT_RUNS_FILES, SHORT_RUNS_KB,
+    SHORT_RUNS_VS_INCUMBENT, SHORT_RUNS_FILES, SHORT_RUNS_KB, IMAGES_S3_VS_PLAIN,
 )
 
 

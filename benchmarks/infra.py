@@ -157,7 +157,7 @@ class DaemonProcess:
     JSON logs to a file that is parsed for lifecycle events and their timestamps."""
 
     def __init__(self, *, kafka: str, topics: list[str], group: str, metadata: str,
-                 zarr_root: Path, log: Path, extra_env: dict[str, str] | None = None,
+                 zarr_root: Path | str, log: Path, extra_env: dict[str, str] | None = None,
                  argv: list[str] | None = None) -> None:
         self.log = log
         env = {**os.environ, "BLUESTREAM_KAFKA_BOOTSTRAP": kafka,
@@ -331,7 +331,7 @@ class IngestTiming:
                 "exit_codes": self.exit_codes}
 
 
-def timed_ingest(*, kafka: str, topic: str, group: str, metadata: str, zarr_root: Path,
+def timed_ingest(*, kafka: str, topic: str, group: str, metadata: str, zarr_root: Path | str,
                  log_dir: Path, daemons: int = 1, timeout: float = 600.0,
                  publish_after_assignment: Callable[[], float] | None = None,
                  argv: list[str] | None = None, extra_env: dict[str, str] | None = None
@@ -387,13 +387,15 @@ def timed_ingest(*, kafka: str, topic: str, group: str, metadata: str, zarr_root
 
 def checked_ingest(*, kafka: str, topic: str, group: str, backend: str, mongo: str,
                    tenant: str, work: Path, expected: tuple[int, int, int],
-                   attempts: int = 2, **kwargs: Any) -> tuple[IngestTiming, str, list[str]]:
+                   attempts: int = 2, zarr_root: Callable[[int], str] | None = None,
+                   **kwargs: Any) -> tuple[IngestTiming, str, list[str]]:
     """:func:`timed_ingest` into fresh storage, then check what was stored against
     ``expected`` (runs, events, stops). On a mismatch the failure is recorded and the
     ingest repeated into fresh storage with a fresh group (so the run still reports a
     number), and the caller turns the record into a failed check
     (:func:`benchmarks.checks.no_data_loss`): a daemon that lost data once fails the
-    scenario. Returns (timing, metadata URI, failures)."""
+    scenario. ``zarr_root``: the root of each attempt (an ``s3://`` URL, say) instead of
+    ``work/zarr``. Returns (timing, metadata URI, failures)."""
     failures: list[str] = []
     for attempt in range(attempts):
         for child in work.iterdir() if work.exists() else ():
@@ -405,8 +407,9 @@ def checked_ingest(*, kafka: str, topic: str, group: str, backend: str, mongo: s
         if backend == "mongo":
             drop_databases(mongo, [tenant])
         uri = metadata_uri(backend, mongo, work)
+        root = zarr_root(attempt) if zarr_root is not None else work / "zarr"
         timing = timed_ingest(kafka=kafka, topic=topic, group=f"{group}-{attempt}",
-                              metadata=uri, zarr_root=work / "zarr", log_dir=work, **kwargs)
+                              metadata=uri, zarr_root=root, log_dir=work, **kwargs)
         got = stored_events(uri, tenant)
         if got == expected:
             return timing, uri, failures

@@ -25,6 +25,7 @@ from bluestream.layout import descriptor_path
 from bluestream.limits import Limits
 from bluestream.storage.registry import StoreRegistry
 from bluestream.storage.tail import DEFAULT_BLOCK, Tail
+from bluestream.storage.zarr_root import ZarrRoot
 from bluestream.storage.zarr_store import ZarrEventStore
 
 Doc = dict[str, Any]
@@ -104,7 +105,7 @@ def envelopes(docs: Iterable[tuple[str, Doc]], tenant: str, *, topic: str = "fil
             for i, (name, doc) in enumerate(docs)]
 
 
-def make_ingestor(metadata_uri: str, zarr_root: Path, *, limits: Limits | None = None,
+def make_ingestor(metadata_uri: str, zarr_root: Path | ZarrRoot, *, limits: Limits | None = None,
                   park_max_age_s: float = 60.0, tail_rows: int = DEFAULT_BLOCK
                   ) -> tuple[Ingestor, CollectingSink, StoreRegistry]:
     sink = CollectingSink()
@@ -140,7 +141,7 @@ def stored_tail(metadata_uri: str, tenant: str, descriptor_uid: str) -> Tail | N
     return None if rec is None or "tail" not in rec else Tail.decode(bytes(rec["tail"]))
 
 
-def read_stream_arrays(zarr_root: Path, tenant: str, run_uid: str, descriptor_uid: str,
+def read_stream_arrays(zarr_root: Path | ZarrRoot, tenant: str, run_uid: str, descriptor_uid: str,
                        metadata_uri: str, *, record: dict[str, Any] | None = None
                        ) -> dict[str, np.ndarray]:
     """Every column of one descriptor up to the last row written, read straight from
@@ -149,8 +150,9 @@ def read_stream_arrays(zarr_root: Path, tenant: str, run_uid: str, descriptor_ui
     ``event_stream`` document, when given; else read from the store)."""
     out: dict[str, np.ndarray] = {}
     try:
-        group = zarr.open_group(str(zarr_root), path=descriptor_path(
-            tenant, run_uid, descriptor_uid), mode="r")
+        group = zarr.open_group(ZarrRoot.parse(zarr_root).open_store(read_only=True),
+                                path=descriptor_path(tenant, run_uid, descriptor_uid),
+                                mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         group = None
     if group is not None:
@@ -201,7 +203,7 @@ def events_by_descriptor(docs: Iterable[tuple[str, Doc]]) -> dict[str, list[Doc]
     return {d: [evs[k] for k in sorted(evs)] for d, evs in out.items()}
 
 
-def assert_stored_events(zarr_root: Path, tenant: str, docs: list[tuple[str, Doc]],
+def assert_stored_events(zarr_root: Path | ZarrRoot, tenant: str, docs: list[tuple[str, Doc]],
                          metadata_uri: str) -> None:
     """Every event of ``docs`` is stored at its seq_num, values bit-exact."""
     runs = {doc["uid"]: doc for name, doc in docs if name == "start"}
@@ -272,7 +274,31 @@ async def stored_stop(metadata_uri: str, tenant: str, run_uid: str) -> bool:
         await store.close()  # also after a failed open: it may hold a client
 
 
-def storage_digest(metadata_uri: str, tenant: str, zarr_root: Path) -> dict[str, str]:
+def zarr_files(zarr_root: Path | ZarrRoot, prefix: str) -> dict[str, str]:
+    """Key -> SHA-256 of every file (or object) under ``prefix`` of a Zarr root, keys
+    relative to the root: what a replay must leave byte-identical."""
+    import hashlib
+
+    root = ZarrRoot.parse(zarr_root)
+    out: dict[str, str] = {}
+    if root.local is not None:
+        for path in sorted((root.local / prefix).rglob("*")):
+            if path.is_file():
+                out[str(path.relative_to(root.local))] = hashlib.sha256(
+                    path.read_bytes()).hexdigest()
+        return out
+    import obstore
+
+    store = root.object_store(read_only=True).store
+    for batch in obstore.list(store, prefix=prefix.rstrip("/") + "/" if prefix else None):
+        for meta in batch:
+            data = obstore.get(store, meta["path"]).bytes()
+            out[meta["path"]] = hashlib.sha256(bytes(data)).hexdigest()
+    return out
+
+
+def storage_digest(metadata_uri: str, tenant: str, zarr_root: Path | ZarrRoot
+                   ) -> dict[str, str]:
     """A digest of everything stored for ``tenant``, for "doing it again changes nothing".
 
     One entry per file under ``<zarr_root>/<tenant>`` (its path and the SHA-256 of its
@@ -292,12 +318,7 @@ def storage_digest(metadata_uri: str, tenant: str, zarr_root: Path) -> dict[str,
         return f"{len(rows)} rows, sha256 " + hashlib.sha256(
             "\n".join(rows).encode()).hexdigest()
 
-    out: dict[str, str] = {}
-    base = Path(zarr_root) / tenant
-    for path in sorted(base.rglob("*")):
-        if path.is_file():
-            out[f"zarr:{path.relative_to(zarr_root)}"] = hashlib.sha256(
-                path.read_bytes()).hexdigest()
+    out = {f"zarr:{key}": digest for key, digest in zarr_files(zarr_root, tenant).items()}
     if metadata_uri.startswith("sqlite:///"):
         from bluestream.storage.sqlite import sqlite_path
 

@@ -1,8 +1,6 @@
-"""The array conformance suite against the local-disk :class:`ZarrEventStore`, read back
-with :class:`ArrayReader` (the reader every catalog object uses).
-
-A future S3 store subclasses :class:`ArrayStoreTests` the same way, with its own
-``root`` (a bucket prefix), writer, reader and inspection store.
+"""The array conformance suite against :class:`ZarrEventStore`, read back with
+:class:`ArrayReader` (the reader every catalog object uses): on local disk, and on the
+real S3-compatible server of ``scripts/services`` (a fresh bucket prefix per test).
 """
 
 from __future__ import annotations
@@ -14,15 +12,18 @@ from typing import ClassVar
 
 import anyio
 import pytest
+from zarr.abc.store import Store
 from zarr.storage import LocalStore
 
 from bluestream.catalog.arrays import ArrayReader
+from bluestream.storage.zarr_root import ZarrRoot
 from bluestream.storage.zarr_store import ZarrEventStore
 
 # The suite's asserts live in a helper module: have pytest explain them (conftest.py
 # would be the more general place for this).
 pytest.register_assert_rewrite("array_conformance")
 from array_conformance import ArrayStoreTests, Snapshot  # noqa: E402
+from helpers import zarr_files  # noqa: E402
 
 #: Defects this suite found in ZarrEventStore and that are fixed (each test failed before):
 #: lossy dtype casts stored changed values (int64 2**40 as 0 in an int32 array, numbers
@@ -61,3 +62,44 @@ class TestLocalZarrEventStore(ArrayStoreTests):
                     out[str(path.relative_to(root))] = hashlib.sha256(data).hexdigest()
             return out
         return files
+
+
+class TestS3ZarrEventStore(ArrayStoreTests):
+    """The same contract with the Zarr root on S3: PUTs instead of files, no rename, no
+    fsync, the descriptor lock held in the process."""
+
+    pytestmark = pytest.mark.s3
+    #: Not a defect of the store but the limit of the design, kept visible: on an object
+    #: store the descriptor lock is held in one process only, so two writers of one
+    #: descriptor at once can lose rows to each other's chunk rewrites. Daemons never do
+    #: that: a run's documents stay on one partition and a partition has one owner, who
+    #: finishes its batch before a rebalance hands it over (README, "Several hosts, one
+    #: object store").
+    known_defects: ClassVar[dict[str, str]] = {
+        "test_concurrent_writers_keep_every_row":
+            "object stores: no lock across writers of one descriptor (excluded by "
+            "partition ownership)",
+    }
+
+    @pytest.fixture
+    def root(self, s3_root: ZarrRoot) -> ZarrRoot:
+        return s3_root
+
+    @pytest.fixture
+    def make_writer(self) -> Callable[[ZarrRoot], ZarrEventStore]:
+        return ZarrEventStore
+
+    @pytest.fixture
+    def make_reader(self) -> Callable[[ZarrRoot], ArrayReader]:
+        return ArrayReader
+
+    @pytest.fixture
+    def inspect_store(self) -> Callable[[ZarrRoot], Store]:
+        return lambda root: root.object_store(read_only=True)
+
+    @pytest.fixture
+    def snapshot(self) -> Snapshot:
+        """Every object under the root's prefix (or ``prefix`` below it)."""
+        async def objects(root: ZarrRoot, prefix: str = "") -> dict[str, str]:
+            return await anyio.to_thread.run_sync(zarr_files, root, prefix)
+        return objects

@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ("scalar_ingest", "image_ingest", "latency", "read", "scaling", "short_runs",
-             "profile")
+             "object_store", "profile")
 
 
 def _get(data: Any, path: tuple[str, ...]) -> Any:
@@ -59,6 +59,9 @@ POSITIVE: dict[str, list[tuple[str, ...]]] = {
        for key in ("files_per_run", "kb_per_run")]
     + [("catalog", n, key) for n in ("200", "1000") for key in (
         "len", "newest", "scan_id", "partial_uid", "first_10_of_time_range")],
+    "object_store": [("images", "bluestream_mb_per_s"), ("images", "plain_zarr_mb_per_s"),
+                     ("images", "ratio"), ("scalar", "s3_events_per_s"),
+                     ("scalar", "local_events_per_s"), ("scalar", "ratio")],
     "profile": [("in_process", "events/sqlite", "events_per_s"),
                 ("in_process", "pages/sqlite", "events_per_s"),
                 ("daemon", "default", "events_per_s"), ("daemon", "gc_tuned", "events_per_s")],
@@ -81,6 +84,7 @@ TARGETS: dict[str, set[str]] = {
         "ingest/sqlite", "ingest/mongo", "daemon/sqlite", "daemon/mongo")),
         "one-event runs: ingest/mongo / incumbent", "one-event runs: daemon/mongo / incumbent",
         "files per one-event run", "KB per one-event run"},
+    "object_store": {"images on S3: bluestream / plain zarr on S3"},
     "profile": set(),
 }
 
@@ -111,6 +115,9 @@ CHECKS: dict[str, set[str]] = {
                    *(f"no data loss: daemon/{b}, {e}-event runs" for e in (1, 10, 100)
                      for b in _BACKENDS),
                    *(f"catalog of {n} runs: len, newest scan_id" for n in (200, 1000))},
+    "object_store": {"no data loss: daemon, Zarr root on S3", "frames on S3 bit-exact",
+                     *(f"no data loss: daemon, scalar events, Zarr root {w}"
+                       for w in ("s3", "local")), "scalar runs stored on both roots"},
     "profile": {f"no data loss: daemon {label}"
                 for label in ("default", "gc_tuned", "batch_20000", "gc_tuned+batch_20000")},
 }
@@ -153,12 +160,14 @@ def _check_limits(name: str, results: dict[str, Any]) -> None:
 @pytest.mark.kafka
 @pytest.mark.mongo
 @pytest.mark.slow
+@pytest.mark.s3
 @pytest.mark.timeout(900)
 def test_quick_benchmarks_produce_results(kafka_bootstrap: str, mongo_uri: str,
-                                          tmp_path: Path) -> None:
+                                          s3_endpoint: str, tmp_path: Path) -> None:
     out = tmp_path / "results"
     env = {**os.environ, "BLUESTREAM_KAFKA_BOOTSTRAP": kafka_bootstrap,
-           "BLUESTREAM_MONGO_URI": mongo_uri, "MPLBACKEND": "Agg"}
+           "BLUESTREAM_MONGO_URI": mongo_uri, "BLUESTREAM_S3_ENDPOINT": s3_endpoint,
+           "MPLBACKEND": "Agg"}
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out),
          "--work", str(tmp_path / "work")],

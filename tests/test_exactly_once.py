@@ -2,7 +2,9 @@
 numbered events from several partitions; after restarts the stored result is exactly
 the published one. A replay of the whole topic into existing storage changes nothing.
 Two shapes: long runs (rows reach the Zarr arrays block by block) and many short runs
-(kept whole in their streams' tails in the metadata store).
+(kept whole in their streams' tails in the metadata store); long runs once more with
+the Zarr root on the S3 server (the daemon reads its endpoint and credentials from the
+standard AWS variables).
 
 Every wait is on observable state, not on the machine's speed: kills follow stored
 progress (each one lands after a further share of the events is stored, plus a random
@@ -31,8 +33,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pymongo import MongoClient
 
 from bluestream.consumers.decode import encode_message
+from bluestream.storage.zarr_root import ZarrRoot
 from conftest import create_topic
-from helpers import read_stream_arrays, scalar_run
+from helpers import read_stream_arrays, scalar_run, zarr_files
 
 pytestmark = [pytest.mark.kafka, pytest.mark.mongo, pytest.mark.slow]
 
@@ -70,7 +73,8 @@ def start_daemon(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
                                 stdout=out, stderr=subprocess.STDOUT)
 
 
-def stored_events(mongo_uri: str, tenant: str, zarr_root: Path) -> dict[str, dict[str, Any]]:
+def stored_events(mongo_uri: str, tenant: str, zarr_root: Path | ZarrRoot
+                  ) -> dict[str, dict[str, Any]]:
     client: MongoClient[dict[str, Any]] = MongoClient(mongo_uri)
     try:
         db = client[tenant]
@@ -100,13 +104,11 @@ def all_stopped(mongo_uri: str, tenant: str) -> int:
         client.close()
 
 
-def snapshot(mongo_uri: str, tenant: str, zarr_root: Path) -> dict[str, str]:
-    """A digest of everything stored: every Zarr file and every metadata document."""
-    digests: dict[str, str] = {}
-    for path in sorted((zarr_root / tenant).rglob("*")):
-        if path.is_file() and not path.name.endswith(".lock"):
-            digests[str(path.relative_to(zarr_root))] = hashlib.sha256(
-                path.read_bytes()).hexdigest()
+def snapshot(mongo_uri: str, tenant: str, zarr_root: Path | ZarrRoot) -> dict[str, str]:
+    """A digest of everything stored: every Zarr file (or object) and every metadata
+    document."""
+    digests = {key: digest for key, digest in zarr_files(zarr_root, tenant).items()
+               if not key.endswith(".lock")}
     client: MongoClient[dict[str, Any]] = MongoClient(mongo_uri)
     try:
         db = client[tenant]
@@ -118,11 +120,15 @@ def snapshot(mongo_uri: str, tenant: str, zarr_root: Path) -> dict[str, str]:
     return digests
 
 
-@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize(("shape", "arrays"), [
+    ("long-runs", "local"), ("short-runs", "local"),
+    pytest.param("long-runs", "s3", marks=pytest.mark.s3)])
 def test_sigkill_loop_stores_every_event_exactly_once(
-        shape: str, kafka_bootstrap: str, mongo_uri: str, topic: str, tenant: str,
-        tmp_path: Path, zarr_root: Path) -> None:
+        shape: str, arrays: str, kafka_bootstrap: str, mongo_uri: str, topic: str,
+        tenant: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     n_runs, per_run, batch = SHAPES[shape]
+    zarr_root: Path | ZarrRoot = request.getfixturevalue(
+        "s3_root" if arrays == "s3" else "zarr_root")
     runs = [scalar_run(per_run, fields=4, scan_id=i + 1) for i in range(n_runs)]
     anyio.run(create_topic, kafka_bootstrap, topic, PARTITIONS)
     anyio.run(publish, kafka_bootstrap, topic, runs)
@@ -222,7 +228,7 @@ def _metric(url_file: Path, series: str) -> float:
     raise AssertionError(f"{series} not in /metrics")
 
 
-def verify(mongo_uri: str, tenant: str, zarr_root: Path,
+def verify(mongo_uri: str, tenant: str, zarr_root: Path | ZarrRoot,
            runs: list[list[tuple[str, Any]]], per_run: int) -> None:
     n_runs = len(runs)
     stored = stored_events(mongo_uri, tenant, zarr_root)

@@ -37,9 +37,9 @@ ALLOWED: dict[str, set[str]] = {
     "catalog": {"schemas", "storage", "settings"},
     "daemon": {"consumers", "schemas", "storage", "settings"},
     "tools": {"catalog", "consumers", "daemon", "schemas", "storage", "settings"},
-    "cli": {"daemon", "tools", "settings"},
+    "cli": {"daemon", "tools", "settings", "storage"},
     "__main__": {"cli"},
-    "__init__": {"catalog"},
+    "__init__": {"catalog", "storage"},  # storage: the ZarrRoot type of open_catalog
 }
 
 

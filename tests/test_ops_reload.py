@@ -68,7 +68,7 @@ async def test_reload_applies_what_it_can(kafka_bootstrap: str, kafka_topic: str
         assert daemon.source.ingestor.parked.max_age_s == 2.5
         # Not applied: still consuming as the group it started with, into the same root.
         assert daemon.settings.kafka.group_id == f"g-{kafka_topic}"
-        assert daemon.settings.storage.zarr_root == zarr_root
+        assert daemon.settings.storage.zarr_root == str(zarr_root)
         restart = next(e for e in logs if e["event"].startswith("configuration changes need"))
         assert restart["keys"] == ["kafka.group_id", "storage.zarr_root"]
         assert restart["log_level"] == "warning"

@@ -34,6 +34,7 @@ from aiokafka.errors import KafkaError
 from pymongo import MongoClient
 
 from bluestream.consumers.decode import encode_message
+from bluestream.storage.zarr_root import ZarrRoot
 from helpers import read_stream_arrays, scalar_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +69,8 @@ def _toml_value(v: Any) -> str:
         return repr(v)
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table: [storage] s3 = {endpoint = "..."}
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
     return json.dumps(str(v))  # a JSON string is a valid TOML basic string
 
 
@@ -84,7 +87,7 @@ def write_config(path: Path, config: Mapping[str, Any]) -> Path:
 
 
 def daemon_config(path: Path, *, bootstrap: str, topic: str, group: str, metadata: str,
-                  zarr_root: Path, **sections: dict[str, Any]) -> Path:
+                  zarr_root: Path | str, **sections: dict[str, Any]) -> Path:
     """A daemon configuration at ``path`` (HTTP on a free port, its URL written to
     ``path.with_suffix('.url')``); ``sections`` override or add keys per section, the
     ``top`` section holds top-level keys."""
@@ -517,13 +520,14 @@ def _free(port: int) -> bool:
 
 @dataclass
 class PrivateServices:
-    """A Kafka broker and a MongoDB-wire server of our own (``scripts/services`` with
-    ``BLUESTREAM_SERVICES_HOME``), so outage tests can stop them without disturbing the
-    shared ones other tests and people use."""
+    """A Kafka broker, a MongoDB-wire server and an S3 server of our own
+    (``scripts/services`` with ``BLUESTREAM_SERVICES_HOME``), so outage tests can stop
+    them without disturbing the shared ones other tests and people use."""
 
     home: Path
     kafka_port: int
     mongo_port: int
+    s3_port: int
 
     @property
     def kafka_bootstrap(self) -> str:
@@ -533,10 +537,15 @@ class PrivateServices:
     def mongo_uri(self) -> str:
         return f"mongodb://127.0.0.1:{self.mongo_port}"
 
+    @property
+    def s3_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
+
     def _run(self, *args: str, timeout: float = 240) -> str:
         env = daemon_env(BLUESTREAM_SERVICES_HOME=str(self.home),
                          BLUESTREAM_SERVICES_KAFKA_PORT=str(self.kafka_port),
                          BLUESTREAM_SERVICES_MONGO_PORT=str(self.mongo_port),
+                         BLUESTREAM_SERVICES_S3_PORT=str(self.s3_port),
                          BLUESTREAM_SERVICES_KAFKA_HEAP="512m",
                          BLUESTREAM_SERVICES_MONGO_HEAP="512m")
         done = subprocess.run([str(ROOT / "scripts" / "services"), *args], env=env,
@@ -566,7 +575,8 @@ def stored_runs(mongo_uri: str, tenant: str) -> tuple[int, int]:
         client.close()
 
 
-def verify_exactly_once(mongo_uri: str, tenant: str, zarr_root: Path, runs: list[Run]) -> int:
+def verify_exactly_once(mongo_uri: str, tenant: str, zarr_root: Path | ZarrRoot,
+                        runs: list[Run]) -> int:
     """Every event of every run stored once at its position with its values; no extra
     runs, descriptors, stops or rows. Returns the number of events checked."""
     client: MongoClient[dict[str, Any]] = MongoClient(mongo_uri)

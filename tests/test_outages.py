@@ -4,7 +4,8 @@ while a producer keeps publishing numbered runs. Kafka is stopped for 30 s, then
 MongoDB for 30 s, then the daemon itself is frozen (SIGSTOP) past its session timeout,
 then its Zarr root is replaced by a file. Each time /readyz answers 503 naming the
 dependency that failed, comes back by itself, the daemon never exits, and at the end
-every event is stored exactly once.
+every event is stored exactly once. A second test stops the test's own S3 server for
+30 s under a daemon whose Zarr root is on it.
 
 The test waits on what the daemon shows (/readyz, its counters), each wait with a
 generous timeout; the 30 s and 15 s are the lengths of the faults, not synchronisation.
@@ -24,7 +25,9 @@ import anyio
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import create_topic
+from bluestream.storage.zarr_root import S3Options, ZarrRoot
+from conftest import S3_ACCESS_KEY_ID, S3_BUCKET, S3_SECRET_ACCESS_KEY, create_topic
+from helpers import group_offsets
 from test_ops_support import (
     ContinuousProducer,
     DaemonProcess,
@@ -50,7 +53,9 @@ def private(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateService
         pytest.skip("java is not installed: scripts/services cannot start private services")
     kafka_port = free_port_pair()
     mongo_port = free_port_pair()
-    services = PrivateServices(tmp_path_factory.mktemp("services"), kafka_port, mongo_port)
+    s3_port = free_port_pair()
+    services = PrivateServices(tmp_path_factory.mktemp("services"), kafka_port, mongo_port,
+                               s3_port)
     try:
         services.up()
         yield services
@@ -168,6 +173,60 @@ def test_daemon_rides_out_outages(private: PrivateServices, tmp_path: Path, tena
                       "produced": producer.sent, "producer_retries": producer.errors,
                       "phases": report, "retries": {k[1]: v for k, v in metrics.items()
                                                     if k[0] == "bluestream_retries_total"}}))
+
+
+@pytest.mark.s3
+@pytest.mark.timeout(600)
+def test_daemon_rides_out_an_s3_outage(private: PrivateServices, tmp_path: Path, tenant: str,
+                                       topic: str) -> None:
+    """The Zarr root on the test's own S3 server, every row written to the arrays
+    (``tail_rows = 0``), the server stopped for 30 s mid-stream: /readyz names the Zarr
+    root, the group commits nothing while it is away (nothing more can be stored), the
+    daemon never exits and resumes by itself, and every event is stored exactly once."""
+    anyio.run(create_topic, private.kafka_bootstrap, topic, PARTITIONS)
+    root = ZarrRoot.parse(f"s3://{S3_BUCKET}/outage-{tenant}", S3Options(
+        private.s3_endpoint, None, S3_ACCESS_KEY_ID, S3_SECRET_ACCESS_KEY))
+    group = f"g-{topic}"
+    config = daemon_config(
+        tmp_path / "daemon.toml", bootstrap=private.kafka_bootstrap, topic=topic,
+        group=group, metadata=private.mongo_uri, zarr_root=str(root),
+        limits={"batch_max_records": 500},
+        storage={"tail_rows": 0, "s3": {"endpoint": private.s3_endpoint,
+                                        "access_key_id": S3_ACCESS_KEY_ID,
+                                        "secret_access_key": S3_SECRET_ACCESS_KEY}})
+    daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
+    producer = ContinuousProducer(private.kafka_bootstrap, topic).start()
+
+    def committed() -> dict[tuple[str, int], int]:
+        return anyio.run(group_offsets, private.kafka_bootstrap, group)
+
+    report: dict[str, object] = {}
+    try:
+        daemon.wait_ready(120)
+        _wait_progress(daemon, 2000)
+        private.down("s3")
+        down_at = time.monotonic()
+        named = _wait_named(daemon, "the Zarr root", lambda r: r.startswith(
+            ("zarr: Zarr root: ", "zarr: no answer")))
+        time.sleep(5)  # a batch whose writes were under way when S3 went has failed now
+        held = committed()
+        events_held = _events(daemon)
+        _hold(daemon, down_at, OUTAGE_S)
+        assert committed() == held, "offsets were committed while nothing could be stored"
+        assert _events(daemon) == events_held
+        private.up()
+        report["s3"] = _recovered(daemon, named)
+        _wait_progress(daemon, events_held + 1000)
+        runs = producer.stop()
+        wait_all_stored([daemon], private.mongo_uri, tenant, len(runs), timeout=180)
+        metrics = _metrics(daemon)
+        assert daemon.terminate() == 0, daemon.tail()
+    finally:
+        producer.abort()
+        daemon.kill()
+    checked = verify_exactly_once(private.mongo_uri, tenant, root, runs)
+    assert metrics.get(("bluestream_retries_total", "storage"), 0) > 0
+    print(json.dumps({"events_verified": checked, "runs": len(runs), "phases": report}))
 
 
 def _wait_named(daemon: DaemonProcess, what: str,

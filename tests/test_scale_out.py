@@ -1,7 +1,9 @@
 """Scale-out: daemons in one consumer group share a topic's six partitions. While a
 producer keeps publishing, one daemon is killed with SIGKILL, another joins, and one
 leaves cleanly with SIGTERM; partitions move each time, and at the end every event of
-every run is stored exactly once.
+every run is stored exactly once. Once with a shared local Zarr root, once with the
+arrays on the S3 server (each daemon its own process, one bucket: the multi-host
+picture, where no file lock is shared).
 
 "Mid-stream" is observed, not slept for: between the moves the test waits until the
 daemons' own ``/status`` shows more events written and offsets committed on the
@@ -19,7 +21,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from conftest import create_topic
+from bluestream.storage.zarr_root import S3Options, ZarrRoot
+from conftest import S3_ACCESS_KEY_ID, S3_BUCKET, S3_SECRET_ACCESS_KEY, create_topic
 from helpers import group_offsets
 from test_ops_support import (
     ContinuousProducer,
@@ -88,8 +91,11 @@ PROGRESS = 1000
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("arrays", ["local", pytest.param("s3", marks=pytest.mark.s3)])
 def test_daemons_join_and_leave_mid_stream(kafka_bootstrap: str, mongo_uri: str,
-                                           tmp_path: Path, tenant: str, topic: str) -> None:
+                                           tmp_path: Path, tenant: str, topic: str,
+                                           arrays: str, request: pytest.FixtureRequest
+                                           ) -> None:
     """Each move happens mid-stream, once observed: (1) a is killed once a and b have
     each written ``PROGRESS`` more events since they shared the partitions; (2) b leaves
     once the survivors have committed past the group's offsets on a's partitions at the
@@ -97,15 +103,22 @@ def test_daemons_join_and_leave_mid_stream(kafka_bootstrap: str, mongo_uri: str,
     the producer stops once c, alone, has committed ``PROGRESS`` more offsets across the
     topic than the group had when b left."""
     anyio.run(create_topic, kafka_bootstrap, topic, PARTITIONS)
-    zarr_root = tmp_path / "zarr"
+    zarr_root: Path | ZarrRoot = tmp_path / "zarr"
+    storage: dict[str, object] = {}
+    if arrays == "s3":
+        endpoint = request.getfixturevalue("s3_endpoint")
+        zarr_root = ZarrRoot.parse(f"s3://{S3_BUCKET}/scale-{topic[:13]}", S3Options(
+            endpoint, None, S3_ACCESS_KEY_ID, S3_SECRET_ACCESS_KEY))
+        storage = {"s3": {"endpoint": endpoint, "access_key_id": S3_ACCESS_KEY_ID,
+                          "secret_access_key": S3_SECRET_ACCESS_KEY}}
 
     group = f"g-{topic}"
 
     def daemon(name: str) -> DaemonProcess:
         config = daemon_config(tmp_path / f"{name}.toml", bootstrap=kafka_bootstrap,
                                topic=topic, group=group, metadata=mongo_uri,
-                               zarr_root=zarr_root, kafka={"session_timeout_ms": 6000},
-                               limits={"batch_max_records": 500})
+                               zarr_root=str(zarr_root), kafka={"session_timeout_ms": 6000},
+                               limits={"batch_max_records": 500}, storage=storage)
         return DaemonProcess(config, tmp_path / f"{name}.log").start()
 
     a, b = daemon("a"), daemon("b")

@@ -21,12 +21,13 @@ from bluestream._version import __version__
 
 if TYPE_CHECKING:
     from bluestream.catalog.core import AsyncCatalog, Catalog
+    from bluestream.storage.zarr_root import ZarrRoot
 
 __all__ = ["__version__", "open_catalog", "open_catalog_async"]
 
 
 def open_catalog(tenant: str, *, metadata: str | None = None,
-                 zarr_root: str | os.PathLike[str] | None = None,
+                 zarr_root: str | os.PathLike[str] | ZarrRoot | None = None,
                  config: str | os.PathLike[str] | None = None,
                  handlers: Mapping[str, Any] | None = None,
                  root_map: Mapping[str, str] | None = None,
@@ -44,7 +45,7 @@ def open_catalog(tenant: str, *, metadata: str | None = None,
 
 
 def open_catalog_async(tenant: str, *, metadata: str | None = None,
-                       zarr_root: str | os.PathLike[str] | None = None,
+                       zarr_root: str | os.PathLike[str] | ZarrRoot | None = None,
                        config: str | os.PathLike[str] | None = None,
                        handlers: Mapping[str, Any] | None = None,
                        root_map: Mapping[str, str] | None = None,

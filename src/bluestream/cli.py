@@ -70,6 +70,8 @@ def check_config(
     """Validate the configuration and print the effective settings (secrets masked).
 
     FILE and -c FILE are the same; giving both, naming different files, is an error.
+    An s3:// Zarr root is also checked against the object store (the bucket exists, the
+    credentials are accepted); exit status 2 when it is not.
     """
     source = ctx.get_parameter_source("config")  # typer's own click: compare by name
     from_env = source is not None and source.name == "ENVIRONMENT"
@@ -79,6 +81,15 @@ def check_config(
                                  "give one of them", param_hint="FILE / --config")
     # FILE wins over BLUESTREAM_CONFIG, as -c does.
     settings = _settings_or_exit(file if file is not None else config)
+    root = settings.storage.zarr()
+    if root.is_s3:
+        from bluestream.storage.zarr_root import check_access
+
+        try:
+            check_access(root)
+        except ConfigError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
     typer.echo(json.dumps(settings.masked(), indent=2, default=str))
 
 

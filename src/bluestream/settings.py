@@ -30,6 +30,7 @@ from bluestream.errors import ConfigError
 from bluestream.limits import Limits
 from bluestream.storage.backends import check_metadata_uri
 from bluestream.storage.rules import mask_uri
+from bluestream.storage.zarr_root import S3Options, ZarrRoot, check_root_value
 
 __all__ = ["ENV_KEYS", "RELOADABLE", "Settings", "changed_keys", "load_settings"]
 
@@ -110,10 +111,39 @@ class KafkaSettings(_Section):
         return self.topic_pattern or DEFAULT_TOPIC_PATTERN
 
 
+class S3Settings(_Section):
+    """The object store of an ``s3://`` Zarr root. Unset keys come from the standard
+    variables (``AWS_ENDPOINT_URL``, ``AWS_REGION``, ``AWS_ACCESS_KEY_ID``,
+    ``AWS_SECRET_ACCESS_KEY``)."""
+
+    #: ``http(s)://host:port`` of an S3-compatible server (MinIO, Ceph RGW, S3Proxy);
+    #: unset: AWS itself.
+    endpoint: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: SecretStr | None = None
+
+    @field_validator("endpoint")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"https?://[^/\s]+/?$", v):
+            raise ValueError("must be http://host:port or https://host[:port]")
+        return v
+
+    def options(self) -> S3Options:
+        secret = self.secret_access_key
+        return S3Options(endpoint=self.endpoint, region=self.region,
+                         access_key_id=self.access_key_id,
+                         secret_access_key=secret.get_secret_value() if secret else None)
+
+
 class StorageSettings(_Section):
     #: ``mongodb://...`` or ``sqlite:///path``; the embedded SQLite store is the default.
     metadata: str = "sqlite:///data/bluestream.db"
-    zarr_root: Path = Path("data/zarr")
+    #: A local directory, or ``s3://bucket/prefix`` on an S3-compatible object store
+    #: (see ``[storage.s3]``).
+    zarr_root: str = "data/zarr"
+    s3: S3Settings = S3Settings()
     #: fsync the Zarr files written by a batch, and their directories, before its
     #: metadata and offset commit (once per batch). false trades power-loss durability
     #: for speed; a process crash is still safe (the page cache survives it).
@@ -128,6 +158,15 @@ class StorageSettings(_Section):
     @classmethod
     def _known_scheme(cls, v: str) -> str:
         return check_metadata_uri(v)
+
+    @field_validator("zarr_root", mode="before")
+    @classmethod
+    def _root(cls, v: Any) -> Any:
+        return check_root_value(os.fspath(v)) if isinstance(v, str | os.PathLike) else v
+
+    def zarr(self) -> ZarrRoot:
+        """The Zarr root, with the object store's options when it is ``s3://``."""
+        return ZarrRoot.parse(self.zarr_root, self.s3.options())
 
 
 class LimitSettings(_Section):
@@ -209,6 +248,8 @@ class Settings(_Section):
         data = self.model_dump(mode="json")
         if self.kafka.sasl_password is not None:
             data["kafka"]["sasl_password"] = "***"
+        if self.storage.s3.secret_access_key is not None:
+            data["storage"]["s3"]["secret_access_key"] = "***"
         data["storage"]["metadata"] = mask_uri(self.storage.metadata)
         return data
 
@@ -321,8 +362,8 @@ def _describe(exc: PydanticValidationError, path: Path | str | None,
 
 
 def _show(key: str, value: Any) -> str:
-    if "password" in key or key == "storage.metadata":
-        return "***" if "password" in key else repr(mask_uri(str(value)))
+    if "password" in key or "secret" in key or key == "storage.metadata":
+        return repr(mask_uri(str(value))) if key == "storage.metadata" else "***"
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -345,6 +386,10 @@ def changed_keys(old: Settings, new: Settings) -> list[str]:
         for secret in ("kafka.sasl_password",):
             v = out.get(secret)
             out[secret] = v.get_secret_value() if isinstance(v, SecretStr) else v
+        s3 = dict(out.get("storage.s3") or {})
+        if isinstance(s3.get("secret_access_key"), SecretStr):
+            s3["secret_access_key"] = s3["secret_access_key"].get_secret_value()
+        out["storage.s3"] = s3
         return out
 
     a, b = flat(old), flat(new)

@@ -22,13 +22,14 @@ import numpy as np
 import zarr
 import zarr.api.asynchronous as za
 from numpy.typing import NDArray
+from obstore.exceptions import BaseError as ObjectStoreError
 from zarr.core.array import AsyncArray
-from zarr.storage import LocalStore
 
 from bluestream.catalog._tasks import task_group
 from bluestream.errors import StorageError, StorageUnavailable
 from bluestream.layout import SEQ_NUM, STRING, TIME, UID, Page, column_names
 from bluestream.storage.tail import Tail
+from bluestream.storage.zarr_root import ZarrRoot, brief
 
 __all__ = ["ArrayReader", "Rows", "TailedArray", "row_bytes"]
 
@@ -78,22 +79,28 @@ def row_bytes(arrays: Sequence[AsyncArray[Any]]) -> int:
 class ArrayReader:
     """Read-only access to the event arrays under one Zarr root."""
 
-    def __init__(self, root: Path | str) -> None:
-        self.root = Path(root)
-        self._store = LocalStore(str(self.root), read_only=True)
+    def __init__(self, root: ZarrRoot | Path | str) -> None:
+        self.root = ZarrRoot.parse(root)
+        self._store = self.root.open_store(read_only=True)
+
+    def _root_missing(self) -> bool:
+        return self.root.local is not None and not self.root.local.is_dir()
 
     @contextmanager
     def _errors(self, zarr_path: str) -> Iterator[None]:
         try:
             yield
         except FileNotFoundError as exc:
-            if not self.root.exists():
+            if self._root_missing():
                 raise StorageUnavailable(f"Zarr root {self.root} does not exist (or is not "
                                          f"mounted): {exc}") from exc
-            raise StorageError(f"the arrays of {self.root / zarr_path} are missing: "
+            raise StorageError(f"the arrays of {self.root.join(zarr_path)} are missing: "
                                f"{exc}") from exc
+        except ObjectStoreError as exc:  # not a missing key: the store did not answer
+            raise StorageUnavailable(f"reading Zarr group {self.root.join(zarr_path)} "
+                                     f"failed: {brief(exc)}") from exc
         except (OSError, zarr.errors.BaseZarrError, ValueError) as exc:
-            raise StorageError(f"reading Zarr group {self.root / zarr_path} failed: "
+            raise StorageError(f"reading Zarr group {self.root.join(zarr_path)} failed: "
                                f"{exc}") from exc
 
     async def open_arrays(self, record: Mapping[str, Any], names: Sequence[str],
@@ -105,13 +112,13 @@ class ArrayReader:
         tail = _tail_of(record)
         if tail is None:
             return await self._open_zarr(path, names, required)
-        if not self.root.is_dir():  # else rows below the tail would read as never written
+        if self._root_missing():  # else rows below the tail would read as never written
             raise StorageUnavailable(f"Zarr root {self.root} does not exist (or is not "
                                      "mounted)")
         base: dict[str, AsyncArray[Any]] = {}
         # Rows not in the tail are in the arrays, when any was ever written there (a
-        # short run has none; one stat tells).
-        if (self.root / path / "zarr.json").is_file():
+        # short run has none; one stat, or one HEAD on an object store, tells).
+        if await self._group_exists(path):
             base = await self._open_zarr(path, names, ())
         written = tail.columns[SEQ_NUM] > 0
         out: dict[str, Any] = {}
@@ -124,6 +131,12 @@ class ArrayReader:
             elif name in required:
                 raise StorageError(f"the stream of {path} has no column {name!r}")
         return out
+
+    async def _group_exists(self, path: str) -> bool:
+        if self.root.local is not None:
+            return (self.root.local / path / "zarr.json").is_file()
+        with self._errors(path):
+            return await self._store.exists(f"{path}/zarr.json")
 
     async def _open_zarr(self, zarr_path: str, names: Sequence[str],
                          required: Sequence[str]) -> dict[str, AsyncArray[Any]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
@@ -16,6 +15,7 @@ from bluestream.errors import StorageUnavailable
 from bluestream.handlers import HandlerClass
 from bluestream.storage.base import MetadataStore
 from bluestream.storage.rules import mask_uri
+from bluestream.storage.zarr_root import ZarrRoot
 
 __all__ = ["CatalogContext"]
 
@@ -25,7 +25,7 @@ T = TypeVar("T")
 class CatalogContext:
     tenant: str
     store: MetadataStore
-    zarr_root: Path
+    zarr_root: ZarrRoot
     handlers: dict[str, HandlerClass] = field(default_factory=dict)
     root_map: dict[str, str] = field(default_factory=dict)
     #: Seconds allowed for one metadata call before StorageUnavailable.

@@ -25,6 +25,7 @@ from bluestream.settings import load_settings
 from bluestream.storage.backends import is_mongo_uri, open_metadata_store
 from bluestream.storage.query_rules import MIN_PARTIAL_UID
 from bluestream.storage.rules import check_tenant, mask_uri
+from bluestream.storage.zarr_root import S3_SCHEME, ZarrRoot
 
 __all__ = [
     "MIN_PARTIAL_UID",
@@ -36,26 +37,34 @@ __all__ = [
 ]
 
 Doc = dict[str, Any]
+#: A Zarr root as the catalog takes it: a directory, ``s3://bucket/prefix`` or a ZarrRoot.
+RootArg = str | os.PathLike[str] | ZarrRoot
 _PAGE = 100
 _MAX_PAGE = 1_000
 _CANDIDATES = 10
 
 
-def _resolve_storage(metadata: str | None, zarr_root: str | os.PathLike[str] | None,
-                     config: str | os.PathLike[str] | None) -> tuple[str, Path, int]:
-    """Explicit arguments first, then the daemon's configuration (file + BLUESTREAM_*)."""
+def _resolve_storage(metadata: str | None, zarr_root: RootArg | None,
+                     config: str | os.PathLike[str] | None) -> tuple[str, ZarrRoot, int]:
+    """Explicit arguments first, then the daemon's configuration (file + BLUESTREAM_*).
+    An explicit ``s3://`` root takes the object store's options from the configuration
+    when one is named, else from the standard AWS variables."""
     timeout_ms = 5_000
-    if metadata is None or zarr_root is None:
-        path = config if config is not None else os.environ.get("BLUESTREAM_CONFIG") or None
+    path = config if config is not None else os.environ.get("BLUESTREAM_CONFIG") or None
+    wants_s3 = isinstance(zarr_root, str) and zarr_root.startswith(S3_SCHEME) and \
+        path is not None
+    if metadata is None or zarr_root is None or wants_s3:
         settings = load_settings(None if path is None else Path(path))
         metadata = settings.storage.metadata if metadata is None else metadata
-        zarr_root = settings.storage.zarr_root if zarr_root is None else zarr_root
+        root = settings.storage.zarr() if zarr_root is None else \
+            ZarrRoot.parse(zarr_root, settings.storage.s3.options())
         timeout_ms = settings.storage.mongo_server_selection_timeout_ms
-    return metadata, Path(zarr_root), timeout_ms
+        return metadata, root, timeout_ms
+    return metadata, ZarrRoot.parse(zarr_root), timeout_ms
 
 
 def make_context(tenant: str, *, metadata: str | None = None,
-                 zarr_root: str | os.PathLike[str] | None = None,
+                 zarr_root: RootArg | None = None,
                  config: str | os.PathLike[str] | None = None,
                  handlers: Mapping[str, HandlerClass] | None = None,
                  root_map: Mapping[str, str] | None = None,
@@ -300,7 +309,7 @@ class Catalog:
         return self._loop.call(self._inner.contains, uid)
 
     @staticmethod
-    def from_uri(uri: str, *, zarr_root: str | os.PathLike[str], tenant: str | None = None,
+    def from_uri(uri: str, *, zarr_root: RootArg, tenant: str | None = None,
                  **kwargs: Any) -> Catalog:
         """See :func:`from_uri`."""
         return from_uri(uri, zarr_root=zarr_root, tenant=tenant, **kwargs)
@@ -313,7 +322,7 @@ class Catalog:
 
 
 def open_catalog_async(tenant: str, *, metadata: str | None = None,
-                       zarr_root: str | os.PathLike[str] | None = None,
+                       zarr_root: RootArg | None = None,
                        config: str | os.PathLike[str] | None = None,
                        handlers: Mapping[str, HandlerClass] | None = None,
                        root_map: Mapping[str, str] | None = None,
@@ -332,7 +341,7 @@ def open_catalog_async(tenant: str, *, metadata: str | None = None,
 
 
 def open_catalog(tenant: str, *, metadata: str | None = None,
-                 zarr_root: str | os.PathLike[str] | None = None,
+                 zarr_root: RootArg | None = None,
                  config: str | os.PathLike[str] | None = None,
                  handlers: Mapping[str, HandlerClass] | None = None,
                  root_map: Mapping[str, str] | None = None,
@@ -355,7 +364,7 @@ def open_catalog(tenant: str, *, metadata: str | None = None,
     return Catalog(inner, loop)
 
 
-def from_uri(uri: str, *, zarr_root: str | os.PathLike[str], tenant: str | None = None,
+def from_uri(uri: str, *, zarr_root: RootArg, tenant: str | None = None,
              **kwargs: Any) -> Catalog:
     """``Catalog.from_uri("mongodb://host/csx", zarr_root=...)``: the tenant is the
     MongoDB database named in the URI path unless given."""

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+from zarr.abc.store import Store
 
 from bluestream.errors import BluestreamError, StorageUnavailable
 from bluestream.log import get_logger
 from bluestream.storage.registry import StoreRegistry
+from bluestream.storage.zarr_root import ZarrRoot, probe_root
 
 __all__ = ["Check", "HealthChecks", "probe_directory"]
 
@@ -46,7 +48,7 @@ class Check:
 class HealthChecks:
     """Runs the store checks; ``tenants`` says which tenants' stores to ping."""
 
-    def __init__(self, registry: StoreRegistry, zarr_root: Path, *,
+    def __init__(self, registry: StoreRegistry, zarr_root: ZarrRoot, *,
                  tenants: Callable[[], list[str]], timeout_s: float) -> None:
         self.registry = registry
         self.zarr_root = zarr_root
@@ -54,6 +56,7 @@ class HealthChecks:
         self.timeout_s = timeout_s
         self.metadata = Check()
         self.zarr = Check()
+        self._s3: Store | None = None  # the object store probed, made once
 
     @property
     def checks(self) -> dict[str, Check]:
@@ -87,7 +90,13 @@ class HealthChecks:
             await store.ping()
 
     async def _probe_zarr(self) -> None:
-        await anyio.to_thread.run_sync(probe_directory, self.zarr_root, abandon_on_cancel=True)
+        root = self.zarr_root
+        if root.local is not None:
+            await anyio.to_thread.run_sync(probe_directory, root.local, abandon_on_cancel=True)
+            return
+        if self._s3 is None:
+            self._s3 = root.object_store()
+        await anyio.to_thread.run_sync(probe_root, root, self._s3, abandon_on_cancel=True)
 
 
 def probe_directory(root: Path) -> None:

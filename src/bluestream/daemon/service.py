@@ -38,6 +38,7 @@ from bluestream.log import get_logger
 from bluestream.schemas.validate import warm_up
 from bluestream.settings import RELOADABLE, Settings, changed_keys, load_settings
 from bluestream.storage.registry import StoreRegistry
+from bluestream.storage.zarr_root import check_access
 from bluestream.storage.zarr_store import ZarrEventStore
 
 __all__ = ["Daemon", "run_daemon", "serve"]
@@ -144,7 +145,7 @@ class Daemon:
             s.storage.metadata,
             server_selection_timeout_ms=s.storage.mongo_server_selection_timeout_ms,
         )
-        arrays = ZarrEventStore(s.storage.zarr_root, fsync=s.storage.fsync,
+        arrays = ZarrEventStore(s.storage.zarr(), fsync=s.storage.fsync,
                             tail_rows=s.storage.tail_rows)
         dlq = KafkaDeadLetters(s)
         ingestor = Ingestor(
@@ -155,7 +156,7 @@ class Daemon:
         )
         self.source = KafkaSource(s, ingestor, self.counters, on_ready=self._assigned)
         self.health = HealthChecks(
-            self.registry, s.storage.zarr_root, tenants=self._tenants_in_use,
+            self.registry, arrays.root, tenants=self._tenants_in_use,
             timeout_s=max(5.0, s.storage.mongo_server_selection_timeout_ms / 1000 + 1))
         log.info("starting", version=__version__, kafka=s.kafka.bootstrap,
                  group=s.kafka.group_id, topics=s.kafka.topics or None,
@@ -191,9 +192,14 @@ class Daemon:
 
     def _preflight(self) -> None:
         """Fail at start, with the key's name, on what would otherwise fail later."""
-        root = self.settings.storage.zarr_root
+        root = self.settings.storage.zarr()
+        if root.local is None:
+            # A missing bucket or refused credentials cannot fix themselves; an endpoint
+            # that does not answer at start is most often a wrong one.
+            check_access(root, write=True)
+            return
         try:
-            root.mkdir(parents=True, exist_ok=True)
+            root.local.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"storage.zarr_root: cannot create {root}: "
                               f"{exc.strerror or exc}") from None

@@ -4,21 +4,26 @@ The layout (paths, dtypes, chunking) is :mod:`bluestream.layout`'s. Row ``i`` ho
 event with ``seq_num == i + 1``; a replay writes the same bytes to the same places, so
 storage is idempotent (DESIGN I1, I2).
 
-Arrays only grow. Each page is written under an advisory lock of its descriptor (one
-host; see :mod:`bluestream.storage.local_store`), with the shape re-read inside it, so
-two daemons that both write one descriptor (a run whose events a producer spread over
-partitions) neither shrink an array nor lose each other's rows to a chunk rewrite.
+Arrays only grow. Each page is written under a lock of its descriptor, with the shape
+re-read inside it. On a local root the lock is an advisory file lock (one host; see
+:mod:`bluestream.storage.local_store`), so two daemons that both write one descriptor (a
+run whose events a producer spread over partitions) neither shrink an array nor lose
+each other's rows to a chunk rewrite. On an object store (``s3://``) the lock is held in
+the process only: writers on different hosts never share a descriptor because a run's
+documents stay on one partition and a partition has one owner at a time (see the
+README's "Several hosts, one object store").
 
-Durability: every write goes through one
-:class:`~bluestream.storage.local_store.SyncingLocalStore`; :meth:`ZarrEventStore.sync` makes
-a batch's writes durable before its metadata and offsets (DESIGN I1).
+Durability: on a local root every write goes through one
+:class:`~bluestream.storage.local_store.SyncingLocalStore` and :meth:`ZarrEventStore.sync`
+makes a batch's writes durable before its metadata and offsets (DESIGN I1); on an object
+store every PUT is acknowledged before :meth:`ZarrEventStore.write_page` returns.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager, nullcontext
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, nullcontext
 from pathlib import Path
 from typing import Any, cast
 
@@ -26,6 +31,7 @@ import anyio
 import numpy as np
 import zarr
 import zarr.api.asynchronous as za
+from zarr.abc.store import Store
 from zarr.core.array import AsyncArray
 from zarr.core.group import AsyncGroup
 from zarr.errors import ContainsArrayError, ContainsGroupError
@@ -44,12 +50,12 @@ from bluestream.storage import array_meta, chunk_writer, tail
 from bluestream.storage.base import StreamUpdate
 from bluestream.storage.local_store import (
     SyncingLocalStore,
-    descriptor_lock,
     lock_stripe,
     metadata_keys,
     stripe_lock,
     sync_written,
 )
+from bluestream.storage.zarr_root import ObjectStoreError, ZarrRoot, brief
 
 __all__ = ["ZarrEventStore"]
 
@@ -74,16 +80,20 @@ class ZarrEventStore:
     kernel crash, after which committed events may be missing from the arrays.
     """
 
-    def __init__(self, root: Path | str, *, fsync: bool = True,
+    def __init__(self, root: ZarrRoot | Path | str, *, fsync: bool = True,
                  tail_rows: int = tail.DEFAULT_BLOCK) -> None:
-        self.root = Path(root)
+        self.root = ZarrRoot.parse(root)
         self.fsync = fsync
         #: Rows per block kept in the metadata store before they move to the arrays
         #: (:mod:`bluestream.storage.tail`); 0 writes every row to the arrays at once.
         self.tail_rows = tail_rows
-        # The one store every group and array is opened with, so that every write is
-        # recorded for :meth:`sync`.
-        self._store = SyncingLocalStore(self.root)
+        # The one store every group and array is opened with, so that every write to a
+        # local root is recorded for :meth:`sync`.
+        self._local = SyncingLocalStore(self.root.local) if self.root.local else None
+        self._store: Store = self._local if self._local is not None else \
+            self.root.object_store()
+        # Object stores: the descriptor locks of this process (by stripe).
+        self._mem_locks: dict[int, anyio.Lock] = {}
         # Event arrays are written densely by position: zarr's check of every written
         # chunk against the fill value (np.array_equal on the event loop) never saves a
         # write here and cost ~18% of an image ingest.
@@ -96,17 +106,24 @@ class ZarrEventStore:
     @property
     def unsynced(self) -> int:
         """Files and directories recorded for the next :meth:`sync` (one batch's worth)."""
-        return self._store.pending()
+        return self._local.pending() if self._local is not None else 0
+
+    @property
+    def store(self) -> Store:
+        """The zarr store every array is written through."""
+        return self._store
 
     async def sync(self) -> None:
         """Make everything written since the last call durable (see
         :mod:`bluestream.storage.local_store`). Called once per batch, before the
         metadata that points at the arrays is written and before offsets are committed.
         """
+        if self._local is None:
+            return  # an object store: every PUT was acknowledged when write_page returned
         if self.fsync:
-            await sync_written(self._store, self.root)
+            await sync_written(self._local, self._local.root)
         else:
-            self._store.take()  # nothing to sync: keep the record bounded
+            self._local.take()  # nothing to sync: keep the record bounded
 
     # -- writing ----------------------------------------------------------------------
     @asynccontextmanager
@@ -118,11 +135,19 @@ class ZarrEventStore:
         async with AsyncExitStack() as stack:
             try:
                 for stripe in sorted({lock_stripe(p) for p in paths}):  # one order
-                    await stack.enter_async_context(stripe_lock(self.root, stripe))
+                    await stack.enter_async_context(self._stripe_lock(stripe))
             except OSError as exc:  # the Zarr root is gone, full, read-only ...: an outage
                 raise StorageError(f"locking descriptor groups under {self.root} failed: "
                                    f"{exc}") from exc
             yield
+
+    def _stripe_lock(self, stripe: int) -> AbstractAsyncContextManager[Any]:
+        if self._local is not None:
+            return stripe_lock(self._local.root, stripe)
+        lock = self._mem_locks.get(stripe)
+        if lock is None:
+            lock = self._mem_locks[stripe] = anyio.Lock()
+        return lock
 
     async def write_page(self, tenant: str, run_start: str, descriptor: Mapping[str, Any],
                          specs: Mapping[str, FieldSpec], page: Page, *,
@@ -137,19 +162,20 @@ class ZarrEventStore:
         values = _column_values(page, order)
         needed = int(positions[-1]) + 1
         try:
-            async with descriptor_lock(self.root, path) if lock else nullcontext():
+            async with self._stripe_lock(lock_stripe(path)) if lock else nullcontext():
                 arrays = await self._arrays_of(path, descriptor, run_start, columns)
                 self._check_dtypes(arrays, columns)
                 arrays = await self._grow(path, arrays, needed)
                 await _write_columns(arrays, columns, positions, values)
-        except (OSError, zarr.errors.BaseZarrError) as exc:
-            raise StorageError(f"writing Zarr group {self.root / path} failed: {exc}") from exc
+        except (OSError, ObjectStoreError, zarr.errors.BaseZarrError) as exc:
+            raise StorageError(f"writing Zarr group {self.root.join(path)} failed: "
+                               f"{brief(exc)}") from exc
         except BaseExceptionGroup as group:  # the concurrent array writes above failed
-            io, rest = group.split((OSError, zarr.errors.BaseZarrError))
+            io, rest = group.split((OSError, ObjectStoreError, zarr.errors.BaseZarrError))
             if io is None or rest is not None:
                 raise
-            raise StorageError(f"writing Zarr group {self.root / path} failed: "
-                               f"{first_error(io)}") from group
+            raise StorageError(f"writing Zarr group {self.root.join(path)} failed: "
+                               f"{brief(first_error(io))}") from group
         return stream_update(tenant, run_start, descriptor, specs, page)
 
     async def _arrays_of(self, path: str, descriptor: Mapping[str, Any], run_start: str,
@@ -210,8 +236,9 @@ class ZarrEventStore:
         # First use in this process: the array's metadata and its parent groups' (the
         # root's included) may have been written by a process that stopped before its
         # sync, and exist, so they are not rewritten now; the next commit relies on them.
-        for meta in metadata_keys(arr.path):
-            self._store.note(meta)
+        if self._local is not None:
+            for meta in metadata_keys(arr.path):
+                self._local.note(meta)
         self._arrays[(path, col.name)] = arr
         while len(self._arrays) > _MAX_OPEN_ARRAYS:
             self._arrays.popitem(last=False)
@@ -252,7 +279,7 @@ class ZarrEventStore:
             out, elsewhere = await anyio.to_thread.run_sync(
                 array_meta.grow_all, self._store, arrays, needed)
             for key in elsewhere:  # grown by another writer, maybe one not synced yet
-                self._store.note(key)
+                self._note(key)
             for arr in out:
                 self._arrays[(path, arr.path.removeprefix(path + "/"))] = arr
             return out
@@ -268,10 +295,14 @@ class ZarrEventStore:
                 await fresh.resize((array_meta.grown_length(needed, chunk),
                                     *fresh.shape[1:]))
             else:  # grown by another writer, maybe one that has not synced yet
-                self._store.note(f"{arr.path}/zarr.json")
+                self._note(f"{arr.path}/zarr.json")
             self._arrays[(path, arr.path.removeprefix(path + "/"))] = fresh
             out.append(fresh)
         return out
+
+    def _note(self, key: str) -> None:
+        if self._local is not None:
+            self._local.note(key)
 
     def forget(self, tenant: str, run_start: str) -> None:
         """Drop cached array handles of a finished run."""

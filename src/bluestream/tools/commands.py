@@ -42,9 +42,9 @@ TenantOpt = Annotated[str, typer.Option("--tenant", "-t", help="Tenant (database
 MetadataOpt = Annotated[str | None, typer.Option(
     "--metadata", help="Metadata store URI (sqlite:///path or mongodb://...); default "
     "storage.metadata / BLUESTREAM_METADATA.")]
-ZarrOpt = Annotated[Path | None, typer.Option(
-    "--zarr-root", help="Zarr root directory; default storage.zarr_root / "
-    "BLUESTREAM_ZARR_ROOT.")]
+ZarrOpt = Annotated[str | None, typer.Option(
+    "--zarr-root", help="Zarr root: a directory or s3://bucket/prefix; default "
+    "storage.zarr_root / BLUESTREAM_ZARR_ROOT.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress line.")]
 
 
@@ -207,8 +207,14 @@ def demo(out: Annotated[Path, typer.Option("--out", "-o", help="Directory for th
                                                      "running.")] = False,
          timeout: Annotated[float, typer.Option(help="Seconds to wait for each stage.")
                             ] = 120.0,
+         zarr_root: ZarrOpt = None,
          config: ConfigOpt = None) -> None:
-    """Publish a few simulated runs through Kafka, store and read them back, plot them."""
+    """Publish a few simulated runs through Kafka, store and read them back, plot them.
+
+    The arrays go under OUT/zarr unless --zarr-root names another root (a directory, or
+    s3://bucket/prefix: scripts/services serves s3://bluestream with the credentials
+    bluestream / bluestream-secret, given as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
+    with AWS_ENDPOINT_URL=http://127.0.0.1:9000)."""
     from bluestream.tools.demo import DemoOptions, run_demo
 
     settings = _settings(config)
@@ -220,8 +226,17 @@ def demo(out: Annotated[Path, typer.Option("--out", "-o", help="Directory for th
     def say(text: str) -> None:
         print(text, flush=True)
 
+    if zarr_root is not None:  # validated (and checked against the object store) first
+        settings = _settings(config, zarr_root=zarr_root)
+        if settings.storage.zarr().is_s3:
+            from bluestream.storage.zarr_root import check_access
+
+            try:
+                check_access(settings.storage.zarr(), write=True)
+            except BluestreamError as exc:
+                _fail(str(exc), 2)
     opts = DemoOptions(out=out, start_services=services, keep_services=keep_services,
-                       timeout=timeout, say=say)
+                       timeout=timeout, say=say, zarr_root=zarr_root)
     try:
         anyio.run(run_demo, settings, opts)
     except BluestreamError as exc:

@@ -44,6 +44,8 @@ class DemoOptions:
     timeout: float = 120.0
     say: Callable[[str], None] = print
     services_script: Path | None = None
+    #: Where the arrays go instead of ``out/zarr`` (a directory or ``s3://bucket/prefix``).
+    zarr_root: str | None = None
     _started_services: bool = field(default=False, repr=False)
 
 
@@ -174,8 +176,10 @@ async def _create_topic(settings: Settings, topic: str) -> None:
         await admin.close()
 
 
-def demo_settings(base: Settings, topic: str, out: Path) -> Settings:
-    """The daemon's settings: this demo's topic only, the embedded store under ``out``."""
+def demo_settings(base: Settings, topic: str, out: Path,
+                  zarr_root: str | None = None) -> Settings:
+    """The daemon's settings: this demo's topic only, the embedded store under ``out``
+    (the arrays under ``out/zarr`` unless ``zarr_root`` names another root)."""
     tenant = topic.split(".", 1)[0]
     return base.model_copy(update={
         "kafka": base.kafka.model_copy(update={
@@ -183,7 +187,7 @@ def demo_settings(base: Settings, topic: str, out: Path) -> Settings:
             "auto_offset_reset": "earliest"}),
         "storage": base.storage.model_copy(update={
             "metadata": f"sqlite:///{(out / 'bluestream.db').resolve()}",
-            "zarr_root": (out / "zarr").resolve()}),
+            "zarr_root": zarr_root or str((out / "zarr").resolve())}),
         "http": base.http.model_copy(update={"enabled": False}),
         "tenants": {},
     })
@@ -211,7 +215,8 @@ async def run_demo(base: Settings, opts: DemoOptions) -> Path:
     topic = f"{tenant}.bluesky.runengine.documents"
     cleanup = await _ensure_kafka(base, opts, f"[1/{STEPS}]")
     try:
-        return await _run(demo_settings(base, topic, opts.out), tenant, topic, opts)
+        return await _run(demo_settings(base, topic, opts.out, opts.zarr_root), tenant,
+                          topic, opts)
     finally:
         cleanup()
 
@@ -263,7 +268,7 @@ async def _publish_and_report(settings: Settings, tenant: str, topic: str,
         if cat is None:
             try:
                 cat = await open_catalog_async(tenant, metadata=settings.storage.metadata,
-                                               zarr_root=settings.storage.zarr_root).open()
+                                               zarr_root=settings.storage.zarr()).open()
             except StorageUnavailable:  # the SQLite file is created with the first run
                 return False
         for r in runs:

@@ -84,7 +84,7 @@ async def export_runs(runs: Sequence[str], *, tenant: str, settings: Settings, f
     outdir = Path(out)
     await anyio.Path(outdir).mkdir(parents=True, exist_ok=True)
     async with open_catalog_async(tenant, metadata=settings.storage.metadata,
-                                  zarr_root=settings.storage.zarr_root) as cat:
+                                  zarr_root=settings.storage.zarr()) as cat:
         selected: list[AsyncBlueskyRun] = []
         for text in runs:
             try:

@@ -69,7 +69,7 @@ async def open_ingestor(settings: Settings, sink: ReportingSink
     registry = StoreRegistry(
         s.storage.metadata,
         server_selection_timeout_ms=s.storage.mongo_server_selection_timeout_ms)
-    arrays = ZarrEventStore(s.storage.zarr_root, fsync=s.storage.fsync,
+    arrays = ZarrEventStore(s.storage.zarr(), fsync=s.storage.fsync,
                             tail_rows=s.storage.tail_rows)
     ingestor = Ingestor(store_for=registry, arrays=arrays, dlq=sink, limits=s.limits.limits(),
                         park_max_count=s.limits.park_max_count, park_max_age_s=math.inf)
