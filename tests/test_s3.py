@@ -200,3 +200,23 @@ def test_credentials_from_the_standard_variables(s3_endpoint: str, tmp_path: Pat
     wrong: dict[str, Any] = {**env, "AWS_SECRET_ACCESS_KEY": "wrong"}
     done = _cli(["check-config"], wrong)
     assert done.returncode == 2 and "refused the credentials" in done.stderr, done.stderr
+
+
+def test_tools_refuse_an_unknown_bucket_at_start(s3_endpoint: str, tmp_path: Path) -> None:
+    """``ingest``, ``ingest-mongo`` and ``export`` ask the object store before any work:
+    one line naming the setting, exit status 2, nothing written."""
+    env = _env(AWS_ENDPOINT_URL=s3_endpoint, AWS_ACCESS_KEY_ID=S3_ACCESS_KEY_ID,
+               AWS_SECRET_ACCESS_KEY=S3_SECRET_ACCESS_KEY)
+    src = tmp_path / "src"
+    src.mkdir()
+    files = write_suitcase([scalar_run(3, fields=1)], "jsonl", src)
+    common = ["--tenant", "t1", "--metadata", f"sqlite:///{tmp_path}/m.db",
+              "--zarr-root", "s3://no-such-bucket-here/x"]
+    for args in (["ingest", str(files[0]), *common],
+                 ["ingest-mongo", "mongodb://127.0.0.1:1/db", *common],
+                 ["export", "--all", "--out", str(tmp_path / "out"), *common]):
+        done = _cli(args, env)
+        assert done.returncode == 2, (args, done.stdout, done.stderr[-2000:])
+        assert "storage.zarr_root: bucket 'no-such-bucket-here' does not exist" in \
+            done.stderr, (args, done.stderr[-2000:])
+    assert not (tmp_path / "m.db").exists()

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Literal, NoReturn
 
 import anyio
 import typer
@@ -58,8 +58,11 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _settings(config: Path | None, **overrides: str | None) -> Settings:
-    """The daemon's settings with command-line overrides applied, validated as one."""
+def _settings(config: Path | None, *, zarr_access: Literal["read", "write"] | None = None,
+              **overrides: str | None) -> Settings:
+    """The daemon's settings with command-line overrides applied, validated as one.
+    ``zarr_access``: an ``s3://`` Zarr root is asked first whether it can be read (or
+    written), so that an unknown bucket or refused credentials are one clear error."""
     names = {"metadata": "BLUESTREAM_METADATA", "zarr_root": "BLUESTREAM_ZARR_ROOT",
              "bootstrap": "BLUESTREAM_KAFKA_BOOTSTRAP"}
     environ: Mapping[str, str] = {**os.environ, **{names[k]: str(v) for k, v in
@@ -69,6 +72,14 @@ def _settings(config: Path | None, **overrides: str | None) -> Settings:
     except ConfigError as exc:
         _fail(str(exc), 2)
     configure_logging(settings.log.format, "error")  # problems are reported by the tools
+    root = settings.storage.zarr()
+    if zarr_access is not None and root.is_s3:
+        from bluestream.storage.zarr_root import check_access
+
+        try:
+            check_access(root, write=zarr_access == "write")
+        except ConfigError as exc:
+            _fail(str(exc), 2)
     return settings
 
 
@@ -116,8 +127,7 @@ def ingest(files: Annotated[list[Path], typer.Argument(help="Document files (.js
     from bluestream.tools.ingest import ingest_files
 
     tune_gc()
-    settings = _settings(config, metadata=metadata,
-                         zarr_root=None if zarr_root is None else str(zarr_root))
+    settings = _settings(config, zarr_access="write", metadata=metadata, zarr_root=zarr_root)
     total = sum(p.stat().st_size for p in files if p.is_file())
     progress = _progress("ingest", total, "bytes", quiet)
     try:
@@ -145,8 +155,7 @@ def ingest_mongo(uri: Annotated[str, typer.Argument(help="MongoDB URI of the sui
     from bluestream.tools.ingest_mongo import ingest_mongo as _ingest_mongo
 
     tune_gc()
-    settings = _settings(config, metadata=metadata,
-                         zarr_root=None if zarr_root is None else str(zarr_root))
+    settings = _settings(config, zarr_access="write", metadata=metadata, zarr_root=zarr_root)
     progress = _progress("ingest-mongo", None, "runs", quiet)
     try:
         report = anyio.run(lambda: _ingest_mongo(
@@ -178,8 +187,7 @@ def export(tenant: TenantOpt,
         _fail(f"no such option: {unknown[0]} (see bluestream export --help)", 2)
     if not runs and not all_runs:
         _fail("name at least one RUN, or give --all", 2)
-    settings = _settings(config, metadata=metadata,
-                         zarr_root=None if zarr_root is None else str(zarr_root))
+    settings = _settings(config, zarr_access="read", metadata=metadata, zarr_root=zarr_root)
     progress = _progress("export", None, "docs", quiet)
 
     def missing(key: str, why: str) -> None:
@@ -227,14 +235,7 @@ def demo(out: Annotated[Path, typer.Option("--out", "-o", help="Directory for th
         print(text, flush=True)
 
     if zarr_root is not None:  # validated (and checked against the object store) first
-        settings = _settings(config, zarr_root=zarr_root)
-        if settings.storage.zarr().is_s3:
-            from bluestream.storage.zarr_root import check_access
-
-            try:
-                check_access(settings.storage.zarr(), write=True)
-            except BluestreamError as exc:
-                _fail(str(exc), 2)
+        _settings(config, zarr_access="write", zarr_root=zarr_root)
     opts = DemoOptions(out=out, start_services=services, keep_services=keep_services,
                        timeout=timeout, say=say, zarr_root=zarr_root)
     try:
