@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.abc.store import Store
 
 from benchmarks.checks import Check, equal, frames_match, no_data_loss
 from benchmarks.common import (
@@ -45,12 +46,14 @@ __all__ = ["NAME", "plain_zarr_write", "raw_disk_write", "run"]
 BLOCK_CHUNKS = 16  # chunks per write call in the plain-Zarr baseline
 
 
-def plain_zarr_write(path: Path, frames: list[np.ndarray], n: int,
+def plain_zarr_write(path: Path | Store, frames: list[np.ndarray], n: int,
                      like: zarr.Array[Any]) -> float:
-    """Write ``n`` frames (taken from ``frames`` in turn) like the daemon's array;
-    returns seconds spent in Zarr (building the blocks is not counted)."""
+    """Write ``n`` frames (taken from ``frames`` in turn) like the daemon's array, into a
+    directory or a zarr store; returns seconds spent in Zarr (building the blocks is not
+    counted)."""
     shape = frames[0].shape
-    arr = zarr.create_array(store=str(path), shape=(n, *shape), chunks=like.chunks,
+    store = str(path) if isinstance(path, Path) else path
+    arr = zarr.create_array(store=store, shape=(n, *shape), chunks=like.chunks,
                             dtype=like.dtype, fill_value=like.fill_value,
                             compressors=like.compressors, serializer=like.serializer,
                             filters=like.filters, dimension_names=("event", "dim_0", "dim_1"))

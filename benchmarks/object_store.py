@@ -16,10 +16,8 @@ S3 endpoint and credentials: ``BLUESTREAM_S3_ENDPOINT`` (default the local serve
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
-import numpy as np
 import obstore
 import zarr
 from obstore.store import S3Store
@@ -36,7 +34,7 @@ from benchmarks.common import (
     rate,
 )
 from benchmarks.docs import image_frames, image_run, scalar_run
-from benchmarks.image_ingest import BLOCK_CHUNKS
+from benchmarks.image_ingest import plain_zarr_write
 from benchmarks.infra import checked_ingest, create_topic, publish
 from bluestream.consumers.decode import encode_message
 from bluestream.layout import descriptor_path
@@ -61,26 +59,6 @@ def _plain_store(prefix: str) -> ObjectStore[S3Store]:
     return ObjectStore(S3Store(BUCKET, prefix=prefix, config={
         "endpoint": ENDPOINT, "access_key_id": KEY, "secret_access_key": SECRET,
         "region": "us-east-1"}, client_options={"allow_http": True}))
-
-
-def plain_s3_write(prefix: str, frames: list[np.ndarray], n: int,
-                   like: zarr.Array[Any]) -> float:
-    """Write ``n`` frames like the daemon's array through zarr's ObjectStore; seconds in
-    Zarr (building the blocks is not counted)."""
-    arr = zarr.create_array(store=_plain_store(prefix), shape=(n, *frames[0].shape),
-                            chunks=like.chunks, dtype=like.dtype, fill_value=like.fill_value,
-                            compressors=like.compressors, serializer=like.serializer,
-                            filters=like.filters,
-                            dimension_names=("event", "dim_0", "dim_1"))
-    block = like.chunks[0] * BLOCK_CHUNKS
-    spent = 0.0
-    for start in range(0, n, block):
-        stop = min(n, start + block)
-        data = np.stack([frames[i % len(frames)] for i in range(start, stop)])
-        t = time.perf_counter()
-        arr[start:stop] = data
-        spent += time.perf_counter() - t
-    return spent
 
 
 def _remove(prefix: str) -> int:
@@ -154,7 +132,7 @@ def _images(ctx: Context, n: int, prefix: str, checks: list[Check]) -> dict[str,
     written = zarr.open_array(root.object_store(read_only=True), mode="r", path=descriptor_path(
         tenant, run_.uid, run_.descriptor_uid) + "/data/img")
     checks.append(frames_match("frames on S3 bit-exact", written, frames, n))
-    plain_s = plain_s3_write(f"{prefix}/plain", frames, n, written)
+    plain_s = plain_zarr_write(_plain_store(f"{prefix}/plain"), frames, n, written)
     plain_mbps = total_mb / plain_s
     print(f"  images on S3: bluestream {daemon_mbps:,.0f} MB/s "
           f"({rate(n, timing.seconds):,.0f} frames/s), plain zarr {plain_mbps:,.0f} MB/s; "
