@@ -234,7 +234,8 @@ async def test_pattern_picks_up_new_topic(kafka_bootstrap: str, tmp_path: Path,
 
 # -- the true default, on a broker of our own ----------------------------------------------
 class _PrivateKafka(PrivateServices):
-    """A private Kafka only (``scripts/services`` starts no Mongo when given one)."""
+    """A private Kafka only (``scripts/services`` starts no Mongo and no S3 when given
+    external ones)."""
 
     def _run(self, *args: str, timeout: float = 240) -> str:
         import subprocess
@@ -243,8 +244,9 @@ class _PrivateKafka(PrivateServices):
 
         env = daemon_env(BLUESTREAM_SERVICES_HOME=str(self.home),
                          BLUESTREAM_SERVICES_KAFKA_PORT=str(self.kafka_port),
-                         # "external": scripts/services then starts no Mongo
+                         # "external": scripts/services then starts no Mongo, no S3
                          BLUESTREAM_MONGO_URI="mongodb://127.0.0.1:1",
+                         BLUESTREAM_S3_ENDPOINT="http://127.0.0.1:1",
                          BLUESTREAM_SERVICES_KAFKA_HEAP="512m")
         done = subprocess.run([str(ROOT / "scripts" / "services"), *args], env=env,
                               capture_output=True, text=True, timeout=timeout, check=False)
@@ -256,7 +258,7 @@ class _PrivateKafka(PrivateServices):
 def private_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if shutil.which("java") is None:
         pytest.skip("java is not installed: scripts/services cannot start a private Kafka")
-    services = _PrivateKafka(tmp_path_factory.mktemp("kafka"), free_port_pair(), 0)
+    services = _PrivateKafka(tmp_path_factory.mktemp("kafka"), free_port_pair(), 0, 0)
     try:
         services.up()
         yield services.kafka_bootstrap
