@@ -36,7 +36,8 @@ ALLOWED: dict[str, set[str]] = {
     "consumers": {"schemas", "storage", "settings"},
     "catalog": {"schemas", "storage", "settings"},
     "daemon": {"consumers", "schemas", "storage", "settings"},
-    "tools": {"catalog", "consumers", "daemon", "schemas", "storage", "settings"},
+    "tools": {"catalog", "consumers", "daemon", "schemas", "storage", "settings", "tiled"},
+    "tiled": {"catalog", "storage", "settings"},
     "cli": {"daemon", "tools", "settings", "storage"},
     "__main__": {"cli"},
     "__init__": {"catalog", "storage"},  # storage: the ZarrRoot type of open_catalog

@@ -159,6 +159,10 @@ class AsyncCatalog:
                 return
             skip += len(page)
 
+    async def load_run(self, start: Doc) -> AsyncBlueskyRun:
+        """The run of a start document that :meth:`starts` returned."""
+        return await AsyncBlueskyRun.load(self._ctx, start)
+
     async def items(self) -> AsyncIterator[tuple[str, AsyncBlueskyRun]]:
         async for run in self.values():
             yield run.uid, run

@@ -19,6 +19,7 @@ __all__ = [
     "check_metadata_uri",
     "is_mongo_uri",
     "is_sqlite_uri",
+    "list_tenants",
     "open_metadata_store",
     "ping_backend",
 ]
@@ -79,6 +80,23 @@ def open_metadata_store(
 
         return SqliteMetadataStore(uri, tenant, readonly=readonly)
     raise ConfigError(f"metadata store URI {mask_uri(uri)!r} is not supported: {_SUPPORTED}")
+
+
+async def list_tenants(uri: str, *, server_selection_timeout_ms: int =
+                       DEFAULT_SERVER_SELECTION_TIMEOUT_MS) -> list[str]:
+    """Every tenant at ``uri`` (opened by a writer at least once); nothing is created."""
+    if is_sqlite_uri(uri):
+        import anyio
+
+        from bluestream.storage.sqlite import tenants_at
+
+        return await anyio.to_thread.run_sync(tenants_at, uri)
+    store = open_metadata_store(uri, "bluestream", readonly=True,
+                                server_selection_timeout_ms=server_selection_timeout_ms)
+    try:
+        return sorted(await store.tenants())
+    finally:
+        await store.close()
 
 
 async def ping_backend(uri: str, *, server_selection_timeout_ms: int =

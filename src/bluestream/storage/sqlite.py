@@ -565,6 +565,19 @@ def _tenant_known(conn: sqlite3.Connection, tenant: str) -> bool:
     return False
 
 
+def tenants_at(uri: str) -> list[str]:
+    """The tenants of the SQLite file at ``uri``, read without opening a store (none if
+    the file does not exist yet). Blocking."""
+    path = sqlite_path(uri)
+    if path == ":memory:" or not Path(path).exists():
+        return []
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return sorted(_tenants(conn))
+    finally:
+        conn.close()
+
+
 def _tenants(conn: sqlite3.Connection) -> list[str]:
     """Tenants a writer has opened, and (for files written before that was recorded)
     tenants with runs."""

@@ -206,6 +206,39 @@ def export(tenant: TenantOpt,
         raise typer.Exit(1)
 
 
+def tiled(tenant: Annotated[list[str] | None, typer.Option(
+              "--tenant", "-t", help="Serve this tenant (repeatable); default: every tenant "
+              "of the metadata store, each a top-level container.")] = None,
+          host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+          port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+          api_key: Annotated[str | None, typer.Option(
+              "--api-key", help="Tiled's single-user API key (letters and digits); "
+              "default: a random one, printed.", envvar="TILED_SINGLE_USER_API_KEY")] = None,
+          public: Annotated[bool, typer.Option(
+              "--public", help="Anonymous read-only access (no key needed to read).")
+                            ] = False,
+          metadata: MetadataOpt = None, zarr_root: ZarrOpt = None,
+          config: ConfigOpt = None) -> None:
+    """Serve the stored runs through a stock Tiled server (needs bluestream[tiled]).
+
+    Clients: tiled.client.from_uri("http://HOST:PORT", api_key=KEY) with
+    bluesky-tiled-plugins installed; c["csx"][-1]["primary"].read().
+    """
+    try:
+        from bluestream.tiled.server import serve
+    except ImportError as exc:
+        _fail(f"bluestream tiled needs the Tiled server: pip install 'bluestream[tiled]' "
+              f"({exc})", 2)
+    settings = _settings(config, zarr_access="read", metadata=metadata, zarr_root=zarr_root)
+    try:
+        serve(host=host, port=port, say=lambda text: typer.echo(text, err=True),
+              metadata=settings.storage.metadata, zarr_root=settings.storage.zarr_root,
+              tenants=tenant or [], api_key=api_key, public=public,
+              config=None if config is None else str(config))
+    except ValueError as exc:
+        _fail(str(exc), 2)
+
+
 def demo(out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the embedded "
                                            "store and the plot.")] = Path("demo-output"),
          services: Annotated[bool, typer.Option(help="Start the local Kafka "
@@ -255,3 +288,4 @@ def register(app: typer.Typer) -> None:
     # "-1" (the newest run) must reach RUNS instead of being taken for an option.
     app.command("export", context_settings={"ignore_unknown_options": True})(export)
     app.command("demo")(demo)
+    app.command("tiled")(tiled)

@@ -1,0 +1,449 @@
+"""Tiled 0.2 adapters over bluestream's catalog (see :mod:`bluestream.tiled`).
+
+Every node is built per request from what the metadata store and the Zarr arrays hold
+now (no cache: an open run grows between two requests). Arrays are the lazy dask arrays
+of the Python catalog's ``to_dask()``, whose blocks are the Zarr chunks: a block request
+reads one chunk. What Tiled needs of an adapter (``structure_family``, ``metadata()``,
+``specs``, ``structure()``; for containers ``lookup_adapter`` raising ``NoEntry``,
+``exact_len``, ``keys_range``/``items_range``, ``search``, ``sort``) is the protocol of the
+Tiled 0.2 server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+
+# Registers the query types of older bluesky-tiled-plugins clients (scan_id, partial_uid,
+# scan_id_range, time_range) with Tiled: it must happen before the server's app is built,
+# which importing the tree's module does. An unregistered filter is silently ignored.
+import bluesky_tiled_plugins.queries  # noqa: F401
+import numpy as np
+from tiled.server.core import NoEntry
+from tiled.structures.array import ArrayStructure
+from tiled.structures.core import Spec, StructureFamily
+from tiled.structures.table import TableStructure
+from tiled.utils import UnsupportedQueryType
+
+from bluestream.catalog.core import AsyncCatalog, make_context
+from bluestream.catalog.run import AsyncBlueskyRun
+from bluestream.errors import NotFound, StorageUnavailable
+from bluestream.settings import load_settings
+from bluestream.storage.backends import list_tenants
+from bluestream.tiled.queries import translate
+
+__all__ = ["ArrayNode", "CatalogNode", "RunNode", "StreamNode", "TableNode", "TenantsNode"]
+
+CATALOG_SPECS = [Spec("CatalogOfBlueskyRuns", version="3.0")]
+RUN_SPECS = [Spec("BlueskyRun", version="3.0")]
+STREAM_SPECS = [Spec("BlueskyEventStream", version="3.0"), Spec("composite")]
+_DROPPED_FROM_DESCRIPTOR = ("name", "object_keys", "run_start")
+#: Sort keys that mean "by start time" (the order the store keeps).
+_TIME_KEYS = ("", "_", "time", "start.time", "metadata.start.time")
+
+
+def _jsonable(value: Any) -> Any:
+    """Documents as JSON: numpy values become Python ones."""
+    return json.loads(json.dumps(value, default=_default))
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+class _Paged:
+    """Offset paging as Tiled's server asks for it: with ``items_page`` present it calls
+    ``cursor_for_offset`` (None: no cursors here), then ``*_page(None, limit)`` for the
+    first page and ``*_range(offset, limit)`` for the others."""
+
+    async def keys_range(self, offset: int = 0, limit: int | None = None) -> list[str]:
+        raise NotImplementedError
+
+    async def items_range(self, offset: int = 0, limit: int | None = None
+                          ) -> list[tuple[str, Any]]:
+        raise NotImplementedError
+
+    async def cursor_for_offset(self, offset: int) -> None:
+        return None
+
+    async def keys_page(self, cursor: Any, limit: int) -> tuple[list[str], None]:
+        return await self.keys_range(0, limit), None
+
+    async def items_page(self, cursor: Any, limit: int) -> tuple[list[tuple[str, Any]], None]:
+        return await self.items_range(0, limit), None
+
+
+class _Container(_Paged):
+    """Shared by the containers with a fixed set of children (runs, streams)."""
+
+    structure_family = StructureFamily.container
+    specs: list[Spec] = []
+
+    def __init__(self, metadata: dict[str, Any]) -> None:
+        self._metadata = metadata
+
+    def metadata(self) -> dict[str, Any]:
+        return self._metadata
+
+    def structure(self) -> None:
+        return None
+
+    def _keys(self) -> list[str]:
+        raise NotImplementedError
+
+    async def _child(self, key: str) -> Any:
+        raise NotImplementedError
+
+    async def lookup_adapter(self, segments: Sequence[str]) -> Any:
+        if not segments:
+            return self
+        head, *rest = segments
+        if head not in self._keys():
+            raise NoEntry(list(segments))
+        child = await self._child(head)
+        if not rest:
+            return child
+        if not hasattr(child, "lookup_adapter"):
+            raise NoEntry(list(segments))
+        return await child.lookup_adapter(rest)
+
+    async def exact_len(self) -> int:
+        return len(self._keys())
+
+    async def keys_range(self, offset: int = 0, limit: int | None = None) -> list[str]:
+        keys = self._keys()
+        return keys[offset:None if limit is None else offset + limit]
+
+    async def items_range(self, offset: int = 0, limit: int | None = None
+                          ) -> list[tuple[str, Any]]:
+        return [(k, await self._child(k)) for k in await self.keys_range(offset, limit)]
+
+    def search(self, query: Any) -> Any:
+        raise UnsupportedQueryType(f"{type(self).__name__} cannot be searched")
+
+    def read(self, fields: Sequence[str] | None = None) -> Any:
+        return self
+
+
+class ArrayNode:
+    """One data key with a per-event shape: blocks are the Zarr chunks."""
+
+    structure_family = StructureFamily.array
+    specs: list[Spec] = []
+
+    def __init__(self, values: Any, dims: tuple[str, ...], metadata: dict[str, Any]) -> None:
+        self._values = values  # a dask array over the Zarr chunks, or numpy
+        self._structure = ArrayStructure.from_array(values, dims=dims)
+        self._metadata = metadata
+
+    def metadata(self) -> dict[str, Any]:
+        return self._metadata
+
+    def structure(self) -> ArrayStructure:
+        return self._structure
+
+    async def _compute(self, values: Any) -> np.ndarray:
+        if hasattr(values, "compute"):
+            return np.asarray(await anyio.to_thread.run_sync(values.compute))
+        return np.asarray(values)
+
+    async def read(self, slice: Any = None) -> np.ndarray:
+        values = self._values if not slice else self._values[tuple(slice)]
+        return await self._compute(values)
+
+    async def read_block(self, block: Sequence[int], slice: Any = None) -> np.ndarray:
+        values = self._values
+        if hasattr(values, "blocks"):
+            part = values.blocks[tuple(block)]
+        else:
+            part = values[_block_slices(self._structure.chunks, block)]
+        out = await self._compute(part)
+        return out[tuple(slice)] if slice else out
+
+
+def _block_slices(chunks: Sequence[Sequence[int]], block: Sequence[int]) -> tuple[slice, ...]:
+    out = []
+    for sizes, i in zip(chunks, block, strict=True):
+        start = int(sum(sizes[:i]))
+        out.append(slice(start, start + int(sizes[i])))
+    return tuple(out)
+
+
+class TableNode:
+    """The ``internal`` table: ``seq_num``, ``time`` and the scalar data keys."""
+
+    structure_family = StructureFamily.table
+    specs: list[Spec] = []
+
+    def __init__(self, columns: dict[str, np.ndarray], metadata: dict[str, Any]) -> None:
+        import pyarrow as pa
+
+        self._columns = columns
+        arrays = [pa.array(_arrow_ready(v)) for v in columns.values()]
+        self._table = pa.Table.from_arrays(arrays, names=list(columns))
+        self._structure = TableStructure.from_arrow_table(self._table, npartitions=1)
+        self._metadata = metadata
+
+    def metadata(self) -> dict[str, Any]:
+        return self._metadata
+
+    def structure(self) -> TableStructure:
+        return self._structure
+
+    async def read(self, fields: Sequence[str] | None = None) -> Any:
+        table = self._table
+        if fields:
+            missing = [f for f in fields if f not in self._columns]
+            if missing:
+                raise KeyError(missing[0])
+            table = table.select(list(fields))
+        return table.to_pandas()
+
+    async def read_partition(self, partition: int, fields: Sequence[str] | None = None
+                             ) -> Any:
+        if partition != 0:
+            raise IndexError(partition)
+        return await self.read(fields)
+
+    def __getitem__(self, key: str) -> ArrayNode:
+        if key not in self._columns:
+            raise KeyError(key)
+        return ArrayNode(_arrow_ready(self._columns[key]), ("time",), {})
+
+
+def _arrow_ready(values: np.ndarray) -> np.ndarray:
+    if values.dtype.kind in "TO":
+        return values.astype(str)
+    return values
+
+
+class StreamNode(_Container):
+    specs = STREAM_SPECS
+
+    def __init__(self, metadata: dict[str, Any], children: dict[str, Any]) -> None:
+        super().__init__(metadata)
+        self._children = children
+
+    @classmethod
+    async def load(cls, run: AsyncBlueskyRun, name: str) -> StreamNode:
+        stream = run[name]
+        descriptors = await stream.descriptors()
+        ds = await stream.to_dask()
+        first = dict(descriptors[0]) if descriptors else {}
+        data_keys = {k: dict(v) for d in descriptors for k, v in d.get("data_keys", {}).items()}
+        for key, dk in data_keys.items():
+            if key in ds:
+                dk["dtype_numpy"] = str(np.dtype(ds[key].dtype))
+        for obj, keys in first.get("object_keys", {}).items():
+            for key in keys:
+                if key in data_keys:
+                    data_keys[key]["object_name"] = obj
+        metadata = {k: v for k, v in first.items() if k not in _DROPPED_FROM_DESCRIPTOR}
+        metadata["data_keys"] = data_keys
+        if len(descriptors) > 1:
+            metadata["_config_updates"] = [
+                {"uid": d["uid"], "time": d.get("time"),
+                 "configuration": d.get("configuration", {})} for d in descriptors[1:]]
+        arrays: dict[str, Any] = {}
+        columns: dict[str, np.ndarray] = {
+            "seq_num": np.asarray(ds["seq_num"].values, dtype=np.int64),
+            "time": np.asarray(ds["time"].values, dtype=np.float64)}
+        table_md: dict[str, Any] = {}
+        for key in ds.data_vars:
+            var = ds[key]
+            name = str(key)
+            if var.ndim > 1:
+                arrays[name] = ArrayNode(var.data, tuple(str(d) for d in var.dims),
+                                         _jsonable(data_keys.get(name, {})))
+            elif name not in columns:
+                columns[name] = np.asarray(var.values)
+                table_md[name] = _jsonable(data_keys.get(name, {}))
+        children = {**arrays, "internal": TableNode(columns, table_md)}
+        return cls(_jsonable(metadata), children)
+
+    def _keys(self) -> list[str]:
+        return list(self._children)
+
+    async def _child(self, key: str) -> Any:
+        return self._children[key]
+
+
+class RunNode(_Container):
+    specs = RUN_SPECS
+
+    def __init__(self, run: AsyncBlueskyRun) -> None:
+        md: dict[str, Any] = {"start": _jsonable(run.start)}
+        if run.stop is not None:
+            md["stop"] = _jsonable(run.stop)
+        super().__init__(md)
+        self.run = run
+
+    def _keys(self) -> list[str]:
+        return list(self.run.streams)
+
+    async def _child(self, key: str) -> StreamNode:
+        return await StreamNode.load(self.run, key)
+
+    def __dask_tokenize__(self) -> tuple[Any, ...]:
+        # Tiled's ETag of /container/full (documents()): an open run changes, so the
+        # token does too (never cached stale).
+        return ("bluestream-run", self.run.uid, os.urandom(8).hex())
+
+
+class CatalogNode(_Paged):
+    """The runs of one tenant (those matching the searches so far), oldest first by
+    default: ``c[-1]`` asks for the reverse order and gets the newest."""
+
+    structure_family = StructureFamily.container
+    specs = CATALOG_SPECS
+
+    def __init__(self, catalog: AsyncCatalog, *, newest_first: bool = False,
+                 metadata: dict[str, Any] | None = None) -> None:
+        self._catalog = catalog
+        self._newest_first = newest_first
+        self._metadata = metadata or {}
+
+    @classmethod
+    def for_tenant(cls, tenant: str, *, metadata: str | None = None,
+                   zarr_root: str | None = None, config: str | None = None) -> CatalogNode:
+        ctx = make_context(tenant, metadata=metadata, zarr_root=zarr_root, config=config)
+        return cls(AsyncCatalog(ctx), metadata={"tenant": tenant})
+
+    def metadata(self) -> dict[str, Any]:
+        return self._metadata
+
+    def structure(self) -> None:
+        return None
+
+    @property
+    def sorting(self) -> list[tuple[str, int]]:
+        return [("", 1)]
+
+    def _variation(self, catalog: AsyncCatalog, newest_first: bool) -> CatalogNode:
+        return CatalogNode(catalog, newest_first=newest_first, metadata=self._metadata)
+
+    def search(self, query: Any) -> CatalogNode:
+        translated = translate(query)
+        if translated is None:
+            return self
+        return self._variation(self._catalog.search(translated), self._newest_first)
+
+    def sort(self, sorting: Sequence[tuple[str, int]]) -> CatalogNode:
+        newest_first = self._newest_first
+        for key, direction in sorting:
+            if key not in _TIME_KEYS:
+                raise UnsupportedQueryType(f"runs are sorted by start time only, not by "
+                                           f"{key!r}")
+            newest_first = direction < 0
+        return self._variation(self._catalog, newest_first)
+
+    async def exact_len(self) -> int:
+        return int(await self._call(self._catalog.count()))
+
+    async def _call(self, awaitable: Any) -> Any:
+        try:
+            return await awaitable
+        except NotFound as exc:
+            raise NoEntry([str(exc)]) from exc
+        except (ValueError, TypeError) as exc:  # a query the store refused
+            from tiled.queries import QueryValueError
+
+            raise QueryValueError(str(exc)) from exc
+
+    async def _starts(self, offset: int, limit: int | None) -> list[dict[str, Any]]:
+        if self._newest_first:
+            return list(await self._call(self._catalog.starts(offset, limit)))
+        # The store keeps newest first: the oldest-first page [offset, offset + limit)
+        # is the newest-first page that ends ``offset`` runs before the end, reversed.
+        total = await self.exact_len()
+        stop = total - offset
+        if stop <= 0:
+            return []
+        first = 0 if limit is None else max(0, stop - limit)
+        page = await self._call(self._catalog.starts(first, stop - first))
+        return list(reversed(page))
+
+    async def keys_range(self, offset: int = 0, limit: int | None = None) -> list[str]:
+        return [str(s["uid"]) for s in await self._starts(offset, limit)]
+
+    async def items_range(self, offset: int = 0, limit: int | None = None
+                          ) -> list[tuple[str, RunNode]]:
+        out = []
+        for start in await self._starts(offset, limit):
+            run = await self._catalog.load_run(start)
+            out.append((run.uid, RunNode(run)))
+        return out
+
+    async def lookup_adapter(self, segments: Sequence[str]) -> Any:
+        if not segments:
+            return self
+        head, *rest = segments
+        try:
+            start = await self._catalog.lookup_start(head)
+        except (NotFound, ValueError, TypeError):
+            raise NoEntry(list(segments)) from None
+        if start.get("uid") != head:  # a uid prefix is a search, not a path
+            raise NoEntry(list(segments))
+        run = RunNode(await self._catalog.load_run(start))
+        return await run.lookup_adapter(rest) if rest else run
+
+    def read(self, fields: Sequence[str] | None = None) -> Any:
+        return self
+
+
+class TenantsNode(_Container):
+    """Every tenant of a metadata store (or those named), listed afresh per request."""
+
+    def __init__(self, *, metadata: str | None, zarr_root: str | None,
+                 tenants: Sequence[str] | None, config: str | None) -> None:
+        super().__init__({})
+        self._uri = metadata
+        self._zarr_root = zarr_root
+        self._config = config
+        self._named = list(tenants) if tenants else None
+        self._catalogs: dict[str, CatalogNode] = {}
+        self._known: list[str] = []
+
+    def _keys(self) -> list[str]:
+        return self._known
+
+    async def _refresh(self) -> list[str]:
+        if self._named is not None:
+            self._known = list(self._named)
+        else:
+            uri = self._uri
+            if uri is None:
+                uri = load_settings(self._config).storage.metadata
+            try:
+                self._known = sorted(await list_tenants(uri))
+            except StorageUnavailable as exc:
+                raise NoEntry([str(exc)]) from exc
+        return self._known
+
+    async def _child(self, key: str) -> CatalogNode:
+        node = self._catalogs.get(key)
+        if node is None:
+            node = self._catalogs[key] = CatalogNode.for_tenant(
+                key, metadata=self._uri, zarr_root=self._zarr_root, config=self._config)
+        return node
+
+    async def lookup_adapter(self, segments: Sequence[str]) -> Any:
+        await self._refresh()
+        return await super().lookup_adapter(segments)
+
+    async def exact_len(self) -> int:
+        return len(await self._refresh())
+
+    async def keys_range(self, offset: int = 0, limit: int | None = None) -> list[str]:
+        await self._refresh()
+        return await super().keys_range(offset, limit)
