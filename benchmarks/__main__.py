@@ -32,6 +32,7 @@ from benchmarks import (
     scalar_ingest,
     scaling,
     short_runs,
+    tiled_read,
 )
 from benchmarks.common import (
     GOALS,
@@ -48,7 +49,7 @@ from bluestream.daemon.logs import configure_logging
 
 SCENARIOS: dict[str, ModuleType] = {
     m.NAME: m for m in (scalar_ingest, image_ingest, latency, read, scaling, short_runs,
-                        object_store, profile)
+                        object_store, tiled_read, profile)
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -237,11 +237,20 @@ IMAGES_S3_VS_PLAIN = Goal(
     "/ a plain Zarr write of the same frames to the same S3 server with the same store "
     "class", 0.8, "x")
 
+# -- the targets of issue 14 ("remote readers").
+TILED_IMAGES_VS_LOCAL = Goal(
+    "tiled_images_vs_local", "read() of a 1,000-frame image run over HTTP (bluestream tiled, "
+    "stock client): frames/s remote / local", 0.5, "x")
+TILED_SCALAR_TIME_VS_LOCAL = Goal(
+    "tiled_scalar_time_vs_local", "read() of a 100,000-event scalar run over HTTP: time "
+    "remote / local", 3.0, "x", higher_is_better=False, or_equal=True)
+
 GOALS: tuple[Goal, ...] = (
     SCALAR_EVENTS_VS_LIMIT, SCALAR_EVENTS_VS_CEILING, SCALAR_PAGES_VS_LIMIT,
     IMAGES_VS_BOUND, LATENCY_P50, LATENCY_P99, PEAK_RSS, READ_SCALAR_SECONDS,
     READ_SCALAR_VS_INCUMBENT, READ_IMAGES_VS_INCUMBENT, SHORT_RUNS_PER_S,
     SHORT_RUNS_VS_INCUMBENT, SHORT_RUNS_FILES, SHORT_RUNS_KB, IMAGES_S3_VS_PLAIN,
+    TILED_IMAGES_VS_LOCAL, TILED_SCALAR_TIME_VS_LOCAL,
 )
 
 

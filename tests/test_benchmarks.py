@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ("scalar_ingest", "image_ingest", "latency", "read", "scaling", "short_runs",
-             "object_store", "profile")
+             "object_store", "tiled_read", "profile")
 
 
 def _get(data: Any, path: tuple[str, ...]) -> Any:
@@ -62,6 +62,8 @@ POSITIVE: dict[str, list[tuple[str, ...]]] = {
     "object_store": [("images", "bluestream_mb_per_s"), ("images", "plain_zarr_mb_per_s"),
                      ("images", "ratio"), ("scalar", "s3_events_per_s"),
                      ("scalar", "local_events_per_s"), ("scalar", "ratio")],
+    "tiled_read": [("scalar", "local_s"), ("scalar", "remote_s"), ("scalar", "time_factor"),
+                   ("image", "local_s"), ("image", "remote_s"), ("image", "ratio")],
     "profile": [("in_process", "events/sqlite", "events_per_s"),
                 ("in_process", "pages/sqlite", "events_per_s"),
                 ("daemon", "default", "events_per_s"), ("daemon", "gc_tuned", "events_per_s")],
@@ -85,6 +87,7 @@ TARGETS: dict[str, set[str]] = {
         "one-event runs: ingest/mongo / incumbent", "one-event runs: daemon/mongo / incumbent",
         "files per one-event run", "KB per one-event run"},
     "object_store": {"images on S3: bluestream / plain zarr on S3"},
+    "tiled_read": {"images over HTTP / local read()", "scalars over HTTP: time / local time"},
     "profile": set(),
 }
 
@@ -118,6 +121,7 @@ CHECKS: dict[str, set[str]] = {
     "object_store": {"no data loss: daemon, Zarr root on S3", "frames on S3 bit-exact",
                      *(f"no data loss: daemon, scalar events, Zarr root {w}"
                        for w in ("s3", "local")), "scalar runs stored on both roots"},
+    "tiled_read": {"remote read scalar values", "remote read image values"},
     "profile": {f"no data loss: daemon {label}"
                 for label in ("default", "gc_tuned", "batch_20000", "gc_tuned+batch_20000")},
 }

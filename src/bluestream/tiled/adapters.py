@@ -180,18 +180,21 @@ def _block_slices(chunks: Sequence[Sequence[int]], block: Sequence[int]) -> tupl
 
 
 class TableNode:
-    """The ``internal`` table: ``seq_num``, ``time`` and the scalar data keys."""
+    """The ``internal`` table: ``seq_num``, ``time`` and the scalar data keys. Columns
+    are read when asked for (the structure needs their types only): a request for one
+    frame of a run does not read its scalar columns."""
 
     structure_family = StructureFamily.table
     specs: list[Spec] = []
 
-    def __init__(self, columns: dict[str, np.ndarray], metadata: dict[str, Any]) -> None:
+    def __init__(self, columns: dict[str, Any], metadata: dict[str, Any]) -> None:
         import pyarrow as pa
 
-        self._columns = columns
-        arrays = [pa.array(_arrow_ready(v)) for v in columns.values()]
-        self._table = pa.Table.from_arrays(arrays, names=list(columns))
-        self._structure = TableStructure.from_arrow_table(self._table, npartitions=1)
+        self._columns = columns  # numpy or lazy (dask) 1-d arrays
+        schema = pa.schema([(name, pa.string() if np.dtype(v.dtype).kind in "TOU"
+                             else pa.from_numpy_dtype(np.dtype(v.dtype)))
+                            for name, v in columns.items()])
+        self._structure = TableStructure.from_schema(schema, npartitions=1)
         self._metadata = metadata
 
     def metadata(self) -> dict[str, Any]:
@@ -201,13 +204,17 @@ class TableNode:
         return self._structure
 
     async def read(self, fields: Sequence[str] | None = None) -> Any:
-        table = self._table
-        if fields:
-            missing = [f for f in fields if f not in self._columns]
-            if missing:
-                raise KeyError(missing[0])
-            table = table.select(list(fields))
-        return table.to_pandas()
+        import pandas as pd
+
+        names = list(fields) if fields else list(self._columns)
+        missing = [f for f in names if f not in self._columns]
+        if missing:
+            raise KeyError(missing[0])
+
+        def load() -> Any:
+            return pd.DataFrame({n: _arrow_ready(np.asarray(self._columns[n]))
+                                 for n in names})
+        return await anyio.to_thread.run_sync(load)
 
     async def read_partition(self, partition: int, fields: Sequence[str] | None = None
                              ) -> Any:
@@ -218,12 +225,15 @@ class TableNode:
     def __getitem__(self, key: str) -> ArrayNode:
         if key not in self._columns:
             raise KeyError(key)
-        return ArrayNode(_arrow_ready(self._columns[key]), ("time",), {})
+        values = self._columns[key]
+        if np.dtype(values.dtype).kind in "TO":
+            values = _arrow_ready(np.asarray(values))
+        return ArrayNode(values, ("time",), {})
 
 
 def _arrow_ready(values: np.ndarray) -> np.ndarray:
     if values.dtype.kind in "TO":
-        return values.astype(str)
+        return values.astype(str).astype(object)
     return values
 
 
@@ -255,7 +265,7 @@ class StreamNode(_Container):
                 {"uid": d["uid"], "time": d.get("time"),
                  "configuration": d.get("configuration", {})} for d in descriptors[1:]]
         arrays: dict[str, Any] = {}
-        columns: dict[str, np.ndarray] = {
+        columns: dict[str, Any] = {
             "seq_num": np.asarray(ds["seq_num"].values, dtype=np.int64),
             "time": np.asarray(ds["time"].values, dtype=np.float64)}
         table_md: dict[str, Any] = {}
@@ -266,7 +276,7 @@ class StreamNode(_Container):
                 arrays[name] = ArrayNode(var.data, tuple(str(d) for d in var.dims),
                                          _jsonable(data_keys.get(name, {})))
             elif name not in columns:
-                columns[name] = np.asarray(var.values)
+                columns[name] = var.data  # lazy where the catalog's to_dask() is
                 table_md[name] = _jsonable(data_keys.get(name, {}))
         children = {**arrays, "internal": TableNode(columns, table_md)}
         return cls(_jsonable(metadata), children)
