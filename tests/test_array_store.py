@@ -69,17 +69,12 @@ class TestS3ZarrEventStore(ArrayStoreTests):
     fsync, the descriptor lock held in the process."""
 
     pytestmark = pytest.mark.s3
-    #: Not a defect of the store but the limit of the design, kept visible: on an object
-    #: store the descriptor lock is held in one process only, so two writers of one
-    #: descriptor at once can lose rows to each other's chunk rewrites. Daemons never do
-    #: that: a run's documents stay on one partition and a partition has one owner, who
-    #: finishes its batch before a rebalance hands it over (README, "Several hosts, one
-    #: object store").
-    known_defects: ClassVar[dict[str, str]] = {
-        "test_concurrent_writers_keep_every_row":
-            "object stores: no lock across writers of one descriptor (excluded by "
-            "partition ownership)",
-    }
+    #: On an object store the descriptor lock is held in the process (shared by its
+    #: writers of one root, so the two writers of test_concurrent_writers_keep_every_row
+    #: keep every row); writers in different processes are not locked against each other:
+    #: a run's documents stay on one partition, and a partition has one owner (README,
+    #: "Several hosts, one object store").
+    known_defects: ClassVar[dict[str, str]] = {}
 
     @pytest.fixture
     def root(self, s3_root: ZarrRoot) -> ZarrRoot:

@@ -6,8 +6,9 @@ with rows both in the arrays and in the tails; a replay rewrites no object (ever
 byte-identical) and adds no row; the tools (``ingest``, ``export``) take ``s3://``
 roots, endpoint and credentials from a ``[storage.s3]`` table or from the standard AWS
 variables; bad settings (unknown bucket, refused credentials, an endpoint that does not
-answer) are a clear error at start, exit status 2, from ``check-config`` and from
-``serve``; the secret never shows in what is printed.
+answer) are a clear error at start, exit status 2, from ``check-config``, and from
+``serve`` for the bucket and the credentials (an endpoint that does not answer is an
+outage to the daemon: it logs it and waits, not ready); the secret never shows.
 
 The SIGKILL loop (test_exactly_once), two daemons sharing a topic (test_scale_out) and
 an S3 outage (test_outages) run with S3 roots in their own modules.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -165,11 +167,13 @@ def test_check_config_accepts_the_bucket_and_masks_the_secret(
     ("wrong-credentials", "refused the credentials"),
     ("unreachable", "is unreachable"),
     ("bad-url", "not a valid S3 bucket name"),
+    ("empty-segment", "empty components"),
 ])
 def test_bad_s3_settings_exit_2_with_a_clear_error(
         case: str, expected: str, s3_endpoint: str, tmp_path: Path) -> None:
     """The same verdict from ``check-config`` and from ``serve`` (which stops at start,
-    before it touches Kafka: the bootstrap here answers nothing)."""
+    before it touches Kafka: the bootstrap here answers nothing). An endpoint that does
+    not answer: ``check-config`` exits 2, the daemon logs it and stays up (not ready)."""
     root, endpoint, secret = f"s3://{S3_BUCKET}/x", s3_endpoint, S3_SECRET_ACCESS_KEY
     if case == "unknown-bucket":
         root = "s3://no-such-bucket-here/x"
@@ -177,15 +181,43 @@ def test_bad_s3_settings_exit_2_with_a_clear_error(
         secret = "not-the-secret"
     elif case == "unreachable":
         endpoint = "http://127.0.0.1:9"  # discard: nothing listens
-    else:
+    elif case == "bad-url":
         root = "s3://Bad_Bucket/x"
-    config = _config(tmp_path, root=root, endpoint=endpoint, secret=secret)
-    for args in (["check-config", str(config)], ["serve", "-c", str(config)]):
+    else:
+        root = f"s3://{S3_BUCKET}/a//b"
+    config = _config(tmp_path, root=root, endpoint=endpoint, secret=secret,
+                     extra="\n[http]\nport = 0\n")
+    commands = [["check-config", str(config)]]
+    if case == "unreachable":
+        _serve_waits_for_the_store(config, tmp_path)
+    else:
+        commands.append(["serve", "-c", str(config)])
+    for args in commands:
         done = _cli(args, _env())
         assert done.returncode == 2, (args, done.stdout, done.stderr[-2000:])
         assert expected in done.stderr, (args, done.stderr[-2000:])
         assert "storage.zarr_root" in done.stderr
         assert secret not in done.stdout + done.stderr
+
+
+def _serve_waits_for_the_store(config: Path, tmp_path: Path) -> None:
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "bluestream", "serve", "-c",
+                                 str(config)], env=_env(BLUESTREAM_LOG_FORMAT="json"),
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while "object store unreachable at start" not in log.read_text():
+            assert proc.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        time.sleep(2)
+        assert proc.poll() is None, log.read_text()[-2000:]  # up, waiting, not exited
+        assert S3_SECRET_ACCESS_KEY not in log.read_text()
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_credentials_from_the_standard_variables(s3_endpoint: str, tmp_path: Path) -> None:

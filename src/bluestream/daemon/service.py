@@ -32,7 +32,7 @@ from bluestream.daemon.http import HttpServer, Response, json_response
 from bluestream.daemon.logs import configure_logging
 from bluestream.daemon.metrics import CONTENT_TYPE, DaemonGauges, MetricsCollector
 from bluestream.daemon.notify import Notifier
-from bluestream.errors import ConfigError
+from bluestream.errors import ConfigError, StorageUnavailable
 from bluestream.gc_tuning import tune_gc
 from bluestream.log import get_logger
 from bluestream.schemas.validate import warm_up
@@ -141,6 +141,7 @@ class Daemon:
     async def run(self) -> None:
         s = self.settings
         self._preflight()
+        await self._check_object_store()
         self.registry = StoreRegistry(
             s.storage.metadata,
             server_selection_timeout_ms=s.storage.mongo_server_selection_timeout_ms,
@@ -194,15 +195,26 @@ class Daemon:
         """Fail at start, with the key's name, on what would otherwise fail later."""
         root = self.settings.storage.zarr()
         if root.local is None:
-            # A missing bucket or refused credentials cannot fix themselves; an endpoint
-            # that does not answer at start is most often a wrong one.
-            check_access(root, write=True)
-            return
+            return  # asked in _check_object_store, off the event loop
         try:
             root.local.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"storage.zarr_root: cannot create {root}: "
                               f"{exc.strerror or exc}") from None
+
+    async def _check_object_store(self) -> None:
+        """An s3:// root: a missing bucket or refused credentials cannot fix themselves
+        (ConfigError, exit 2); an endpoint that does not answer is an outage like any
+        other: logged, and the daemon starts not ready until the health check passes."""
+        root = self.settings.storage.zarr()
+        if root.local is not None:
+            return
+        try:
+            await anyio.to_thread.run_sync(
+                lambda: check_access(root, write=True, unreachable_is_outage=True))
+        except StorageUnavailable as exc:
+            log.error("object store unreachable at start; waiting for it (not ready)",
+                      error=str(exc))
 
     async def _bind_http(self) -> None:
         h = self.settings.http

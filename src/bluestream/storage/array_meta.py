@@ -10,8 +10,9 @@ again per array.
 What: the same metadata, built by zarr's own functions (the dtype, codec and chunk-key
 defaults of ``create_array``; ``tests/test_array_meta.py`` compares the ``zarr.json``
 bytes with ``create_array``'s) and read, written and resized through the store's
-``get_sync``/``set_sync`` in one blocking call per batch. Stores without those calls (an
-object store) keep the asynchronous path: :func:`supported` tells which.
+``get_sync``/``set_sync`` in one blocking call per batch (a local store, or
+:class:`~bluestream.storage.zarr_root.S3ZarrStore`: each call a GET or a PUT). Stores
+without those calls keep the asynchronous path: :func:`supported` tells which.
 """
 
 from __future__ import annotations

@@ -72,6 +72,8 @@ def check_root_value(value: str) -> str:
                              "letters, digits, dots and hyphens)")
         if any(part in (".", "..") for part in prefix.split("/")):
             raise ValueError("the prefix must not contain '.' or '..' components")
+        if "//" in prefix.strip("/"):
+            raise ValueError("the prefix must not contain empty components ('//')")
     elif "://" in value:
         raise ValueError("must be a local directory or s3://bucket/prefix")
     return value
@@ -213,6 +215,14 @@ def brief(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def _unreachable(exc: BaseException) -> bool:
+    """Whether the store did not answer at all (rather than refusing the request)."""
+    text = str(exc)
+    refused = ("NoSuchBucket", "SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied")
+    return not isinstance(exc, PermissionDeniedError | UnauthenticatedError | NotFoundError
+                          | FileNotFoundError) and not any(c in text for c in refused)
+
+
 def _explain(root: ZarrRoot, exc: BaseException) -> str:
     """What went wrong reaching ``root``, in an operator's words."""
     text = str(exc)
@@ -229,9 +239,13 @@ def _explain(root: ZarrRoot, exc: BaseException) -> str:
     return f"the object store at {where} is unreachable: {brief(exc)}"
 
 
-def check_access(root: ZarrRoot, *, write: bool = False) -> None:
+def check_access(root: ZarrRoot, *, write: bool = False,
+                 unreachable_is_outage: bool = False) -> None:
     """ConfigError unless the bucket exists and the credentials are accepted (list one
-    key; ``write`` also puts the probe object). Blocking."""
+    key; ``write`` also puts the probe object). An endpoint that does not answer is a
+    ConfigError too (a wrong address, as check-config sees it), or, with
+    ``unreachable_is_outage``, StorageUnavailable (the daemon at start: it waits, not
+    ready, as for any outage). Blocking."""
     if not root.is_s3:
         return
     store = root.object_store()
@@ -240,7 +254,10 @@ def check_access(root: ZarrRoot, *, write: bool = False) -> None:
         if write:
             _probe_put(store)
     except IO_ERRORS as exc:
-        raise ConfigError(f"storage.zarr_root: {_explain(root, exc)}") from None
+        message = f"storage.zarr_root: {_explain(root, exc)}"
+        if unreachable_is_outage and _unreachable(exc):
+            raise StorageUnavailable(message) from None
+        raise ConfigError(message) from None
 
 
 def _probe_put(store: S3ZarrStore) -> None:

@@ -21,6 +21,7 @@ store every PUT is acknowledged before :meth:`ZarrEventStore.write_page` returns
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, nullcontext
@@ -60,6 +61,9 @@ from bluestream.storage.zarr_root import ObjectStoreError, ZarrRoot, brief
 __all__ = ["ZarrEventStore"]
 
 _MAX_OPEN_ARRAYS = 4_096
+#: Object stores: the descriptor locks of this process, by (event loop, root, stripe),
+#: shared by every ZarrEventStore on the root (64 stripes a root at most).
+_PROCESS_LOCKS: dict[tuple[int, str, int], anyio.Lock] = {}
 
 def _contiguous_runs(positions: np.ndarray) -> Iterator[tuple[int, int, int]]:
     """Split sorted unique positions into (first_index, start_pos, stop_pos) runs."""
@@ -92,8 +96,6 @@ class ZarrEventStore:
         self._local = SyncingLocalStore(self.root.local) if self.root.local else None
         self._store: Store = self._local if self._local is not None else \
             self.root.object_store()
-        # Object stores: the descriptor locks of this process (by stripe).
-        self._mem_locks: dict[int, anyio.Lock] = {}
         # Event arrays are written densely by position: zarr's check of every written
         # chunk against the fill value (np.array_equal on the event loop) never saves a
         # write here and cost ~18% of an image ingest.
@@ -144,9 +146,10 @@ class ZarrEventStore:
     def _stripe_lock(self, stripe: int) -> AbstractAsyncContextManager[Any]:
         if self._local is not None:
             return stripe_lock(self._local.root, stripe)
-        lock = self._mem_locks.get(stripe)
+        key = (id(asyncio.get_running_loop()), str(self.root), stripe)
+        lock = _PROCESS_LOCKS.get(key)
         if lock is None:
-            lock = self._mem_locks[stripe] = anyio.Lock()
+            lock = _PROCESS_LOCKS[key] = anyio.Lock()
         return lock
 
     async def write_page(self, tenant: str, run_start: str, descriptor: Mapping[str, Any],

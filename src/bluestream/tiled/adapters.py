@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import anyio
@@ -31,7 +32,7 @@ from tiled.utils import UnsupportedQueryType
 
 from bluestream.catalog.core import AsyncCatalog, make_context
 from bluestream.catalog.run import AsyncBlueskyRun
-from bluestream.errors import NotFound, StorageUnavailable
+from bluestream.errors import NotFound, StorageError, StorageUnavailable
 from bluestream.settings import load_settings
 from bluestream.storage.backends import list_tenants
 from bluestream.tiled.queries import translate
@@ -44,6 +45,23 @@ STREAM_SPECS = [Spec("BlueskyEventStream", version="3.0"), Spec("composite")]
 _DROPPED_FROM_DESCRIPTOR = ("name", "object_keys", "run_start")
 #: Sort keys that mean "by start time" (the order the store keeps).
 _TIME_KEYS = ("", "_", "time", "start.time", "metadata.start.time")
+
+
+@contextmanager
+def _http_errors() -> Iterator[None]:
+    """bluestream's errors as HTTP answers: a store that does not answer is 503, a query
+    the store refuses 400, stored data that cannot be read 500 with the reason (not an
+    unhandled exception)."""
+    from fastapi import HTTPException
+
+    try:
+        yield
+    except StorageUnavailable as exc:
+        raise HTTPException(status_code=503, detail=str(exc)) from exc
+    except StorageError as exc:
+        raise HTTPException(status_code=500, detail=str(exc)) from exc
+    except (ValueError, TypeError) as exc:
+        raise HTTPException(status_code=400, detail=str(exc)) from exc
 
 
 def _jsonable(value: Any) -> Any:
@@ -154,7 +172,8 @@ class ArrayNode:
 
     async def _compute(self, values: Any) -> np.ndarray:
         if hasattr(values, "compute"):
-            return np.asarray(await anyio.to_thread.run_sync(values.compute))
+            with _http_errors():
+                return np.asarray(await anyio.to_thread.run_sync(values.compute))
         return np.asarray(values)
 
     async def read(self, slice: Any = None) -> np.ndarray:
@@ -302,7 +321,8 @@ class RunNode(_Container):
         return list(self.run.streams)
 
     async def _child(self, key: str) -> StreamNode:
-        return await StreamNode.load(self.run, key)
+        with _http_errors():
+            return await StreamNode.load(self.run, key)
 
     def __dask_tokenize__(self) -> tuple[Any, ...]:
         # Tiled's ETag of /container/full (documents()): an open run changes, so the
@@ -362,13 +382,10 @@ class CatalogNode(_Paged):
 
     async def _call(self, awaitable: Any) -> Any:
         try:
-            return await awaitable
+            with _http_errors():
+                return await awaitable
         except NotFound as exc:
             raise NoEntry([str(exc)]) from exc
-        except (ValueError, TypeError) as exc:  # a query the store refused
-            from tiled.queries import QueryValueError
-
-            raise QueryValueError(str(exc)) from exc
 
     async def _starts(self, offset: int, limit: int | None) -> list[dict[str, Any]]:
         if self._newest_first:
@@ -390,7 +407,8 @@ class CatalogNode(_Paged):
                           ) -> list[tuple[str, RunNode]]:
         out = []
         for start in await self._starts(offset, limit):
-            run = await self._catalog.load_run(start)
+            with _http_errors():
+                run = await self._catalog.load_run(start)
             out.append((run.uid, RunNode(run)))
         return out
 
@@ -404,7 +422,8 @@ class CatalogNode(_Paged):
             raise NoEntry(list(segments)) from None
         if start.get("uid") != head:  # a uid prefix is a search, not a path
             raise NoEntry(list(segments))
-        run = RunNode(await self._catalog.load_run(start))
+        with _http_errors():
+            run = RunNode(await self._catalog.load_run(start))
         return await run.lookup_adapter(rest) if rest else run
 
     def read(self, fields: Sequence[str] | None = None) -> Any:
@@ -434,10 +453,8 @@ class TenantsNode(_Container):
             uri = self._uri
             if uri is None:
                 uri = load_settings(self._config).storage.metadata
-            try:
+            with _http_errors():
                 self._known = sorted(await list_tenants(uri))
-            except StorageUnavailable as exc:
-                raise NoEntry([str(exc)]) from exc
         return self._known
 
     async def _child(self, key: str) -> CatalogNode:
