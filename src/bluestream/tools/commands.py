@@ -219,7 +219,7 @@ def tiled(tenant: Annotated[list[str] | None, typer.Option(
                             ] = False,
           metadata: MetadataOpt = None, zarr_root: ZarrOpt = None,
           config: ConfigOpt = None) -> None:
-    """Serve the stored runs through a stock Tiled server (needs bluestream[tiled]).
+    """Serve the stored runs through a stock Tiled server (needs the "tiled" extra).
 
     Clients: tiled.client.from_uri("http://HOST:PORT", api_key=KEY) with
     bluesky-tiled-plugins installed; c["csx"][-1]["primary"].read().
