@@ -13,6 +13,7 @@ from bluestream.daemon.logs import configure_logging
 from bluestream.daemon.ops_cli import register as _register_ops
 from bluestream.errors import ConfigError
 from bluestream.settings import load_settings
+from bluestream.tools.commands import check_zarr_access
 from bluestream.tools.commands import register as _register_tools
 
 __all__ = ["app", "main"]
@@ -81,15 +82,7 @@ def check_config(
                                  "give one of them", param_hint="FILE / --config")
     # FILE wins over BLUESTREAM_CONFIG, as -c does.
     settings = _settings_or_exit(file if file is not None else config)
-    root = settings.storage.zarr()
-    if root.is_s3:
-        from bluestream.storage.zarr_root import check_access
-
-        try:
-            check_access(root)
-        except ConfigError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
+    check_zarr_access(settings, "read")
     typer.echo(json.dumps(settings.masked(), indent=2, default=str))
 
 

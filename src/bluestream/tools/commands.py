@@ -72,15 +72,23 @@ def _settings(config: Path | None, *, zarr_access: Literal["read", "write"] | No
     except ConfigError as exc:
         _fail(str(exc), 2)
     configure_logging(settings.log.format, "error")  # problems are reported by the tools
-    root = settings.storage.zarr()
-    if zarr_access is not None and root.is_s3:
-        from bluestream.storage.zarr_root import check_access
-
-        try:
-            check_access(root, write=zarr_access == "write")
-        except ConfigError as exc:
-            _fail(str(exc), 2)
+    if zarr_access is not None:
+        check_zarr_access(settings, zarr_access)
     return settings
+
+
+def check_zarr_access(settings: Settings, access: Literal["read", "write"]) -> None:
+    """Exit 2 with one line unless an ``s3://`` Zarr root can be read (or written):
+    an unknown bucket, refused credentials, an endpoint that does not answer."""
+    root = settings.storage.zarr()
+    if not root.is_s3:
+        return
+    from bluestream.storage.zarr_root import check_access
+
+    try:
+        check_access(root, write=access == "write")
+    except ConfigError as exc:
+        _fail(str(exc), 2)
 
 
 def _report(rejection: Rejection) -> None:
