@@ -68,8 +68,9 @@ LEVELS = (1, 2, 3, 4)
 #: Decoded bytes read per array per request at levels 3-4 (whole chunks, at least one).
 _WINDOW_BYTES = 32 * 1024 * 1024
 _STRING_ITEM_BYTES = 64
-#: Rows of each stream re-read through the catalog's reader at level 4.
-_SAMPLES = 16
+#: Rows of each stream re-read through the catalog's reader at level 4: a few windows of
+#: consecutive rows (each window costs one chunk read per array, whatever its rows).
+_SAMPLE_WINDOWS, _SAMPLE_ROWS = 4, 4
 #: Arrays of one stream read at once (zarr reads each one's chunks concurrently too).
 _ARRAYS_AT_ONCE = 4
 #: Runs per metadata query when many are asked about.
@@ -529,7 +530,8 @@ class StreamCheck:
             return
         self.written_mask = await self._read_seq_num(arrays[SEQ_NUM])
         self.written = int(self.written_mask.sum()) + self._tail_written()
-        self.samples = _sample(np.flatnonzero(self.written_mask), _SAMPLES)
+        self.samples = _sample(np.flatnonzero(self.written_mask), _SAMPLE_WINDOWS,
+                               _SAMPLE_ROWS)
         limit = anyio.Semaphore(_ARRAYS_AT_ONCE)
 
         async def one(name: str, arr: AsyncArray[Any]) -> None:
@@ -707,7 +709,7 @@ class StreamCheck:
         direct[SEQ_NUM] = {p: np.int64(p + 1) for p in positions}
         if self.tail is not None:
             rows = np.flatnonzero(self.tail.columns[SEQ_NUM] > 0)
-            for i in _sample(rows, 4).tolist():
+            for i in _sample(rows, 1, _SAMPLE_ROWS).tolist():
                 positions.add(self.tail.start + i)
                 for name, col in self.tail.columns.items():
                     direct.setdefault(name, {})[self.tail.start + i] = col[i]
@@ -718,10 +720,13 @@ class StreamCheck:
         keys = list(self.descriptor.get("data_keys", {}))
         try:
             opened = await self.ctx.arrays.open_arrays(self.record, [c.name for c in columns])
-            for p in sorted(positions):
-                rows_read = await self.ctx.arrays.read_rows(self.record, keys, start=p,
-                                                            stop=p + 1, arrays=opened)
-                self._compare(p, _row_values(rows_read), direct)
+            for a, b in _windows_of(sorted(positions)):
+                rows_read = await self.ctx.arrays.read_rows(self.record, keys, start=a,
+                                                            stop=b, arrays=opened)
+                got = _row_values(rows_read)
+                for p in range(a, b):
+                    if p in positions:
+                        self._compare(p, got.get(p, {}), direct)
         except (BluestreamError, *_READ_ERRORS) as exc:
             self.problem(4, f"reading sample rows through the catalog failed: {brief(exc)}")
 
@@ -752,12 +757,25 @@ def _itemsize(arr: AsyncArray[Any]) -> int:
     return int(np.dtype(dtype).itemsize)
 
 
-def _sample(positions: Array, n: int) -> Array:
-    """Up to ``n`` positions spread evenly, first and last included (deterministic)."""
-    if positions.size <= n:
+def _sample(positions: Array, windows: int, rows: int) -> Array:
+    """``windows`` runs of ``rows`` consecutive written positions, spread evenly from the
+    first to the last (deterministic)."""
+    if positions.size <= windows * rows:
         return positions.astype(np.int64)
-    idx = np.unique(np.linspace(0, positions.size - 1, n).round().astype(np.int64))
+    starts = np.unique(np.linspace(0, positions.size - rows, windows).round().astype(np.int64))
+    idx = np.unique((starts[:, None] + np.arange(rows)).ravel())
     return positions[idx].astype(np.int64)
+
+
+def _windows_of(positions: list[int]) -> list[tuple[int, int]]:
+    """[start, stop) ranges covering sorted positions, neighbours merged."""
+    out: list[tuple[int, int]] = []
+    for p in positions:
+        if out and p <= out[-1][1] + _SAMPLE_ROWS:
+            out[-1] = (out[-1][0], p + 1)
+        else:
+            out.append((p, p + 1))
+    return out
 
 
 def _wrong_type(dtype: np.dtype[Any], shape: tuple[int, ...], col: _Column) -> bool:
@@ -772,14 +790,16 @@ def _show(col: _Column) -> str:
     return f"{col.dtype if col.dtype is not None else 'a numeric dtype'} {list(col.shape)}"
 
 
-def _row_values(rows: Any) -> dict[str, Any]:
-    if len(rows) != 1:
-        return {}
-    out: dict[str, Any] = {SEQ_NUM: rows.seq_num[0], TIME: rows.time[0], UID: rows.uid[0]}
-    for prefix, group in (("data", rows.data), ("timestamps", rows.timestamps),
-                          ("filled", rows.filled)):
-        for key, values in group.items():
-            out[f"{prefix}/{key}"] = values[0]
+def _row_values(rows: Any) -> dict[int, dict[str, Any]]:
+    """What the catalog's reader returned, by position and array name."""
+    out: dict[int, dict[str, Any]] = {}
+    for i, p in enumerate(rows.positions.tolist()):
+        row: dict[str, Any] = {SEQ_NUM: rows.seq_num[i], TIME: rows.time[i], UID: rows.uid[i]}
+        for prefix, group in (("data", rows.data), ("timestamps", rows.timestamps),
+                              ("filled", rows.filled)):
+            for key, values in group.items():
+                row[f"{prefix}/{key}"] = values[i]
+        out[int(p)] = row
     return out
 
 

@@ -14,8 +14,10 @@ Three figures, because each answers a different question:
   every column, rows being the highest seq_num stored; string columns (uids, strings,
   datum ids, JSON text) count numpy's 16 bytes per string, what a read allocates at least.
 
-Per field, ``field`` None is the stream's own part: its ``time``, ``seq_num`` and ``uid``
-columns, its group metadata and its descriptor and record; per stream, ``stream`` None
+Per field, a field's arrays are every array named after it (``data/<key>``,
+``timestamps/<key>``, ``filled/<key>``, and per-key groups such as summaries); ``field``
+None is the stream's own part: its ``time``, ``seq_num`` and ``uid`` columns, its group
+metadata and its descriptor and record; per stream, ``stream`` None
 is the run's own part (its group, start, stop, resources). So rows always add up to the
 total. Objects under the tenant outside every run (the tenant's group) have ``run`` None.
 """
@@ -51,6 +53,7 @@ BY = ("run", "stream", "field")
 #: numpy's in-memory size of one StringDType element.
 _STRING_BYTES = 16
 _COLUMN_GROUPS = ("data", "timestamps", "filled")
+_EVENT_COLUMNS = ("time", "seq_num", "uid")
 
 
 @dataclass(frozen=True)
@@ -195,7 +198,9 @@ def _attribute(key: str, streams: dict[str, dict[str, str]]) -> Key:
         return run, None, None  # the run's group metadata
     desc, rest = parts[3], parts[4:]
     stream = streams.get(run, {}).get(desc, f"(descriptor {desc})")
-    fld = rest[1] if len(rest) >= 3 and rest[0] in _COLUMN_GROUPS else None
+    # data/<key>/..., timestamps/<key>/..., filled/<key>/... and any other per-key group
+    # (per-chunk summaries, say) belong to the key; time, seq_num, uid to the stream.
+    fld = rest[1] if len(rest) >= 3 and rest[0] not in _EVENT_COLUMNS else None
     return run, stream, fld
 
 
