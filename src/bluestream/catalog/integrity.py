@@ -62,7 +62,8 @@ __all__ = ["LEVELS", "Completeness", "Problem", "completeness", "incomplete_runs
 
 Doc = dict[str, Any]
 Array = NDArray[Any]
-#: Progress callback: (runs checked, runs to check, the run just checked).
+#: Progress callback: (runs checked, runs to check, what is being checked now); called
+#: after each run and, inside a long run, after each window of chunks read.
 ProgressFn = Callable[[int, int, str], None]
 LEVELS = (1, 2, 3, 4)
 #: Decoded bytes read per array per request at levels 3-4 (whole chunks, at least one).
@@ -249,10 +250,20 @@ async def verify(ctx: CatalogContext, *, level: int = 4, runs: Sequence[str] | N
     if level >= 2:
         store = ctx.zarr_root.open_store(read_only=True)
         for i, uid in enumerate(uids):
-            problems += await _check_run(ctx, store, uid, level)
+            problems += await _check_run(ctx, store, uid, level, _note(progress, i, len(uids)))
             if progress is not None:
                 progress(i + 1, len(uids), uid)
     return problems
+
+
+def _note(progress: ProgressFn | None, done: int, total: int) -> Callable[[str], None]:
+    if progress is None:
+        return _quiet
+    return lambda what: progress(done, total, what)
+
+
+def _quiet(what: str) -> None:
+    return None
 
 
 # -- level 1 ------------------------------------------------------------------------------
@@ -321,7 +332,8 @@ def _expected_path(tenant: str, run: str, desc: str) -> str | None:
 
 
 # -- levels 2-4, per run ------------------------------------------------------------------
-async def _check_run(ctx: CatalogContext, store: Store, uid: str, level: int) -> list[Problem]:
+async def _check_run(ctx: CatalogContext, store: Store, uid: str, level: int,
+                     note: Callable[[str], None]) -> list[Problem]:
     stop = await ctx.call("read stop", ctx.store.get, "stop", uid)
     descriptors = {str(d["uid"]): d for d in
                    await ctx.call("read descriptors", ctx.store.find, "descriptor",
@@ -335,7 +347,7 @@ async def _check_run(ctx: CatalogContext, store: Store, uid: str, level: int) ->
         if desc is None:
             unknown.add(str(rec["stream_name"]))
             continue
-        check = StreamCheck(ctx, store, uid, desc, rec, level)
+        check = StreamCheck(ctx, store, uid, desc, rec, level, note)
         problems += await check.run()
         _add(counts, check.stream, check.written)
     if level >= 4 and stop is not None:
@@ -389,9 +401,10 @@ class StreamCheck:
     """Levels 2-4 of one descriptor's stream: its record, its tail, its Zarr group."""
 
     def __init__(self, ctx: CatalogContext, store: Store, run: str, descriptor: Doc,
-                 record: Doc, level: int) -> None:
+                 record: Doc, level: int, note: Callable[[str], None] | None = None) -> None:
         self.ctx, self.store, self.run_uid, self.level = ctx, store, run, level
         self.descriptor, self.record = descriptor, record
+        self.note: Callable[[str], None] = note or _quiet
         self.desc_uid = str(descriptor["uid"])
         self.stream = str(descriptor.get("name", "primary"))
         self.path = str(record["zarr_path"])
@@ -640,6 +653,7 @@ class StreamCheck:
             elif needed(index):
                 self.problem(3, f"missing (rows {start}-{stop - 1} hold events)",
                              array=name, chunk=key)
+        self.note(f"run {self.run_uid} stream {self.stream!r} {name} rows {b}/{self.needed}")
         if not ok:
             return {}
         try:

@@ -99,10 +99,10 @@ def verify(tenant: TenantOpt,
     found: list[Problem] = []
     checked = [0]
 
-    def step(done: int, total: int, uid: str) -> None:
-        progress.total = total
+    def step(done: int, total: int, what: str) -> None:
+        progress.total, progress.done = total, done
         checked[0] = total
-        progress.update(1 if uid else 0)
+        progress.update(0, at=what[:100])
 
     async def work(cat: AsyncCatalog) -> list[Problem]:
         return await cat.verify(level, run, progress=step)
