@@ -37,7 +37,7 @@ T = TypeVar("T")
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
 
-TenantOpt = Annotated[str, typer.Option("--tenant", "-t", help="Tenant to check.")]
+TenantOpt = Annotated[str, typer.Option("--tenant", "-t", help="Tenant to look at.")]
 RunsOpt = Annotated[list[str] | None, typer.Option(
     "--run", help="Only this run: uid, uid prefix (>= 5 characters) or scan_id "
     "(repeatable). Default: every run of the tenant.", show_default=False)]
@@ -89,8 +89,7 @@ def verify(tenant: TenantOpt,
            quiet: QuietOpt = False, config: ConfigOpt = None) -> None:
     """Check that what is stored is intact; one line per problem.
 
-    Exit status: 0 intact, 1 problems found (or the check failed), 2 bad configuration
-    or usage (an unknown run).
+    Exit status: 0 intact, 1 problems found (or the check failed), 2 usage (unknown run).
     """
     from bluestream.tools.progress import Progress
 
@@ -135,8 +134,14 @@ def du(tenant: TenantOpt, run: RunsOpt = None,
                      ] = By.run,
        as_json: JsonOpt = False, metadata: MetadataOpt = None, zarr_root: ZarrOpt = None,
        config: ConfigOpt = None) -> None:
-    """Space taken: bytes on disk (or in the object store), in the metadata store, and
-    logical (uncompressed) bytes, per run, stream or field."""
+    """Space taken per run, stream or field: on disk, in the metadata store, logical.
+
+    On disk: the arrays' files (object sizes for an s3:// root).
+
+    Metadata: documents and stream records as JSON, plus the tail rows.
+
+    Logical: the events uncompressed (strings at 16 bytes each).
+    """
     settings = _settings(config, zarr_access="read", metadata=metadata, zarr_root=zarr_root)
 
     async def work(cat: AsyncCatalog) -> StorageReport:
@@ -199,11 +204,11 @@ def status(config: ConfigOpt = None,
                "--exact", help="With --tenant: count the rows in the arrays instead of "
                "trusting the stream records (reads every seq_num column).")] = False,
            metadata: MetadataOpt = None, zarr_root: ZarrOpt = None) -> None:
-    """Ask a running daemon how it is; or, with --tenant, how complete the stored runs are.
+    """Ask a running daemon how it is; or, with --tenant, which stored runs are complete.
 
-    Exit status without --tenant: 0 ready, 1 running but not ready, 2 configuration error,
-    3 no daemon answers. With --tenant: 0 every run complete, 1 some are not, 2 bad
-    configuration.
+    Without --tenant, exit status: 0 ready, 1 not ready, 2 configuration, 3 no daemon.
+
+    With --tenant, exit status: 0 every run complete, 1 some are not, 2 configuration.
     """
     if tenant is None:
         if incomplete or exact or metadata is not None or zarr_root is not None:
