@@ -343,3 +343,33 @@ def test_problem_reads_well() -> None:
     assert str(p) == ("level 3: run abc stream 'primary' descriptor d1 array data/x chunk "
                       "t/ab/abc/d1/data/x/c/4: missing")
     assert Problem(1, "abc", "no start").as_dict()["array"] is None
+
+
+def test_a_reader_that_disagrees_with_the_arrays_is_level_4(
+        stored: Stored, cat: Catalog, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The catalog's reader wrapped to return a wrong value (a fault the real reader
+    cannot be made to show): the sample re-read names the array and the row."""
+    from bluestream.catalog.arrays import ArrayReader
+
+    real = ArrayReader.read_rows
+
+    async def off_by_one(self: ArrayReader, record: dict[str, Any], *args: Any,
+                         **kwargs: Any) -> Any:
+        rows = await real(self, record, *args, **kwargs)
+        if "f0" in rows.data and len(rows):
+            rows.data["f0"] = rows.data["f0"] + 1.0
+        return rows
+
+    monkeypatch.setattr(ArrayReader, "read_rows", off_by_one)
+    assert cat.verify(3) == []
+    problems = cat.verify(4)
+    assert {(p.run, p.array) for p in problems} == {(stored.uid("long"), "data/f0"),
+                                                    (stored.uid("short"), "data/f0")}
+    assert all("reads back through the catalog as" in p.message for p in problems)
+
+
+def test_a_search_verifies_its_own_runs(stored: Stored, cat: Catalog) -> None:
+    (stored.group("image") / "time" / "c" / "0").unlink()
+    assert cat.search({"scan_id": 1}).verify(4) == []
+    p = only(cat.search({"scan_id": 3}).verify(4))
+    assert (p.run, p.array) == (stored.uid("image"), "time")
