@@ -373,3 +373,22 @@ def test_a_search_verifies_its_own_runs(stored: Stored, cat: Catalog) -> None:
     assert cat.search({"scan_id": 1}).verify(4) == []
     p = only(cat.search({"scan_id": 3}).verify(4))
     assert (p.run, p.array) == (stored.uid("image"), "time")
+
+
+def test_every_kind_of_run_verifies_clean(metadata_uri: str, zarr_root: Path, tenant: str,
+                                          tmp_path: Path) -> None:
+    """No false alarms: RunEngine runs (baseline stream, in-band images, external NPY
+    frames), strings, vectors, variable-length arrays, two descriptors in one stream."""
+    from test_catalog_support import mixed_run, multi_descriptor_run, npy_seq_run, re_runs
+
+    s = Stored(metadata_uri, zarr_root, tenant)
+    for label, docs in re_runs().items():
+        s.add(label, docs)
+    s.add("mixed", mixed_run(1_700_000_000.0))
+    s.add("multi", multi_descriptor_run(1_700_000_100.0))
+    s.add("npy", npy_seq_run(tmp_path / "npy", n=300, t0=1_700_000_200.0), tail_rows=0)
+    with bluestream.open_catalog(tenant, metadata=metadata_uri, zarr_root=zarr_root) as cat:
+        assert cat.verify(4) == []
+        assert all(cat.stored(list(cat)).values())
+        sizes = cat.storage_size("field")
+        assert sizes.total.events == sum(u.events for u in cat.storage_size("stream").rows)
