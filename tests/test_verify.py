@@ -392,3 +392,18 @@ def test_every_kind_of_run_verifies_clean(metadata_uri: str, zarr_root: Path, te
         assert all(cat.stored(list(cat)).values())
         sizes = cat.storage_size("field")
         assert sizes.total.events == sum(u.events for u in cat.storage_size("stream").rows)
+
+
+def test_two_descriptors_of_one_stream_count_once(metadata_uri: str, zarr_root: Path,
+                                                  tenant: str) -> None:
+    """The second descriptor continues the first one's seq_nums (4-6): 6 events, not 9."""
+    from test_catalog_support import multi_descriptor_run
+
+    docs = multi_descriptor_run(1_700_000_100.0)
+    docs[-1][1]["num_events"] = {"primary": 7}
+    s = Stored(metadata_uri, zarr_root, tenant)
+    uid = s.add("multi", docs)
+    with bluestream.open_catalog(tenant, metadata=metadata_uri, zarr_root=zarr_root) as cat:
+        assert [c.stored for _, c in cat.incomplete()] == [{"primary": 6}]
+        assert [c.stored for _, c in cat.incomplete(exact=True)] == [{"primary": 6}]
+        assert "the stop records 7 events, 6 are stored" in only(cat.verify(4, [uid])).message

@@ -127,10 +127,10 @@ async def completeness(ctx: CatalogContext, uids: Sequence[str], *,
                        exact: bool = False) -> dict[str, Completeness]:
     """Completeness of these runs (full uids) in three queries per thousand runs.
 
-    The stored events of a stream are the highest seq_num its ``event_stream`` records
-    reached (the writer updates them only once the rows are durable); ``exact=True``
-    counts the rows that hold an event instead, which finds gaps but reads each
-    stream's ``seq_num`` column."""
+    The stored events of a stream are the seq_nums its ``event_stream`` records span,
+    lowest to highest (the writer updates them only once the rows are durable);
+    ``exact=True`` counts the rows that hold an event instead, which finds gaps but
+    reads each stream's ``seq_num`` column."""
     await ctx.ensure_open()
     out: dict[str, Completeness] = {}
     wanted = list(dict.fromkeys(uids))
@@ -154,8 +154,14 @@ async def _completeness_batch(ctx: CatalogContext, uids: list[str],
                     _add(stored[uid], str(rec["stream_name"]), n)
     else:
         for rec in await ctx.call("list event_stream", store.links, "event_stream", uids):
-            _add(stored[str(rec["run_start"])], str(rec["stream_name"]), int(rec["length"]))
+            _add(stored[str(rec["run_start"])], str(rec["stream_name"]), _span(rec))
     return {u: _judge(u, u in starts, stops.get(u), stored[u]) for u in uids}
+
+
+def _span(record: Mapping[str, Any]) -> int:
+    """Events a stream record covers: seq_nums from its lowest to its highest (a second
+    descriptor of a stream may continue the first one's seq_nums)."""
+    return max(0, int(record["length"]) - int(record.get("seq_num_min") or 1) + 1)
 
 
 def _add(counts: dict[str, int], stream: str, n: int) -> None:
