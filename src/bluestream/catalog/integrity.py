@@ -57,8 +57,8 @@ from bluestream.queries import Query
 from bluestream.storage.tail import Tail
 from bluestream.storage.zarr_root import IO_ERRORS, brief
 
-__all__ = ["LEVELS", "Completeness", "Problem", "completeness", "incomplete_runs",
-           "resolve_runs", "verify"]
+__all__ = ["LEVELS", "Completeness", "Problem", "completeness", "expected_columns",
+           "incomplete_runs", "record_span", "resolve_runs", "verify", "visible_runs"]
 
 Doc = dict[str, Any]
 Array = NDArray[Any]
@@ -154,11 +154,11 @@ async def _completeness_batch(ctx: CatalogContext, uids: list[str],
                     _add(stored[uid], str(rec["stream_name"]), n)
     else:
         for rec in await ctx.call("list event_stream", store.links, "event_stream", uids):
-            _add(stored[str(rec["run_start"])], str(rec["stream_name"]), _span(rec))
+            _add(stored[str(rec["run_start"])], str(rec["stream_name"]), record_span(rec))
     return {u: _judge(u, u in starts, stops.get(u), stored[u]) for u in uids}
 
 
-def _span(record: Mapping[str, Any]) -> int:
+def record_span(record: Mapping[str, Any]) -> int:
     """Events a stream record covers: seq_nums from its lowest to its highest (a second
     descriptor of a stream may continue the first one's seq_nums)."""
     return max(0, int(record["length"]) - int(record.get("seq_num_min") or 1) + 1)

@@ -11,7 +11,8 @@ Three figures, because each answers a different question:
   BSON framing, SQLite pages and free space) is not counted: a SQLite file holds every
   tenant in shared pages, so the report gives the file's size beside it instead.
 * ``logical_bytes``: the events uncompressed, rows x itemsize x elements per event for
-  every column, rows being the highest seq_num stored; string columns (uids, strings,
+  every column, rows being the events a stream record spans (its lowest to its highest
+  seq_num); string columns (uids, strings,
   datum ids, JSON text) count numpy's 16 bytes per string, what a read allocates at least.
 
 Per field, a field's arrays are every array named after it (``data/<key>``,
@@ -38,7 +39,7 @@ import obstore
 import zarr.api.asynchronous as za
 
 from bluestream.catalog.context import CatalogContext
-from bluestream.catalog.integrity import expected_columns, visible_runs
+from bluestream.catalog.integrity import expected_columns, record_span, visible_runs
 from bluestream.errors import BluestreamError, StorageError
 from bluestream.layout import reader_specs
 from bluestream.queries import Query
@@ -138,8 +139,8 @@ def _counted(root: ZarrRoot) -> dict[str, str]:
         "zarr_bytes": f"every object under the run's directory of {root}: {where}",
         "metadata_bytes": "documents and event_stream records as compact JSON, plus tail "
                           "rows; not the store's indexes, BSON framing or free pages",
-        "logical_bytes": "rows (highest seq_num) x itemsize x elements per event of every "
-                         "column; strings at 16 bytes each",
+        "logical_bytes": "events (lowest to highest seq_num) x itemsize x elements per "
+                         "event of every column; strings at 16 bytes each",
         "metadata_file_bytes": "the SQLite file with its WAL, shared by every tenant "
                                "(null for MongoDB: see db.stats() there)",
     }
@@ -230,8 +231,8 @@ async def _run_metadata(ctx: CatalogContext, uid: str, parts: dict[Key, Usage]) 
         name = names.get(desc_uid, f"(descriptor {desc_uid})")
         tail = bytes(rec.get("tail") or b"")
         meta = _json_bytes({k: v for k, v in rec.items() if k != "tail"}) + len(tail)
-        length = int(rec["length"])
-        _put(parts, (uid, name, None), Usage(uid, name, metadata_bytes=meta, events=length))
+        _put(parts, (uid, name, None), Usage(uid, name, metadata_bytes=meta,
+                                             events=record_span(rec)))
         owner = descriptors.get(desc_uid)
         if owner is not None:
             for fld, n in (await _logical(ctx, owner, rec, tail)).items():
@@ -248,7 +249,7 @@ async def _logical(ctx: CatalogContext, desc: Doc, rec: Doc, tail: bytes
         return {}
     decoded = _tail_dtypes(tail)
     out: dict[str | None, int] = {}
-    rows = int(rec["length"])
+    rows = record_span(rec)
     for col in columns:
         group, _, key = col.name.partition("/")
         dtype = col.dtype if col.dtype is not None else decoded.get(col.name)
