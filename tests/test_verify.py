@@ -407,3 +407,23 @@ def test_two_descriptors_of_one_stream_count_once(metadata_uri: str, zarr_root: 
         assert [c.stored for _, c in cat.incomplete()] == [{"primary": 6}]
         assert [c.stored for _, c in cat.incomplete(exact=True)] == [{"primary": 6}]
         assert "the stop records 7 events, 6 are stored" in only(cat.verify(4, [uid])).message
+
+
+def test_rows_below_the_first_seq_num_need_no_chunks(metadata_uri: str, zarr_root: Path,
+                                                     tenant: str) -> None:
+    """A descriptor whose seq_nums start at 9001 (continuing another's): its first chunk
+    (rows 0-8191) was never written, and that is no problem."""
+    if metadata_uri.startswith("mongodb://"):
+        pytest.skip("the arrays' business; SQLite is enough")
+    docs = scalar_run(20, scan_id=1)
+    for name, doc in docs:
+        if name == "event":
+            doc["seq_num"] += 9000
+    docs[-1][1]["num_events"] = {"primary": 20}
+    s = Stored(metadata_uri, zarr_root, tenant)
+    s.add("late", docs, tail_rows=0)
+    assert not (s.group("late") / "seq_num" / "c" / "0").exists()
+    with bluestream.open_catalog(tenant, metadata=metadata_uri, zarr_root=zarr_root) as cat:
+        assert cat.verify(4) == []
+        (s.group("late") / "data" / "f0" / "c" / "1").unlink()
+        assert [p.chunk for p in cat.verify(4)] == [s.key("late", "data/f0/c/1")]

@@ -601,9 +601,12 @@ class StreamCheck:
         mask = np.zeros(self.needed, dtype=bool)
         chunk = max(1, int(arr.chunks[0]))
         lo = max(0, int(self.record.get("seq_num_min") or 1) - 1)
+
+        def needed(index: int) -> bool:  # rows the record says events may be in
+            return (index + 1) * chunk > lo
+
         for first, a, b in self._windows(arr):
-            values = await self._read_window(SEQ_NUM, arr, present, first, a, b,
-                                             lambda i: True)
+            values = await self._read_window(SEQ_NUM, arr, present, first, a, b, needed)
             for i, (start, stop) in enumerate(_chunk_rows(first, a, b, chunk)):
                 got = values.get(first + i)
                 if got is None:
