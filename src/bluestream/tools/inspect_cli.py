@@ -117,8 +117,9 @@ def verify(tenant: TenantOpt,
     sys.stdout.write(text)
     if report is not None:
         report.write_text(text, encoding="utf-8")
+    keys = f"; chunk keys are under {settings.storage.zarr()}" if found else ""
     typer.echo(f"verify level {level}: {checked[0]} run(s) checked, {len(found)} problem(s) "
-               f"in {elapsed:.1f} s", err=True)
+               f"in {elapsed:.1f} s{keys}", err=True)
     raise typer.Exit(EXIT_PROBLEMS if found else 0)
 
 
