@@ -23,6 +23,7 @@ from bluestream.consumers.pipeline import Ingestor
 from bluestream.errors import DocumentError
 from bluestream.layout import descriptor_path
 from bluestream.limits import Limits
+from bluestream.storage.backends import open_metadata_store
 from bluestream.storage.registry import StoreRegistry
 from bluestream.storage.tail import DEFAULT_BLOCK, Tail
 from bluestream.storage.zarr_root import ZarrRoot
@@ -306,7 +307,9 @@ def storage_digest(metadata_uri: str, tenant: str, zarr_root: Path | ZarrRoot
     (MongoDB: every document but its ``_id``): the number of rows and a SHA-256 over
     all of them, sorted, so the comparison names what changed and a duplicated row
     shows even when its copy is identical. Provenance (``ingest_log``) is included: an
-    identical input replayed from the same offsets must leave it unchanged too.
+    identical input replayed from the same offsets must leave it unchanged too, except
+    for the list of processes that wrote each run (``extra.sessions``): a replay by
+    another process adds itself there, truthfully (``sessions`` of :func:`ingest_sessions`).
     The Zarr writers' lock files live outside the tenant's tree and are not data.
     """
     import hashlib
@@ -333,6 +336,10 @@ def storage_digest(metadata_uri: str, tenant: str, zarr_root: Path | ZarrRoot
                     rows = con.execute(f'SELECT * FROM "{table}" WHERE tenant = ?', (tenant,))
                 else:
                     rows = con.execute(f'SELECT * FROM "{table}"')
+                if table == "ingest_log":
+                    at = columns.index("extra")
+                    rows = [(*r[:at], _without_sessions(json.loads(r[at])), *r[at + 1:])
+                            for r in rows]
                 out[f"sqlite:{table}"] = digest([repr(r) for r in rows])
         finally:
             con.close()
@@ -343,12 +350,30 @@ def storage_digest(metadata_uri: str, tenant: str, zarr_root: Path | ZarrRoot
         try:
             db = client[tenant]
             for coll in sorted(db.list_collection_names()):
-                out[f"mongo:{coll}"] = digest([
-                    json.dumps(d, sort_keys=True, default=repr)
-                    for d in db[coll].find({}, {"_id": 0})])
+                docs = list(db[coll].find({}, {"_id": 0}))
+                if coll == "ingest_log":
+                    docs = [{**d, "extra": _without_sessions(d.get("extra") or {})}
+                            for d in docs]
+                out[f"mongo:{coll}"] = digest([json.dumps(d, sort_keys=True, default=repr)
+                                               for d in docs])
         finally:
             client.close()
     return out
+
+
+def _without_sessions(extra: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in extra.items() if k != "sessions"}
+
+
+async def ingest_sessions(metadata_uri: str, tenant: str, run_uid: str) -> dict[str, Any]:
+    """The processes recorded as writers of a run (all its ingest_log records)."""
+    store = open_metadata_store(metadata_uri, tenant, readonly=True)
+    await store.open()
+    try:
+        return {sid: s for rec in await store.ingest_log(run_uid)
+                for sid, s in rec["sessions"].items()}
+    finally:
+        await store.close()
 
 
 async def group_offsets(bootstrap: str, group: str) -> dict[tuple[str, int], int]:

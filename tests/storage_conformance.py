@@ -20,6 +20,7 @@ import pytest
 
 from bluestream.queries import (
     And,
+    Annotation,
     Contains,
     Eq,
     FullText,
@@ -37,6 +38,7 @@ from bluestream.queries import (
 from bluestream.storage.base import (
     DOC_KINDS,
     IngestLogEntry,
+    IngestSession,
     MetadataStore,
     PutOutcome,
     StreamUpdate,
@@ -478,13 +480,138 @@ class MetadataStoreTests:
         assert await store.ingest_log(uid(1)) == [
             {"run_start": uid(1), "topic": topic, "partition": 0, "offset_min": 5,
              "offset_max": 30, "daemon_version": "0.1.0", "host": "ingest-1",
-             "extra": {"key": "k1", "group": "g"}},
+             "extra": {"key": "k1", "group": "g"}, "sessions": {}},
             {"run_start": uid(1), "topic": topic, "partition": 3, "offset_min": 100,
-             "offset_max": 100, "daemon_version": "0.1.0", "host": "ingest-1", "extra": {}},
+             "offset_max": 100, "daemon_version": "0.1.0", "host": "ingest-1", "extra": {},
+             "sessions": {}},
         ]
         assert await store.ingest_log(uid(2)) == []
         with pytest.raises(ValueError):
             await store.log_ingest([entry(1, 2, **{"a.b": 1})])
+
+    async def test_ingest_log_sessions(self, store: MetadataStore) -> None:
+        """Each writing process keeps its own offset range (a daemon killed and
+        restarted names both), merged with min/max like the record's."""
+        first = IngestSession("a" * 32, "host-a", 11, T0, "0.1.0")
+        second = IngestSession("b" * 32, "host-b", 22, T0 + 60, "0.2.0")
+
+        def entry(lo: int, hi: int, session: IngestSession) -> IngestLogEntry:
+            return IngestLogEntry(uid(1), "t", 0, lo, hi, session.daemon_version,
+                                  session.host, session=session)
+
+        await store.log_ingest([entry(10, 20, first), entry(5, 12, first)])
+        await store.log_ingest([entry(18, 40, second)])
+        await store.log_ingest([entry(18, 40, second)])  # replay: nothing changes
+        [rec] = await store.ingest_log(uid(1))
+        assert (rec["offset_min"], rec["offset_max"], rec["extra"]) == (5, 40, {})
+        assert rec["sessions"] == {
+            first.id: {"host": "host-a", "pid": 11, "started": T0, "daemon_version": "0.1.0",
+                       "offset_min": 5, "offset_max": 20},
+            second.id: {"host": "host-b", "pid": 22, "started": T0 + 60,
+                        "daemon_version": "0.2.0", "offset_min": 18, "offset_max": 40},
+        }
+        with pytest.raises(ValueError, match="reserved"):
+            await store.log_ingest([IngestLogEntry(uid(1), "t", 0, 1, 2, "v",
+                                                   extra={"sessions": 1})])
+
+    # -- annotations and removal ----------------------------------------------------------
+
+    async def test_annotation_versions(self, store: MetadataStore) -> None:
+        await store.put_documents("start", [RUNS[1], RUNS[2]])
+        assert await store.add_annotation(uid(1), "quality", "good", time=T0,
+                                          author="ann", note="first look") == 1
+        assert await store.add_annotation(uid(1), "quality", "bad", time=T0 + 1) == 2
+        assert await store.add_annotation(uid(1), "dose", 1.5, time=T0 + 2) == 1
+        assert await store.add_annotation(uid(2), "quality", {"grade": [1, 2]},
+                                          time=T0 + 3) == 1
+        history = await store.annotations(uid(1), "quality")
+        assert history == [
+            {"key": "quality", "version": 1, "value": "good", "time": T0, "author": "ann",
+             "note": "first look"},
+            {"key": "quality", "version": 2, "value": "bad", "time": T0 + 1, "author": None,
+             "note": None},
+        ]
+        assert [(a["key"], a["version"]) for a in await store.annotations(uid(1))] == [
+            ("dose", 1), ("quality", 1), ("quality", 2)]
+        assert await store.annotation_values("quality") == {uid(1): "bad",
+                                                            uid(2): {"grade": [1, 2]}}
+        await store.add_annotation(uid(1), "quality", None, time=T0 + 4)  # cleared
+        assert await store.annotation_values("quality") == {uid(2): {"grade": [1, 2]}}
+        assert len(await store.annotations(uid(1), "quality")) == 3
+        assert await store.get("start", uid(1)) == RUNS[1]  # never modified
+
+    async def test_concurrent_annotations_get_distinct_versions(
+            self, store: MetadataStore) -> None:
+        versions: list[int] = []
+
+        async def add(i: int) -> None:
+            versions.append(await store.add_annotation(uid(1), "k", i, time=T0 + i))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(5):
+                tg.start_soon(add, i)
+        assert sorted(versions) == [1, 2, 3, 4, 5]
+
+    async def test_annotation_queries(self, runs: MetadataStore) -> None:
+        await runs.add_annotation(uid(1), "quality", "good", time=T0)
+        await runs.add_annotation(uid(2), "quality", "good", time=T0)
+        await runs.add_annotation(uid(2), "quality", "bad", time=T0 + 1)  # newest wins
+        await runs.add_annotation(uid(3), "quality", "great", time=T0)
+        await runs.add_annotation(uid(4), "dose", 3, time=T0)
+        await runs.add_annotation(uid(5), "dose", 7.5, time=T0)
+        await runs.add_annotation(uid(6), "dose", "7", time=T0)  # a string is no number
+
+        async def uids(q: Query) -> list[str]:
+            return sorted(d["uid"] for d in await runs.search(q))
+
+        assert await uids(Annotation("quality") == "good") == [uid(1)]
+        assert await uids(Annotation("quality").isin(["bad", "great"])) == [uid(2), uid(3)]
+        assert await uids(Annotation("quality").exists()) == [uid(1), uid(2), uid(3)]
+        assert await uids(Annotation("dose") > 5) == [uid(5)]
+        assert await uids(Annotation("dose") <= 3.0) == [uid(4)]
+        assert await uids(Annotation("dose") == 7.5) == [uid(5)]
+        assert len(await uids(Annotation("quality") != "good")) == 7  # unannotated too
+        assert await uids(And(Annotation("quality").exists(), Eq("plan_name", "count"))) \
+            == sorted(d["uid"] for d in await runs.search(Eq("plan_name", "count"))
+                      if d["uid"] in (uid(1), uid(2), uid(3)))
+        assert await runs.count(Annotation("quality") == "nothing") == 0
+        with pytest.raises(ValueError, match="annotation key"):
+            await runs.search(Annotation("bad key!") == 1)
+
+    async def test_removal_hides_then_deletes(self, runs: MetadataStore) -> None:
+        desc = {**DOCS["descriptor"], "run_start": uid(1)}
+        await runs.put_documents("descriptor", [desc])
+        await runs.put_documents("stop", [{**DOCS["stop"], "run_start": uid(1)}])
+        await runs.put_documents("resource", [{**DOCS["resource"], "run_start": uid(1)}])
+        await runs.put_documents("datum", [{**DOCS["datum"],
+                                            "resource": DOCS["resource"]["uid"]}])
+        await runs.update_streams([StreamUpdate(desc["uid"], uid(1), "primary", "t/x", 3, 1,
+                                                3, T0, T0 + 1, ("x",), tail=b"rows",
+                                                tail_start=0)])
+        await runs.log_ingest([IngestLogEntry(uid(1), "t", 0, 1, 9, "v")])
+        await runs.add_annotation(uid(1), "quality", "good", time=T0)
+        total = await runs.count(None)
+
+        await runs.mark_removed([uid(1)], {"time": T0, "by": "test"})
+        assert await runs.removal_marks() == [{"uid": uid(1), "time": T0, "by": "test"}]
+        assert uid(1) not in [d["uid"] for d in await runs.search(None)]
+        assert await runs.count(None) == total - 1
+        assert await runs.uids_with_prefix(uid(1)[:8]) == [uid(2)]
+        assert await runs.search(Annotation("quality") == "good") == []
+
+        counts = await runs.delete_run(uid(1))
+        assert counts["start"] == 1 and counts["descriptor"] == 1 and counts["datum"] == 1
+        assert await runs.removal_marks() == []
+        for kind in ("start", "stop"):
+            assert await runs.get(kind, uid(1)) is None
+        assert await runs.get("descriptor", desc["uid"]) is None
+        assert await runs.get("datum", DOCS["datum"]["datum_id"]) is None
+        assert await runs.streams(uid(1)) == []
+        assert await runs.tails([desc["uid"]]) == {}
+        assert await runs.ingest_log(uid(1)) == []
+        assert await runs.annotations(uid(1)) == []
+        assert await runs.count(None) == total - 1
+        assert (await runs.delete_run(uid(1)))["start"] == 0  # a rerun is harmless
 
     # -- search ---------------------------------------------------------------------------
 
@@ -545,4 +672,37 @@ class MetadataStoreTests:
             await runs.search(query)
         with pytest.raises(ValueError):
             await runs.count(query)
+
+    # -- links (integrity checks, completeness) -------------------------------------------
+
+    async def test_links_find_orphans_and_filter_by_run(self, store: MetadataStore) -> None:
+        """Every document of a kind, its start gone or not; records without tail rows."""
+        await store.put_documents("start", [RUNS[1], RUNS[2]])
+        orphan = {**DOCS["descriptor"], "uid": "desc-0009", "run_start": uid(9)}
+        await store.put_documents("descriptor", [DOCS["descriptor"], orphan])
+        await store.put_documents("stop", [DOCS["stop"]])
+        await store.update_streams([
+            dataclasses.replace(_stream("desc-0001", 300, 1, 300, T0, T0 + 9),
+                                tail=b"\x01" * 10, tail_start=256),
+            _stream("desc-gone", 1, 1, 1, T0, T0, run=2)])
+        assert await store.links("start") == [
+            {"key": uid(1), "uid": uid(1), "run_start": uid(1)},
+            {"key": uid(2), "uid": uid(2), "run_start": uid(2)}]
+        assert await store.links("descriptor") == [
+            {"key": "desc-0001", "uid": "desc-0001", "run_start": uid(1)},
+            {"key": "desc-0009", "uid": "desc-0009", "run_start": uid(9)}]
+        assert await store.links("stop") == [
+            {"key": uid(1), "uid": "stop-0001", "run_start": uid(1)}]
+        assert await store.links("descriptor", [uid(9), "nope"]) == [
+            {"key": "desc-0009", "uid": "desc-0009", "run_start": uid(9)}]
+        assert await store.links("start", [uid(2)]) == [
+            {"key": uid(2), "uid": uid(2), "run_start": uid(2)}]
+        records = await store.links("event_stream")
+        assert [(r["run_start"], r["descriptor_uid"], r["length"], r["tail_start"], r["tail"])
+                for r in records] == [(uid(1), "desc-0001", 300, 256, None),
+                                      (uid(2), "desc-gone", 1, None, None)]
+        assert records[0] == {**(await store.streams(uid(1)))[0], "tail": None}
+        assert [r["descriptor_uid"] for r in await store.links("event_stream", [uid(2)])] \
+            == ["desc-gone"]
+        assert await store.links("stop", []) == []
 

@@ -32,6 +32,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pymongo import MongoClient
 
+from bluestream.catalog import open_catalog
 from bluestream.consumers.decode import encode_message
 from bluestream.storage.zarr_root import ZarrRoot
 from conftest import create_topic
@@ -113,7 +114,13 @@ def snapshot(mongo_uri: str, tenant: str, zarr_root: Path | ZarrRoot) -> dict[st
     try:
         db = client[tenant]
         for coll in sorted(db.list_collection_names()):
-            docs = sorted(repr(sorted(d.items())) for d in db[coll].find({}, {"_id": 0}))
+            # Provenance records which processes wrote each run: a replay adds itself
+            # there (checked by sessions_of), so it is compared without that part.
+            found = list(db[coll].find({}, {"_id": 0}))
+            if coll == "ingest_log":
+                found = [{**d, "extra": {k: v for k, v in d["extra"].items()
+                                         if k != "sessions"}} for d in found]
+            docs = sorted(repr(sorted(d.items())) for d in found)
             digests[f"mongo:{coll}"] = hashlib.sha256("\n".join(docs).encode()).hexdigest()
     finally:
         client.close()
@@ -170,6 +177,23 @@ def test_sigkill_loop_stores_every_event_exactly_once(
         if proc.poll() is None:
             proc.kill()
     verify(mongo_uri, tenant, zarr_root, runs, per_run)
+    written = sessions_of(mongo_uri, tenant)
+    # Provenance names every daemon run that wrote a run, with the offsets it wrote;
+    # runs stored across a kill name the killed daemon and its successor.
+    assert len({sid for rec in written.values() for sid in rec["sessions"]}) >= 2
+    assert sum(1 for rec in written.values() if len(rec["sessions"]) >= 2) >= 1, written
+    for rec in written.values():
+        check_sessions_cover(rec)
+    cat = open_catalog(tenant, metadata=mongo_uri, zarr_root=zarr_root)
+    try:
+        run = cat[runs[0][0][1]["uid"]]
+        prov = run.provenance()
+        [source] = prov["sources"]
+        assert source["topic"] == topic and prov["topics"] == [topic]
+        assert {w["session"] for w in source["writers"]} == \
+            set(written[run.uid]["sessions"])
+    finally:
+        cat.close()
 
     # A replay of the whole topic by a new consumer group changes nothing.
     before = snapshot(mongo_uri, tenant, zarr_root)
@@ -188,6 +212,39 @@ def test_sigkill_loop_stores_every_event_exactly_once(
             proc.kill()
     assert snapshot(mongo_uri, tenant, zarr_root) == before
     verify(mongo_uri, tenant, zarr_root, runs, per_run)
+    # ... except that the replaying daemon is named in each run's provenance, with the
+    # whole offset range of the run.
+    for run_uid, rec in sessions_of(mongo_uri, tenant).items():
+        new = set(rec["sessions"]) - set(written[run_uid]["sessions"])
+        assert len(new) == 1, rec
+        replayed = rec["sessions"][new.pop()]
+        assert (replayed["offset_min"], replayed["offset_max"]) == \
+            (rec["offset_min"], rec["offset_max"])
+
+
+def sessions_of(mongo_uri: str, tenant: str) -> dict[str, dict[str, Any]]:
+    """Each run's ingest_log record (one topic partition per run here), with the
+    processes that wrote it under ``sessions``."""
+    client: MongoClient[dict[str, Any]] = MongoClient(mongo_uri)
+    try:
+        out = {}
+        for rec in client[tenant].ingest_log.find({}, {"_id": 0}):
+            assert rec["run_start"] not in out, "a run spread over partitions"
+            out[rec["run_start"]] = {**rec, "sessions": rec["extra"]["sessions"]}
+        return out
+    finally:
+        client.close()
+
+
+def check_sessions_cover(rec: dict[str, Any]) -> None:
+    """The writers' offset ranges lie within the record's and reach both its ends."""
+    sessions = rec["sessions"].values()
+    assert sessions
+    for s in sessions:
+        assert rec["offset_min"] <= s["offset_min"] <= s["offset_max"] <= rec["offset_max"]
+        assert s["host"] and s["daemon_version"] and s["pid"] > 0
+    assert min(s["offset_min"] for s in sessions) == rec["offset_min"]
+    assert max(s["offset_max"] for s in sessions) == rec["offset_max"]
 
 
 def _wait(done: Any, proc: subprocess.Popen[bytes], log: Path, what: str,

@@ -3,6 +3,8 @@ an export ingested again stores the same runs; ingesting twice changes nothing."
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ from bluestream.settings import Settings
 from bluestream.tools.export import export_runs
 from bluestream.tools.files import iter_records
 from bluestream.tools.ingest import ingest_files
-from helpers import read_stream_arrays, storage_digest
+from helpers import ingest_sessions, read_stream_arrays, storage_digest
 from test_catalog_support import assert_valid_order, canonical, plain, re_runs
 from test_tools_support import (  # noqa: F401  (fixtures)
     metadata_uri_fixture,
@@ -35,7 +37,8 @@ async def test_ingest_then_export_gives_the_same_documents(
     passed: the replay yielding each descriptor twice, each event page twice, or each
     datum twice -> ``canonical`` differs in ``counts`` (``'descriptor': 2`` vs 1) and
     ``repeated``; the Ingestor's host name made unique per session -> the second
-    ingest changes ``sqlite:ingest_log`` / ``mongo:ingest_log``; each Zarr group
+    ingest changes ``sqlite:ingest_log`` / ``mongo:ingest_log`` (the writing processes,
+    which a replay adds to, are compared separately); each Zarr group
     stamped with the time of every write -> it changes ``zarr:.../zarr.json``.
     """
     runs = list(re_runs().values())
@@ -60,11 +63,21 @@ async def test_ingest_then_export_gives_the_same_documents(
     assert again.documents == report.documents
     assert storage_digest(settings.storage.metadata, tenant,
                           settings.storage.zarr_root) == before
+    # ... but the second process is named in each run's provenance, as the first is.
+    first_uid = runs[0][0][1]["uid"]
+    writers = await ingest_sessions(settings.storage.metadata, tenant, first_uid)
+    assert len(writers) == 2 and {w["pid"] for w in writers.values()} == {os.getpid()}
 
     out = tmp_path / "export"
     exported = await export_runs([], tenant=tenant, settings=settings, fmt=fmt,
                                  out=out, all_runs=True)
     assert exported.ok and len(exported.files) == len(runs)
+    assert [p.name for p in exported.provenance] == \
+        [f"{f.name.rsplit('.', 1)[0]}.provenance.json" for f in exported.files]
+    prov = json.loads((out / f"{first_uid}.provenance.json").read_text())
+    assert prov["run_start"] == first_uid and len(prov["files"]) == 1
+    assert prov["files"][0] in {str(f) for f in files}
+    assert len(prov["sources"][0]["writers"]) == 2
     for docs in runs:
         path = out / f"{docs[0][1]['uid']}.{fmt}"
         back = read_documents(path)
@@ -78,7 +91,7 @@ async def test_ingest_then_export_gives_the_same_documents(
     out2 = tmp_path / "export2"
     await export_runs([], tenant=copy, settings=settings, fmt=fmt, out=out2,
                       all_runs=True)
-    for path in sorted(out.iterdir()):  # same documents, order and page boundaries
+    for path in sorted(out.glob(f"*.{fmt}")):  # same documents, order and page boundaries
         assert [(n, plain(d)) for n, d in read_documents(out2 / path.name)] == \
             [(n, plain(d)) for n, d in read_documents(path)], path.name
     root = settings.storage.zarr_root

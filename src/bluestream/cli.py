@@ -15,6 +15,8 @@ from bluestream.errors import ConfigError
 from bluestream.settings import load_settings
 from bluestream.tools.commands import check_zarr_access
 from bluestream.tools.commands import register as _register_tools
+from bluestream.tools.inspect_cli import register as _register_inspect
+from bluestream.tools.manage_cli import register as _register_manage
 
 __all__ = ["app", "main"]
 
@@ -88,8 +90,11 @@ def check_config(
 
 # publish, ingest, ingest-mongo, export, demo (bluestream.tools)
 _register_tools(app)
+_register_manage(app)
 # status, dlq list|show|replay (operations)
 _register_ops(app)
+# verify, du; status --tenant (replaces the daemon-only status registered above)
+_register_inspect(app)
 
 
 def main() -> None:

@@ -13,8 +13,11 @@ from datetime import datetime
 from typing import Any, Literal
 
 __all__ = [
+    "ANNOTATION_OPERATORS",
     "DUPLICATES",
     "And",
+    "Annotation",
+    "AnnotationQuery",
     "Comparison",
     "Contains",
     "Eq",
@@ -186,6 +189,68 @@ class Key:
 
     def __ne__(self, value: object) -> Comparison:  # type: ignore[override]
         return Comparison("ne", self.key, value)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+#: What an :class:`AnnotationQuery` can ask of a run's current annotation value.
+ANNOTATION_OPERATORS = ("eq", "ne", "lt", "le", "gt", "ge", "in", "exists")
+
+
+@dataclass(frozen=True)
+class AnnotationQuery(Query):
+    """Runs whose *current* annotation ``key`` (the newest version; see
+    ``run.annotate``) satisfies ``operator`` with ``value``. Build it with
+    :class:`Annotation`: ``Annotation("quality") == "good"``.
+
+    ``ne`` matches runs without the annotation too (as :class:`NotEq` does for start
+    keys); ``exists`` matches runs that carry one; numbers never equal strings or
+    booleans, and ``<``/``>`` compare numbers with numbers and strings with strings."""
+
+    key: str
+    operator: str
+    value: Any = None
+
+    def __post_init__(self) -> None:
+        if self.operator not in ANNOTATION_OPERATORS:
+            raise ValueError(f"annotation operator {self.operator!r}: use one of "
+                             f"{', '.join(ANNOTATION_OPERATORS)}")
+        if self.operator == "in":
+            if isinstance(self.value, str | bytes) or not hasattr(self.value, "__iter__"):
+                raise TypeError("Annotation(...).isin() takes a list of values")
+            object.__setattr__(self, "value", tuple(self.value))
+
+
+class Annotation:
+    """``Annotation("quality") == "good"`` builds an :class:`AnnotationQuery` (also
+    ``!=``, ``<``, ``<=``, ``>``, ``>=``, ``.isin([...])`` and ``.exists()``)."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __eq__(self, value: object) -> AnnotationQuery:  # type: ignore[override]
+        return AnnotationQuery(self.key, "eq", value)
+
+    def __ne__(self, value: object) -> AnnotationQuery:  # type: ignore[override]
+        return AnnotationQuery(self.key, "ne", value)
+
+    def __lt__(self, value: Any) -> AnnotationQuery:
+        return AnnotationQuery(self.key, "lt", value)
+
+    def __le__(self, value: Any) -> AnnotationQuery:
+        return AnnotationQuery(self.key, "le", value)
+
+    def __gt__(self, value: Any) -> AnnotationQuery:
+        return AnnotationQuery(self.key, "gt", value)
+
+    def __ge__(self, value: Any) -> AnnotationQuery:
+        return AnnotationQuery(self.key, "ge", value)
+
+    def isin(self, values: Any) -> AnnotationQuery:
+        return AnnotationQuery(self.key, "in", values)
+
+    def exists(self) -> AnnotationQuery:
+        return AnnotationQuery(self.key, "exists")
 
     __hash__ = None  # type: ignore[assignment]
 

@@ -31,6 +31,10 @@ class CatalogContext:
     #: Seconds allowed for one metadata call before StorageUnavailable.
     timeout: float = 30.0
     poll_interval: float = 0.2
+    #: Makes a writable store of the same tenant, for what readers may change
+    #: (annotations, removal); None: this catalog cannot write.
+    writer_factory: Callable[[], MetadataStore] | None = None
+    _writer: MetadataStore | None = field(default=None, init=False)
     arrays: ArrayReader = field(init=False)
     resolver: DatumResolver = field(init=False)
     _opened: bool = field(default=False, init=False)
@@ -66,7 +70,21 @@ class CatalogContext:
             raise StorageUnavailable(f"metadata store {self.where} did not answer within "
                                      f"{self.timeout:g} s ({what})") from None
 
+    async def writer(self) -> MetadataStore:
+        """A writable store of this tenant, opened on first use (the catalog's own
+        store is read-only: it creates nothing)."""
+        if self._writer is None:
+            if self.writer_factory is None:
+                raise StorageUnavailable(f"this catalog of {self.where} cannot write")
+            store = self.writer_factory()
+            await self.call("connect for writing", store.open)
+            self._writer = store
+        return self._writer
+
     async def close(self) -> None:
         """Close the store (also after a failed open: it may hold a client)."""
         self._opened = False
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            await writer.close()
         await self.store.close()

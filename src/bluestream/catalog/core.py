@@ -9,20 +9,29 @@ between calls, so counts and lookups always reflect what is stored now.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bluestream.catalog import integrity, usage
 from bluestream.catalog.context import CatalogContext
 from bluestream.catalog.loop_thread import LoopThread
+from bluestream.catalog.removal import (
+    PhaseHook,
+    RemovalReport,
+    finish_pending,
+    remove_runs,
+    select_prune,
+)
 from bluestream.catalog.run import AsyncBlueskyRun, BlueskyRun
 from bluestream.errors import AmbiguousUID, NotFound
 from bluestream.handlers import HandlerClass
-from bluestream.queries import And, Query, ScanID, as_query
+from bluestream.queries import And, Query, ScanID, TimeLike, as_query
 from bluestream.settings import load_settings
 from bluestream.storage.backends import is_mongo_uri, open_metadata_store
+from bluestream.storage.base import MetadataStore
 from bluestream.storage.query_rules import MIN_PARTIAL_UID
 from bluestream.storage.rules import check_tenant, mask_uri
 from bluestream.storage.zarr_root import S3_SCHEME, ZarrRoot
@@ -73,8 +82,12 @@ def make_context(tenant: str, *, metadata: str | None = None,
     uri, root, timeout_ms = _resolve_storage(metadata, zarr_root, config)
     store = open_metadata_store(uri, tenant, server_selection_timeout_ms=timeout_ms,
                                 readonly=True)
+
+    def writer() -> MetadataStore:
+        return open_metadata_store(uri, tenant, server_selection_timeout_ms=timeout_ms)
+
     return CatalogContext(tenant, store, root, dict(handlers or {}), dict(root_map or {}),
-                          timeout=timeout, poll_interval=poll_interval)
+                          timeout=timeout, poll_interval=poll_interval, writer_factory=writer)
 
 
 class AsyncCatalog:
@@ -226,6 +239,82 @@ class AsyncCatalog:
             return False
         return True
 
+    # -- removal ----------------------------------------------------------------------------
+    async def remove(self, *keys: int | str, force: bool = False, settle: float = 5.0,
+                     hook: PhaseHook | None = None) -> RemovalReport:
+        """Remove runs (uids, uid prefixes, scan_ids, negative indices) for good, with
+        their arrays: two-phase and crash-safe (:mod:`bluestream.catalog.removal`).
+        Every key is looked up first: an unknown one raises NotFound, removing nothing.
+        Open runs are refused unless ``force`` (and even then while they grow)."""
+        finished = await self.finish_removals(hook=hook)
+        wanted = [k for k in keys if not (isinstance(k, str) and
+                                          any(u.startswith(k) for u in finished))]
+        starts = {str(d["uid"]): d for d in [await self.lookup_start(k) for k in wanted]}
+        report = await remove_runs(self._ctx, list(starts.values()), force=force,
+                                   settle=settle, hook=hook)
+        report.finished = finished
+        return report
+
+    async def finish_removals(self, *, hook: PhaseHook | None = None) -> list[str]:
+        """Complete removals that were interrupted (their runs are already hidden);
+        the uids finished. :meth:`remove` and :meth:`prune` call this first."""
+        await self._ctx.ensure_open()
+        return [str(d["uid"]) for d in await finish_pending(self._ctx, hook=hook)]
+
+    async def prune_candidates(self, before: TimeLike, query: Query | Mapping[str, Any]
+                               | None = None) -> list[Doc]:
+        """Start documents of the runs :meth:`prune` would remove, newest first."""
+        q = select_prune(before, None if query is None else as_query(query))
+        return await self.search(q).starts()
+
+    async def prune(self, before: TimeLike, query: Query | Mapping[str, Any] | None = None,
+                    *, force: bool = False, settle: float = 5.0,
+                    hook: PhaseHook | None = None) -> RemovalReport:
+        """Remove every run (of this catalog's search) started before ``before`` and
+        matching ``query``; see :meth:`remove`."""
+        finished = await self.finish_removals(hook=hook)
+        starts = await self.prune_candidates(before, query)
+        report = await remove_runs(self._ctx, starts, force=force, settle=settle,
+                                   reason="prune", hook=hook)
+        report.finished = finished
+        return report
+
+    # -- integrity, completeness, storage size (catalog/integrity.py, catalog/usage.py) -----
+    async def verify(self, level: int = 4, runs: Sequence[int | str] | None = None, *,
+                     progress: integrity.ProgressFn | None = None
+                     ) -> list[integrity.Problem]:
+        """Problems found by the integrity checks up to ``level`` (1-4, see
+        :mod:`bluestream.catalog.integrity`) in ``runs`` (uids, uid prefixes, scan ids),
+        or in every run of this catalog (of the whole tenant when it is not a search:
+        then level 1 also finds documents whose start is gone). Empty: intact."""
+        await self._ctx.ensure_open()
+        uids = None if runs is None else await integrity.resolve_runs(
+            self._ctx, [str(r) for r in runs], self.lookup_start)
+        return await integrity.verify(self._ctx, level=level, runs=uids, query=self._query,
+                                      progress=progress)
+
+    async def stored(self, uids: Sequence[str], *, exact: bool = False) -> dict[str, bool]:
+        """Whether each run (full uid) is complete: its stop arrived and every stream
+        holds the events the stop records. A few queries for any number of runs;
+        ``exact`` also counts the rows in the arrays. Unknown uids are False."""
+        found = await integrity.completeness(self._ctx, uids, exact=exact)
+        return {uid: found[uid].complete for uid in uids}
+
+    def incomplete(self, *, exact: bool = False
+                   ) -> AsyncIterator[tuple[Doc, integrity.Completeness]]:
+        """(start document, what is missing) of every run of this catalog that is not
+        complete, newest first."""
+        return integrity.incomplete_runs(self._ctx, self._query, exact=exact)
+
+    async def storage_size(self, by: str = "run", runs: Sequence[int | str] | None = None
+                           ) -> usage.StorageReport:
+        """Bytes on disk (or in the object store), in the metadata store, and logical
+        (uncompressed) per run, stream or field (see :mod:`bluestream.catalog.usage`)."""
+        await self._ctx.ensure_open()
+        uids = None if runs is None else await integrity.resolve_runs(
+            self._ctx, [str(r) for r in runs], self.lookup_start)
+        return await usage.storage_size(self._ctx, by=by, runs=uids, query=self._query)
+
 
 class Catalog:
     """Synchronous catalog (see :class:`AsyncCatalog` for the semantics).
@@ -323,6 +412,45 @@ class Catalog:
             return self[key]
         except NotFound:
             return default
+
+    def remove(self, *keys: int | str, force: bool = False, settle: float = 5.0
+               ) -> RemovalReport:
+        """See :meth:`AsyncCatalog.remove`."""
+        return self._loop.call(lambda: self._inner.remove(*keys, force=force, settle=settle))
+
+    def finish_removals(self) -> list[str]:
+        """See :meth:`AsyncCatalog.finish_removals`."""
+        return self._loop.call(self._inner.finish_removals)
+
+    def prune_candidates(self, before: TimeLike,
+                         query: Query | Mapping[str, Any] | None = None) -> list[Doc]:
+        return self._loop.call(lambda: self._inner.prune_candidates(before, query))
+
+    def prune(self, before: TimeLike, query: Query | Mapping[str, Any] | None = None, *,
+              force: bool = False, settle: float = 5.0) -> RemovalReport:
+        """See :meth:`AsyncCatalog.prune`."""
+        return self._loop.call(lambda: self._inner.prune(before, query, force=force,
+                                                         settle=settle))
+
+    # -- integrity, completeness, storage size --------------------------------------------
+    def verify(self, level: int = 4, runs: Sequence[int | str] | None = None, *,
+               progress: integrity.ProgressFn | None = None) -> list[integrity.Problem]:
+        """See :meth:`AsyncCatalog.verify`; ``[]`` when everything checked is intact."""
+        return self._loop.call(lambda: self._inner.verify(level, runs, progress=progress))
+
+    def stored(self, uids: Sequence[str], *, exact: bool = False) -> dict[str, bool]:
+        """See :meth:`AsyncCatalog.stored` (the QuantumBackedButler's ``stored_many``)."""
+        return self._loop.call(lambda: self._inner.stored(uids, exact=exact))
+
+    def incomplete(self, *, exact: bool = False
+                   ) -> Iterator[tuple[Doc, integrity.Completeness]]:
+        """See :meth:`AsyncCatalog.incomplete`."""
+        return self._loop.iterate(self._inner.incomplete(exact=exact))
+
+    def storage_size(self, by: str = "run", runs: Sequence[int | str] | None = None
+                     ) -> usage.StorageReport:
+        """See :meth:`AsyncCatalog.storage_size`."""
+        return self._loop.call(lambda: self._inner.storage_size(by, runs))
 
 
 def open_catalog_async(tenant: str, *, metadata: str | None = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time as _time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from datetime import datetime
@@ -12,8 +13,10 @@ import anyio
 from bluestream.catalog._tasks import task_group
 from bluestream.catalog.context import CatalogContext
 from bluestream.catalog.loop_thread import LoopThread
+from bluestream.catalog.provenance import provenance_of
 from bluestream.catalog.replay import PAGE_BYTES, PAGE_EVENTS, follow, replay
 from bluestream.catalog.stream import AsyncEventStream
+from bluestream.storage.query_rules import check_annotation_key
 
 if TYPE_CHECKING:
     import xarray
@@ -28,6 +31,26 @@ def _stream_names(descriptors: Sequence[Doc]) -> list[str]:
     """Stream names in order of first appearance (descriptors sorted by time)."""
     ordered = sorted(descriptors, key=lambda d: (d.get("time", 0.0), d["uid"]))
     return list(dict.fromkeys(str(d.get("name", "primary")) for d in ordered))
+
+
+#: Bytes of JSON an annotation value may take (annotations are labels, not data).
+MAX_ANNOTATION_BYTES = 64 * 1024
+
+
+def _annotation_value(value: Any) -> Any:
+    """``value`` as plain JSON (numpy scalars and arrays become numbers and lists),
+    or a ValueError saying why it cannot be an annotation."""
+    if hasattr(value, "tolist") and callable(value.tolist):
+        value = value.tolist()
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"an annotation value must be JSON (str, number, bool, None, "
+                         f"list, dict; no NaN): {exc}") from None
+    if len(text) > MAX_ANNOTATION_BYTES:
+        raise ValueError(f"an annotation value takes {len(text)} bytes of JSON, more than "
+                         f"{MAX_ANNOTATION_BYTES}: store data as data, not as annotations")
+    return json.loads(text)
 
 
 def _fmt_time(t: Any) -> str:
@@ -121,6 +144,47 @@ class AsyncBlueskyRun:
     def __repr__(self) -> str:
         return run_repr("AsyncBlueskyRun", self._start, self._stop, self.streams)
 
+    # -- annotations and provenance -----------------------------------------------------
+    async def annotate(self, key: str, value: Any, *, author: str | None = None,
+                       note: str | None = None) -> int:
+        """Add a new version of annotation ``key`` (``value`` None clears it); returns
+        its version. Earlier versions stay; the start and stop documents are never
+        modified. ``value``: JSON-compatible (str, number, bool, list, dict)."""
+        check_annotation_key(key)
+        value = _annotation_value(value)
+        for what, text in (("author", author), ("note", note)):
+            if text is not None and not isinstance(text, str):
+                raise TypeError(f"annotation {what} must be a string, not "
+                                f"{type(text).__name__}")
+        writer = await self._ctx.writer()
+        return await self._ctx.call("store an annotation", writer.add_annotation, self.uid,
+                                    key, value, time=_time.time(), author=author, note=note)
+
+    async def annotations(self) -> dict[str, Any]:
+        """Current value of each annotation (its newest version; cleared ones left out)."""
+        await self._ctx.ensure_open()
+        current: dict[str, Any] = {}
+        for a in await self._ctx.call("read annotations", self._ctx.store.annotations,
+                                      self.uid):
+            current[str(a["key"])] = a["value"]  # versions ascending: the newest wins
+        return {k: v for k, v in current.items() if v is not None}
+
+    async def annotation_history(self, key: str) -> list[Doc]:
+        """Every version of annotation ``key``, oldest first: ``version``, ``value``,
+        ``time`` (epoch seconds), ``author``, ``note``."""
+        check_annotation_key(key)
+        await self._ctx.ensure_open()
+        return await self._ctx.call("read annotations", self._ctx.store.annotations,
+                                    self.uid, key)
+
+    async def provenance(self) -> Doc:
+        """Topics, partitions, offset ranges, hosts, processes and versions that wrote
+        this run, and the files / databases of runs brought in by the import tools
+        (see :mod:`bluestream.catalog.provenance`)."""
+        await self._ctx.ensure_open()
+        records = await self._ctx.call("read ingest_log", self._ctx.store.ingest_log, self.uid)
+        return provenance_of(self.uid, records)
+
     # -- streams --------------------------------------------------------------------------
     def __getitem__(self, name: str) -> AsyncEventStream:
         """The stream ``name`` (KeyError listing the run's streams if it has none such;
@@ -188,6 +252,15 @@ class AsyncBlueskyRun:
                 await self.refresh()
                 return True
 
+    # -- completeness (catalog/integrity.py) --------------------------------------------
+    async def complete(self, *, exact: bool = False) -> bool:
+        """Whether the stop arrived and every stream holds the events the stop records
+        (``stop["num_events"]``), judged from the stream records (``exact``: from the
+        rows in the arrays). ``bluestream verify`` checks the stored values."""
+        from bluestream.catalog.integrity import completeness
+
+        return (await completeness(self._ctx, [self.uid], exact=exact))[self.uid].complete
+
 
 class EventStream:
     """Synchronous view of :class:`AsyncEventStream`."""
@@ -210,6 +283,11 @@ class EventStream:
     def to_dask(self, fields: Sequence[str] | None = None, *, fill: bool = True
                 ) -> xarray.Dataset:
         return self._loop.call(lambda: self._inner.to_dask(fields, fill=fill))
+
+    def summary(self, field: str, points: int | None = None) -> xarray.Dataset:
+        """Statistical summaries of one numeric field, without reading it (see
+        :meth:`AsyncEventStream.summary`)."""
+        return self._loop.call(lambda: self._inner.summary(field, points))
 
     @property
     def config(self) -> dict[str, xarray.Dataset]:
@@ -251,6 +329,23 @@ class BlueskyRun:
     def refresh(self) -> BlueskyRun:
         self._loop.call(self._inner.refresh)
         return self
+
+    def annotate(self, key: str, value: Any, *, author: str | None = None,
+                 note: str | None = None) -> int:
+        """See :meth:`AsyncBlueskyRun.annotate`."""
+        return self._loop.call(lambda: self._inner.annotate(key, value, author=author,
+                                                            note=note))
+
+    @property
+    def annotations(self) -> dict[str, Any]:
+        """Current annotation values (read from the store each time)."""
+        return self._loop.call(self._inner.annotations)
+
+    def annotation_history(self, key: str) -> list[Doc]:
+        return self._loop.call(lambda: self._inner.annotation_history(key))
+
+    def provenance(self) -> Doc:
+        return self._loop.call(self._inner.provenance)
 
     @property
     def metadata(self) -> dict[str, Doc | None]:
@@ -311,3 +406,8 @@ class BlueskyRun:
     def wait(self, timeout: float | None = None, *,
              poll_interval: float | None = None) -> bool:
         return self._loop.call(lambda: self._inner.wait(timeout, poll_interval=poll_interval))
+
+    @property
+    def complete(self) -> bool:
+        """See :meth:`AsyncBlueskyRun.complete` (read fresh at each access)."""
+        return self._loop.call(self._inner.complete)

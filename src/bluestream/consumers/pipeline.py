@@ -8,8 +8,10 @@ parked message (DESIGN I1, I3, I4). The same code serves Kafka and file ingestio
 
 from __future__ import annotations
 
+import os
 import socket
 import time
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -46,7 +48,14 @@ from bluestream.schemas.normalise import (
 )
 from bluestream.schemas.typed import decode_typed
 from bluestream.schemas.validate import validate
-from bluestream.storage.base import IngestLogEntry, MetadataStore, PutOutcome, StreamUpdate, key_of
+from bluestream.storage.base import (
+    IngestLogEntry,
+    IngestSession,
+    MetadataStore,
+    PutOutcome,
+    StreamUpdate,
+    key_of,
+)
 from bluestream.storage.rules import same_content
 from bluestream.storage.tail import Tail
 from bluestream.storage.tail import block_for as tail_block
@@ -119,6 +128,9 @@ class Ingestor:
         self.index = RunIndex(self._load, limits, many=self._load_many)
         self._clock = clock
         self._host = socket.gethostname()
+        #: This process, named in the provenance (``ingest_log``) of every run it writes.
+        self.session = IngestSession(uuid.uuid4().hex, self._host, os.getpid(), time.time(),
+                                     __version__)
         self.open_runs: dict[tuple[str, str], float] = {}  # (tenant, uid) -> last seen
 
     # -- public -----------------------------------------------------------------------
@@ -416,7 +428,8 @@ class Ingestor:
                 await self._put(store, kind, batch.metadata[tenant].get(kind, []))
             if updates.get(tenant):
                 await store.update_streams(updates[tenant])
-            entries = [IngestLogEntry(run, topic, part, lo, hi, __version__, self._host)
+            entries = [IngestLogEntry(run, topic, part, lo, hi, __version__, self._host,
+                                      session=self.session)
                        for (t, run, topic, part), (lo, hi) in batch.provenance.items()
                        if t == tenant]
             if entries:

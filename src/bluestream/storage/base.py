@@ -16,15 +16,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bluestream.queries import And, In, Query, ScanID
+from bluestream.queries import And, AnnotationQuery, In, NotIn, Query, ScanID
+from bluestream.storage.query_rules import annotation_matches, check_annotation_key
 
 __all__ = [
     "DOC_KINDS",
     "IngestLogEntry",
+    "IngestSession",
     "MetadataStore",
     "PutOutcome",
     "StreamUpdate",
     "key_of",
+    "merge_sessions",
+    "session_record",
 ]
 
 Doc = dict[str, Any]
@@ -82,6 +86,19 @@ class StreamUpdate:
 
 
 @dataclass(frozen=True)
+class IngestSession:
+    """One process that wrote runs (a daemon start, one ``bluestream ingest``): kept
+    per run in ``ingest_log`` with the offsets it wrote, so that a run written by a
+    daemon that was killed and restarted names both."""
+
+    id: str  # a uuid4 hex, new per process
+    host: str
+    pid: int
+    started: float  # epoch seconds
+    daemon_version: str
+
+
+@dataclass(frozen=True)
 class IngestLogEntry:
     """Provenance: which Kafka records carried documents of a run.
 
@@ -97,6 +114,32 @@ class IngestLogEntry:
     daemon_version: str
     host: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: The writing process; its offsets are merged per session under ``sessions``.
+    session: IngestSession | None = None
+
+
+def session_record(e: IngestLogEntry) -> dict[str, Any]:
+    """What ``ingest_log`` keeps of ``e``'s session (offsets merge with min/max)."""
+    s = e.session
+    if s is None:
+        return {}
+    return {"host": s.host, "pid": s.pid, "started": s.started,
+            "daemon_version": s.daemon_version, "offset_min": e.offset_min,
+            "offset_max": e.offset_max}
+
+
+def merge_sessions(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Session records combined as the stores combine offsets (min/max)."""
+    out = {k: dict(v) for k, v in old.items()}
+    for sid, rec in new.items():
+        had = out.get(sid)
+        if had is None:
+            out[sid] = dict(rec)
+            continue
+        had.update({k: v for k, v in rec.items() if k not in ("offset_min", "offset_max")})
+        had["offset_min"] = min(had.get("offset_min", rec["offset_min"]), rec["offset_min"])
+        had["offset_max"] = max(had.get("offset_max", rec["offset_max"]), rec["offset_max"])
+    return out
 
 
 class MetadataStore(ABC):
@@ -151,6 +194,38 @@ class MetadataStore(ABC):
     async def log_ingest(self, entries: Sequence[IngestLogEntry]) -> None:
         """Merge provenance records into ``ingest_log``."""
 
+    # -- annotations and removal ------------------------------------------------------------
+    @abstractmethod
+    async def add_annotation(self, run_start: str, key: str, value: Any, *, time: float,
+                             author: str | None = None, note: str | None = None) -> int:
+        """Store a new version of annotation ``key`` of a run (``value`` None clears
+        it) and return its version number (1, 2, ...). Earlier versions are kept as
+        they are; concurrent writers get distinct versions."""
+
+    @abstractmethod
+    async def annotations(self, run_start: str, key: str | None = None) -> list[Doc]:
+        """Every stored version (``key``, ``version``, ``value``, ``time``, ``author``,
+        ``note``) of a run's annotations (of one key), by key then version."""
+
+    @abstractmethod
+    async def annotation_values(self, key: str) -> dict[str, Any]:
+        """Current (newest, not cleared) value of annotation ``key``, per run."""
+
+    @abstractmethod
+    async def mark_removed(self, uids: Sequence[str], info: Doc) -> None:
+        """Phase one of a removal: from now on searches, counts and uid lookups do
+        not see these runs; ``info`` (who, when, why) is kept with the mark."""
+
+    @abstractmethod
+    async def removal_marks(self) -> list[Doc]:
+        """The runs marked removed whose removal has not finished (``uid`` + info)."""
+
+    @abstractmethod
+    async def delete_run(self, uid: str) -> dict[str, int]:
+        """The last phase of a removal: delete every metadata record of a run (its
+        documents, stream records, tails, provenance and annotations), then its mark.
+        Idempotent: a rerun after a crash finishes the job. Returns counts by kind."""
+
     # -- reads ----------------------------------------------------------------------------
     @abstractmethod
     async def get(self, kind: str, key: str) -> Doc | None:
@@ -184,7 +259,15 @@ class MetadataStore(ABC):
         """``query`` with the parts that need a lookup first made plain: ScanID with
         ``duplicates`` "latest" or "error" becomes the uids it names (one query per scan
         id), judged among the runs the rest of an ``And`` selects. Every search, count
-        and uid lookup resolves its query, so translators only see ``duplicates="all"``."""
+        and uid lookup resolves its query, so translators only see ``duplicates="all"``.
+        Annotation queries become the uids (``In`` / ``NotIn``) whose current
+        annotation values match (one read of that key's current values)."""
+        if isinstance(query, AnnotationQuery):
+            return await self._annotation_uids(query)
+        if isinstance(query, And) and any(isinstance(q, AnnotationQuery)
+                                          for q in query.queries):
+            query = And(*[await self._annotation_uids(q) if isinstance(q, AnnotationQuery)
+                          else q for q in query.queries])
         if isinstance(query, And):
             rest = [q for q in query.queries if not _unresolved(q)]
             within = And(*rest) if rest else None
@@ -193,6 +276,13 @@ class MetadataStore(ABC):
         if isinstance(query, ScanID) and _unresolved(query):
             return await self._scan_uids(query, None)
         return query
+
+    async def _annotation_uids(self, query: AnnotationQuery) -> Query:
+        values = await self.annotation_values(check_annotation_key(query.key))
+        if query.operator == "ne":
+            return NotIn("uid", sorted(u for u, v in values.items()
+                                       if annotation_matches(query, v)))
+        return In("uid", sorted(u for u, v in values.items() if annotation_matches(query, v)))
 
     async def _scan_uids(self, query: Query, within: Query | None) -> Query:
         if not isinstance(query, ScanID):
@@ -215,6 +305,20 @@ class MetadataStore(ABC):
     async def uids_with_prefix(self, prefix: str, query: Query | None = None,
                                limit: int = 10) -> list[str]:
         """Start uids beginning with ``prefix`` (for partial-uid lookup)."""
+
+    # -- integrity and completeness (catalog/integrity.py) ----------------------------------
+    @abstractmethod
+    async def links(self, kind: str, run_starts: Sequence[str] | None = None) -> list[Doc]:
+        """How the documents of ``kind`` of the whole tenant (or of the runs
+        ``run_starts``) point at each other, in one query: per-run lookups cannot find a
+        stop or descriptor whose start is gone, and completeness of many runs must not
+        cost a query per run.
+
+        ``kind`` is a key of :data:`DOC_KINDS`: one ``{"key", "uid", "run_start"}`` per
+        document (its key field, its ``uid`` or None, the run it names or None; a start
+        names itself). ``"event_stream"``: the records as :meth:`streams` gives them,
+        without the tail rows (``tail`` None; ``tail_start`` kept). Ordered by
+        (run_start, key)."""
 
 
 def _unresolved(query: Query | None) -> bool:

@@ -53,11 +53,13 @@ from bluestream.storage.base import (
     PutOutcome,
     StreamUpdate,
     key_of,
+    session_record,
 )
 from bluestream.storage.mongo_query import to_mongo
 from bluestream.storage.query_rules import escape_regex, full_text_words
 from bluestream.storage.rules import (
     DEFAULT_SERVER_SELECTION_TIMEOUT_MS,
+    SESSIONS,
     canonical_json,
     check_extra,
     check_tenant,
@@ -113,6 +115,10 @@ INDEXES: dict[str, list[IndexModel]] = {
     "event_stream": [_ix("descriptor_uid", **_UNIQUE), _ix("run_start")],
     "ingest_log": [_ix([("run_start", ASCENDING), ("topic", ASCENDING),
                         ("partition", ASCENDING)], **_UNIQUE)],
+    "run_annotation": [_ix([("run_start", ASCENDING), ("key", ASCENDING),
+                            ("version", ASCENDING)], **_UNIQUE),
+                       _ix([("key", ASCENDING), ("run_start", ASCENDING)])],
+    "run_removed": [_ix("uid", **_UNIQUE)],
 }
 _RUN_SEARCH_INDEXES = [_ix("uid", **_UNIQUE)]
 
@@ -439,6 +445,85 @@ class MongoMetadataStore(MetadataStore):
             with self._errors("update ingest_log"):
                 await _bulk_upsert(self._col("ingest_log"), ops)
 
+    # -- annotations and removal ----------------------------------------------------------
+
+    async def add_annotation(self, run_start: str, key: str, value: Any, *, time: float,
+                             author: str | None = None, note: str | None = None) -> int:
+        col = self._col("run_annotation")
+        for _ in range(20):  # a concurrent writer took the version: take the next one
+            with self._errors("read annotations"):
+                newest = await col.find_one({"run_start": run_start, "key": key},
+                                            {"_id": 0, "version": 1},
+                                            sort=[("version", DESCENDING)])
+            version = 1 + int(newest["version"]) if newest else 1
+            try:
+                with self._errors("store an annotation"):
+                    await col.insert_one({"run_start": run_start, "key": key,
+                                          "version": version, "value": value, "time": time,
+                                          "author": author, "note": note})
+                return version
+            except StorageError as exc:
+                cause = exc.__cause__
+                if not (isinstance(cause, OperationFailure) and cause.code == _DUPLICATE_KEY):
+                    raise
+        raise StorageUnavailable(f"MongoDB at {self.uri}: annotation {key!r} of run "
+                                 f"{run_start} is being written by others; try again")
+
+    async def annotations(self, run_start: str, key: str | None = None) -> list[Doc]:
+        flt: Doc = {"run_start": run_start} if key is None else \
+            {"run_start": run_start, "key": key}
+        with self._errors("read annotations"):
+            recs = await self._col("run_annotation").find(flt, {"_id": 0, "run_start": 0}) \
+                .sort([("key", ASCENDING), ("version", ASCENDING)]).to_list(None)
+        return [{f: r.get(f) for f in ("key", "version", "value", "time", "author", "note")}
+                for r in recs]
+
+    async def annotation_values(self, key: str) -> dict[str, Any]:
+        current: dict[str, tuple[int, Any]] = {}
+        with self._errors("read annotations"):
+            async for r in self._col("run_annotation").find(
+                    {"key": key}, {"_id": 0, "run_start": 1, "version": 1, "value": 1}):
+                run, version = str(r["run_start"]), int(r["version"])
+                if run not in current or current[run][0] < version:
+                    current[run] = (version, r.get("value"))
+        return {run: value for run, (_, value) in current.items() if value is not None}
+
+    async def mark_removed(self, uids: Sequence[str], info: Doc) -> None:
+        ops = [UpdateOne({"uid": u}, {"$setOnInsert": {"uid": u, **info}}, upsert=True)
+               for u in uids]
+        if ops:
+            with self._errors("mark runs removed"):
+                await _bulk_upsert(self._col("run_removed"), ops)
+
+    async def removal_marks(self) -> list[Doc]:
+        with self._errors("read removal marks"):
+            return await self._col("run_removed").find({}, {"_id": 0}).sort(
+                "uid", ASCENDING).to_list(None)
+
+    async def delete_run(self, uid: str) -> dict[str, int]:
+        """Children before parents, the start document and then the mark last: a
+        crash anywhere leaves the mark, and a rerun deletes what is left."""
+        counts: dict[str, int] = {}
+        with self._errors(f"delete run {uid}"):
+            for kind, child in (("resource", "datum"), ("stream_resource", "stream_datum")):
+                parents = await self._col(DOC_KINDS[kind][0]).distinct(
+                    "uid", {"run_start": uid})
+                res = await self._col(DOC_KINDS[child][0]).delete_many(
+                    {_RESOURCE_FIELD[child]: {"$in": parents}})
+                counts[child] = res.deleted_count
+            for kind in ("resource", "stream_resource", "descriptor", "stop"):
+                res = await self._col(DOC_KINDS[kind][0]).delete_many({"run_start": uid})
+                counts[kind] = res.deleted_count
+            for name in ("event_stream", "ingest_log", "run_annotation"):
+                counts[name] = (await self._col(name).delete_many({"run_start": uid})
+                                ).deleted_count
+            await self._col("run_search").delete_many({"uid": uid})
+            counts["start"] = (await self._col("run_start").delete_many({"uid": uid})
+                               ).deleted_count
+            counts["mark"] = (await self._col("run_removed").delete_many({"uid": uid})
+                              ).deleted_count
+        return counts
+
     # -- reads --------------------------------------------------------------------------
 
     async def get(self, kind: str, key: str) -> Doc | None:
@@ -497,13 +582,25 @@ class MongoMetadataStore(MetadataStore):
         return [str(d["uid"]) for d in docs]
 
     async def _filter(self, query: Query | None) -> Doc:
-        """The run_start filter; without ``$text``, FullText parts are first resolved to
-        uids through ``run_search``."""
+        """The run_start filter, leaving out runs marked removed; without ``$text``,
+        FullText parts are first resolved to uids through ``run_search``."""
         query = await self.resolve(query)
         if self._native_text or query is None:
-            return to_mongo(query)
-        resolved = {q: await self._full_text_uids(q) for q in _full_text_parts(query)}
-        return to_mongo(query, full_text=lambda q: {"uid": {"$in": resolved[q]}})
+            flt = to_mongo(query)
+        else:
+            resolved = {q: await self._full_text_uids(q) for q in _full_text_parts(query)}
+            flt = to_mongo(query, full_text=lambda q: {"uid": {"$in": resolved[q]}})
+        removed = await self._removed_uids()
+        if not removed:
+            return flt
+        hide: Doc = {"uid": {"$nin": removed}}
+        return {"$and": [flt, hide]} if flt else hide
+
+    async def _removed_uids(self) -> list[str]:
+        """Usually none: marks live only while a removal runs (one indexed read)."""
+        with self._errors("read removal marks"):
+            return [str(d["uid"]) for d in await self._col("run_removed").find(
+                {}, {"_id": 0, "uid": 1}).to_list(None)]
 
     async def _full_text_uids(self, q: FullText) -> list[str]:
         words = full_text_words(q)
@@ -514,6 +611,28 @@ class MongoMetadataStore(MetadataStore):
         flt = {"$and": [{"text": {"$regex": escape_regex(w)}} for w in words]}
         docs = await self._col("run_search").find(flt, {"_id": 0, "uid": 1}).to_list(None)
         return [str(d["uid"]) for d in docs]
+
+    # -- integrity and completeness -------------------------------------------------------
+
+    async def links(self, kind: str, run_starts: Sequence[str] | None = None) -> list[Doc]:
+        if kind == "event_stream":
+            name, key_field, run_field = "event_stream", "descriptor_uid", "run_start"
+            projection: Doc = {"_id": 0, "tail": 0}
+        else:
+            name, key_field = _kind(kind)
+            run_field = "uid" if kind == "start" else "run_start"
+            projection = {"_id": 0, key_field: 1, "uid": 1, "run_start": 1}
+        flt: Doc = {} if run_starts is None else \
+            {run_field: {"$in": list(dict.fromkeys(run_starts))}}
+        with self._errors(f"list {kind} links"):
+            recs = await self._col(name).find(flt, projection).to_list(None)
+        if kind == "event_stream":
+            out = [_stream_record(r) for r in recs]
+            return sorted(out, key=lambda d: (d["run_start"] or "", d["descriptor_uid"]))
+        found = [{"key": str(r.get(key_field)), "uid": r.get("uid"),
+                  "run_start": r.get("uid") if kind == "start" else r.get("run_start")}
+                 for r in recs]
+        return sorted(found, key=lambda d: (d["run_start"] or "", d["key"]))
 
 
 # -- pure helpers --------------------------------------------------------------------------
@@ -560,16 +679,25 @@ def _stream_record(rec: Mapping[str, Any]) -> Doc:
 
 def _ingest_update(e: IngestLogEntry) -> Doc:
     extra = {f"extra.{k}": v for k, v in check_extra(e.extra).items()}
-    return {
+    update: Doc = {
         "$min": {"offset_min": e.offset_min},
         "$max": {"offset_max": e.offset_max},
         "$set": {"daemon_version": e.daemon_version, "host": e.host, **extra},
     }
+    if e.session is not None:  # merged per writing process, as the offsets above
+        at = f"extra.{SESSIONS}.{e.session.id}"
+        rec = session_record(e)
+        update["$min"][f"{at}.offset_min"] = rec.pop("offset_min")
+        update["$max"][f"{at}.offset_max"] = rec.pop("offset_max")
+        update["$set"].update({f"{at}.{k}": v for k, v in rec.items()})
+    return update
 
 
 def _ingest_record(rec: Mapping[str, Any]) -> Doc:
-    out = {f: rec.get(f) for f in IngestLogEntry.__dataclass_fields__}
-    out["extra"] = dict(rec.get("extra") or {})
+    out = {f: rec.get(f) for f in IngestLogEntry.__dataclass_fields__ if f != "session"}
+    extra = dict(rec.get("extra") or {})
+    out["sessions"] = dict(extra.pop(SESSIONS, None) or {})
+    out["extra"] = extra
     return out
 
 

@@ -9,13 +9,24 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, tzinfo
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from bluestream.queries import Comparison, FullText, PartialUID, ScanID, TimeLike, TimeRange
+from bluestream.queries import (
+    AnnotationQuery,
+    Comparison,
+    FullText,
+    PartialUID,
+    ScanID,
+    TimeLike,
+    TimeRange,
+)
 
 __all__ = [
     "COMPARISON_OPERATORS",
     "MIN_PARTIAL_UID",
+    "annotation_matches",
+    "check_annotation_key",
     "check_comparable",
     "check_key",
     "check_partial_uids",
@@ -38,6 +49,7 @@ _SEGMENT = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _MAX_KEY_SEGMENTS = 16
 _REGEX_META = re.compile(r"([\\^$.|?*+()\[\]{}])")
 _PARTIAL_FORMATS = ("%Y", "%Y-%m")
+_ANNOTATION_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}")
 
 
 
@@ -176,3 +188,42 @@ def time_bounds(q: TimeRange) -> tuple[float | None, float | None]:
     """``(since, until)`` in epoch seconds; ``until`` is exclusive."""
     _zone(q.timezone)  # validate even when both bounds are epoch numbers
     return epoch_seconds(q.since, q.timezone), epoch_seconds(q.until, q.timezone)
+
+
+def check_annotation_key(key: Any) -> str:
+    """Annotation keys are short names (letters, digits, ``_ . : -``), the same on
+    every backend and safe in any field or column."""
+    if not isinstance(key, str) or not _ANNOTATION_KEY.fullmatch(key):
+        raise ValueError(f"invalid annotation key {str(key)[:80]!r}: use a name of at most 128 "
+                         "letters, digits, '_', '.', ':' or '-' (for example 'quality')")
+    return key
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _equal(stored: Any, wanted: Any) -> bool:
+    """MongoDB's equality: numbers never equal strings or booleans; 1 == 1.0."""
+    if _number(stored) and _number(wanted):
+        return bool(stored == wanted)
+    return type(stored) is type(wanted) and bool(stored == wanted)
+
+
+def annotation_matches(q: AnnotationQuery, stored: Any) -> bool:
+    """Whether a run whose current value of ``q.key`` is ``stored`` matches ``q``
+    (``ne`` is answered by the caller as "not eq", so that runs without the annotation
+    match it too)."""
+    op = q.operator
+    if op == "exists":
+        return True
+    if op in ("eq", "ne"):
+        return _equal(stored, q.value)
+    if op == "in":
+        return any(_equal(stored, v) for v in q.value)
+    comparable = (_number(stored) and _number(q.value)) or (
+        isinstance(stored, str) and isinstance(q.value, str))
+    if not comparable:
+        return False
+    return bool({"lt": stored < q.value, "le": stored <= q.value,
+                 "gt": stored > q.value, "ge": stored >= q.value}[op])

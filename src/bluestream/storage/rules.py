@@ -18,6 +18,7 @@ from bluestream.storage.base import PutOutcome
 
 __all__ = [
     "DEFAULT_SERVER_SELECTION_TIMEOUT_MS",
+    "SESSIONS",
     "canonical_json",
     "check_extra",
     "check_tenant",
@@ -42,12 +43,20 @@ def check_tenant(tenant: str) -> str:
     return tenant
 
 
+#: The key under an ingest_log record's ``extra`` where the writing processes are kept
+#: (reserved: :class:`~bluestream.storage.base.IngestSession`).
+SESSIONS = "sessions"
+
+
 def check_extra(extra: Mapping[str, Any]) -> dict[str, Any]:
     """``IngestLogEntry.extra`` keys become MongoDB field names: no dots, no leading $."""
     for k in extra:
         if not isinstance(k, str) or not k or "." in k or k.startswith("$"):
             raise ValueError(f"ingest-log extra key {k!r} must be a non-empty name "
                              "without '.' and not starting with '$'")
+        if k == SESSIONS:
+            raise ValueError(f"ingest-log extra key {k!r} is reserved for the writing "
+                             "processes")
     return dict(extra)
 
 

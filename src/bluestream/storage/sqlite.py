@@ -44,8 +44,11 @@ from bluestream.storage.base import (
     PutOutcome,
     StreamUpdate,
     key_of,
+    merge_sessions,
+    session_record,
 )
 from bluestream.storage.rules import (
+    SESSIONS,
     canonical_json,
     check_extra,
     check_tenant,
@@ -112,6 +115,16 @@ _SCHEMA = "\n".join([
         start INTEGER NOT NULL, rows BLOB NOT NULL,
         PRIMARY KEY (tenant, descriptor_uid));
     CREATE INDEX IF NOT EXISTS event_tail_run_start ON event_tail (tenant, run_start);
+    CREATE TABLE IF NOT EXISTS run_annotation (
+        tenant TEXT NOT NULL, run_start TEXT NOT NULL, key TEXT NOT NULL,
+        version INTEGER NOT NULL, value TEXT NOT NULL, time REAL NOT NULL,
+        author TEXT, note TEXT,
+        PRIMARY KEY (tenant, run_start, key, version));
+    CREATE INDEX IF NOT EXISTS run_annotation_key
+        ON run_annotation (tenant, key, run_start, version);
+    CREATE TABLE IF NOT EXISTS run_removed (
+        tenant TEXT NOT NULL, uid TEXT NOT NULL, info TEXT NOT NULL,
+        PRIMARY KEY (tenant, uid));
     CREATE TABLE IF NOT EXISTS ingest_log (
         tenant TEXT NOT NULL, run_start TEXT NOT NULL, topic TEXT NOT NULL,
         partition INTEGER NOT NULL, offset_min INTEGER NOT NULL,
@@ -236,6 +249,19 @@ class SqliteMetadataStore(MetadataStore):
         self._path = sqlite_path(uri)
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
+        #: Whether the file has removal marks to leave out of searches (files written
+        #: before removal existed have no such table; writers always create it).
+        self._marks_table = not readonly
+
+    @property
+    def _visible(self) -> str:
+        """The clause that hides runs marked removed (see :meth:`mark_removed`)."""
+        return (" AND uid NOT IN (SELECT uid FROM run_removed WHERE tenant = ?)"
+                if self._marks_table else "")
+
+    @property
+    def _visible_args(self) -> tuple[str, ...]:
+        return (self.tenant,) if self._marks_table else ()
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -288,6 +314,7 @@ class SqliteMetadataStore(MetadataStore):
             try:
                 if self.readonly:
                     self._check_readable(conn)
+                    self._marks_table = _has_table(conn, "run_removed")
                 else:
                     self._configure(conn, self.tenant)
             except BaseException:
@@ -438,11 +465,106 @@ class SqliteMetadataStore(MetadataStore):
             for e, extra in entries:
                 old = conn.execute(select, (self.tenant, e.run_start, e.topic,
                                             e.partition)).fetchone()
-                merged = {**(json.loads(old[0]) if old else {}), **extra}
+                before = json.loads(old[0]) if old else {}
+                merged = {**before, **extra}
+                if e.session is not None:
+                    merged[SESSIONS] = merge_sessions(before.get(SESSIONS, {}),
+                                                      {e.session.id: session_record(e)})
                 conn.execute(_INGEST_UPSERT, (
                     self.tenant, e.run_start, e.topic, e.partition, e.offset_min,
                     e.offset_max, e.daemon_version, e.host, json.dumps(merged, allow_nan=True),
                 ))
+
+    # -- annotations and removal ----------------------------------------------------------
+
+    async def add_annotation(self, run_start: str, key: str, value: Any, *, time: float,
+                             author: str | None = None, note: str | None = None) -> int:
+        text = json.dumps(value, allow_nan=False)
+        newest = ("SELECT coalesce(max(version), 0) FROM run_annotation WHERE tenant = ? "
+                  "AND run_start = ? AND key = ?")
+        insert = ("INSERT INTO run_annotation (tenant, run_start, key, version, value, time, "
+                  "author, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+
+        def add(conn: sqlite3.Connection) -> int:
+            with _transaction(conn):  # the write lock: versions cannot collide
+                version = int(conn.execute(newest, (self.tenant, run_start, key)
+                                           ).fetchone()[0]) + 1
+                conn.execute(insert, (self.tenant, run_start, key, version, text, time,
+                                      author, note))
+            return version
+
+        return await self._run("store an annotation", add)
+
+    async def annotations(self, run_start: str, key: str | None = None) -> list[Doc]:
+        sql = ("SELECT key, version, value, time, author, note FROM run_annotation "
+               "WHERE tenant = ? AND run_start = ?" + ("" if key is None else " AND key = ?")
+               + " ORDER BY key, version")
+        args = (self.tenant, run_start) + (() if key is None else (key,))
+
+        def read(conn: sqlite3.Connection) -> list[Doc]:
+            if not _has_table(conn, "run_annotation"):
+                return []
+            return [{"key": k, "version": int(v), "value": json.loads(val), "time": t,
+                     "author": a, "note": n}
+                    for k, v, val, t, a, n in conn.execute(sql, args)]
+
+        return await self._run("read annotations", read)
+
+    async def annotation_values(self, key: str) -> dict[str, Any]:
+        sql = ("SELECT a.run_start, a.value FROM run_annotation a WHERE a.tenant = ? "
+               "AND a.key = ? AND a.version = (SELECT max(b.version) FROM run_annotation b "
+               "WHERE b.tenant = a.tenant AND b.run_start = a.run_start AND b.key = a.key)")
+
+        def read(conn: sqlite3.Connection) -> dict[str, Any]:
+            if not _has_table(conn, "run_annotation"):
+                return {}
+            found = {str(r): json.loads(v) for r, v in conn.execute(sql, (self.tenant, key))}
+            return {r: v for r, v in found.items() if v is not None}
+
+        return await self._run("read annotations", read)
+
+    async def mark_removed(self, uids: Sequence[str], info: Doc) -> None:
+        text = json.dumps(info, allow_nan=False)
+        rows = [(self.tenant, u, text) for u in uids]
+
+        def mark(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.executemany("INSERT OR IGNORE INTO run_removed (tenant, uid, info) "
+                                 "VALUES (?, ?, ?)", rows)
+
+        await self._run("mark runs removed", mark)
+
+    async def removal_marks(self) -> list[Doc]:
+        def read(conn: sqlite3.Connection) -> list[Doc]:
+            if not _has_table(conn, "run_removed"):
+                return []
+            sql = "SELECT uid, info FROM run_removed WHERE tenant = ? ORDER BY uid"
+            return [{**json.loads(info), "uid": str(uid)}
+                    for uid, info in conn.execute(sql, (self.tenant,))]
+
+        return await self._run("read removal marks", read)
+
+    async def delete_run(self, uid: str) -> dict[str, int]:
+        t = self.tenant
+        children = "SELECT doc_key FROM {} WHERE tenant = ? AND run_start = ?"
+        steps = [  # children before parents; the mark last (one transaction anyway)
+            ("datum", "DELETE FROM datum WHERE tenant = ? AND parent IN "
+                      f"({children.format('resource')})", (t, t, uid)),
+            ("stream_datum", "DELETE FROM stream_datum WHERE tenant = ? AND parent IN "
+                             f"({children.format('stream_resource')})", (t, t, uid)),
+            *[(kind, f"DELETE FROM {DOC_KINDS[kind][0]} WHERE tenant = ? AND run_start = ?",
+               (t, uid)) for kind in ("resource", "stream_resource", "descriptor", "stop")],
+            *[(table, f"DELETE FROM {table} WHERE tenant = ? AND run_start = ?", (t, uid))
+              for table in ("event_tail", "event_stream", "ingest_log", "run_annotation")],
+            ("start", "DELETE FROM run_start WHERE tenant = ? AND doc_key = ?", (t, uid)),
+            ("mark", "DELETE FROM run_removed WHERE tenant = ? AND uid = ?", (t, uid)),
+        ]
+
+        def delete(conn: sqlite3.Connection) -> dict[str, int]:
+            with _transaction(conn):
+                return {name: conn.execute(sql, args).rowcount for name, sql, args in steps}
+
+        return await self._run("delete a run", delete)
 
     # -- reads --------------------------------------------------------------------------
 
@@ -504,8 +626,11 @@ class SqliteMetadataStore(MetadataStore):
         return await self._run("read event_stream", read)
 
     async def ingest_log(self, run_start: str) -> list[Doc]:
-        return await self._records("ingest_log", _INGEST_COLUMNS, "extra", run_start,
+        recs = await self._records("ingest_log", _INGEST_COLUMNS, "extra", run_start,
                                    "topic, partition")
+        for rec in recs:
+            rec["sessions"] = rec["extra"].pop(SESSIONS, {})
+        return recs
 
     async def _records(self, table: str, columns: Sequence[str], json_column: str,
                        run_start: str, order: str) -> list[Doc]:
@@ -528,27 +653,62 @@ class SqliteMetadataStore(MetadataStore):
                      limit: int | None = None) -> list[Doc]:
         _check_window(skip, limit)
         where, params = to_sql(await self.resolve(query))
-        sql = (f"SELECT doc FROM run_start WHERE tenant = ? AND ({where}) "
+        sql = (f"SELECT doc FROM run_start WHERE tenant = ? AND ({where}){self._visible} "
                "ORDER BY time DESC, uid ASC LIMIT ? OFFSET ?")
-        args = (self.tenant, *params, -1 if limit is None else limit, skip)
+        args = (self.tenant, *params, *self._visible_args, -1 if limit is None else limit,
+                skip)
         return await self._run("search runs",
                                lambda c: [_load(r[0]) for r in c.execute(sql, args)])
 
     async def count(self, query: Query | None) -> int:
         where, params = to_sql(await self.resolve(query))
-        sql = f"SELECT count(*) FROM run_start WHERE tenant = ? AND ({where})"
-        return await self._run("count runs",
-                               lambda c: int(c.execute(sql, (self.tenant, *params)).fetchone()[0]))
+        sql = f"SELECT count(*) FROM run_start WHERE tenant = ? AND ({where}){self._visible}"
+        args = (self.tenant, *params, *self._visible_args)
+        return await self._run("count runs", lambda c: int(c.execute(sql, args).fetchone()[0]))
 
     async def uids_with_prefix(self, prefix: str, query: Query | None = None,
                                limit: int = 10) -> list[str]:
         _check_window(0, limit)
         where, params = to_sql(await self.resolve(query))
         sql = (f"SELECT uid FROM run_start WHERE tenant = ? AND substr(uid, 1, ?) = ? "
-               f"AND ({where}) ORDER BY time DESC, uid ASC LIMIT ?")
-        args = (self.tenant, len(prefix), prefix, *params, limit)
+               f"AND ({where}){self._visible} ORDER BY time DESC, uid ASC LIMIT ?")
+        args = (self.tenant, len(prefix), prefix, *params, *self._visible_args, limit)
         return await self._run("look up uids",
                                lambda c: [str(r[0]) for r in c.execute(sql, args)])
+
+    # -- integrity and completeness -------------------------------------------------------
+
+    async def links(self, kind: str, run_starts: Sequence[str] | None = None) -> list[Doc]:
+        if kind == "event_stream":
+            columns = ", ".join(f"s.{c}" for c in _STREAM_COLUMNS)
+            sql = (f"SELECT {columns}, t.start FROM event_stream s LEFT JOIN event_tail t "
+                   "ON t.tenant = s.tenant AND t.descriptor_uid = s.descriptor_uid "
+                   "WHERE s.tenant = ?")
+            run_column = "s.run_start"
+        else:
+            sql = f"SELECT doc_key, uid, run_start FROM {_kind(kind)} WHERE tenant = ?"
+            run_column = "run_start"
+
+        def read(conn: sqlite3.Connection) -> list[Doc]:
+            if run_starts is None:
+                rows = conn.execute(sql, (self.tenant,)).fetchall()
+            else:
+                rows = []
+                for chunk in _chunks(list(dict.fromkeys(run_starts))):
+                    part = f"{sql} AND {run_column} IN ({_marks(len(chunk))})"
+                    rows += conn.execute(part, (self.tenant, *chunk)).fetchall()
+            if kind != "event_stream":
+                out = [{"key": k, "uid": u, "run_start": r} for k, u, r in rows]
+                return sorted(out, key=lambda d: (d["run_start"] or "", d["key"]))
+            recs = []
+            for row in rows:
+                rec = dict(zip(_STREAM_COLUMNS, row[:-1], strict=True))
+                rec["data_keys"] = json.loads(rec["data_keys"])
+                rec["tail_start"], rec["tail"] = row[-1], None
+                recs.append(rec)
+            return sorted(recs, key=lambda d: (d["run_start"], d["descriptor_uid"]))
+
+        return await self._run(f"list {kind} links", read)
 
 
 def _has_table(conn: sqlite3.Connection, name: str) -> bool:

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from bluestream.tools.progress import Progress
     from bluestream.tools.rejects import Rejection
 
-__all__ = ["register"]
+__all__ = ["ConfigOpt", "MetadataOpt", "TenantOpt", "ZarrOpt", "fail", "register",
+           "tool_settings"]
 
 ConfigOpt = Annotated[
     Path | None,
@@ -75,6 +76,11 @@ def _settings(config: Path | None, *, zarr_access: Literal["read", "write"] | No
     if zarr_access is not None:
         check_zarr_access(settings, zarr_access)
     return settings
+
+
+#: For the other command modules of ``bluestream.tools``.
+fail = _fail
+tool_settings = _settings
 
 
 def check_zarr_access(settings: Settings, access: Literal["read", "write"]) -> None:

@@ -4,16 +4,20 @@ What is written is what the catalog's ``run.documents()`` replays (events as
 event_pages), in suitcase's formats and file names (``<start uid>.jsonl`` /
 ``<start uid>.msgpack``), so suitcase-era readers and plain ``json`` / ``msgpack``
 parsing work, and ``bluestream ingest`` of an export stores the same runs again.
+Beside each, ``<start uid>.provenance.json`` says where the run came from
+(``run.provenance()``: topics, offsets, hosts, versions, source files).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -24,7 +28,7 @@ from bluestream.settings import Settings
 from bluestream.tools.files import DocumentWriter, Format, run_file_name
 from bluestream.tools.progress import Progress
 
-__all__ = ["ExportReport", "export_runs", "parse_run_key"]
+__all__ = ["ExportReport", "export_runs", "find_start", "parse_run_key"]
 
 _INT = re.compile(r"-?\d+")
 _MIN_PREFIX = 5
@@ -37,6 +41,8 @@ class ExportReport:
     bytes: int = 0
     seconds: float = 0.0
     missing: list[str] = field(default_factory=list)  # keys that matched no run
+    #: ``<uid>.provenance.json`` beside each document file (``run.provenance()``).
+    provenance: list[Path] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -63,15 +69,30 @@ def parse_run_key(text: str) -> list[int | str]:
     return [text]
 
 
-async def _lookup(cat: AsyncCatalog, text: str) -> AsyncBlueskyRun:
+async def find_start(cat: AsyncCatalog, text: str) -> dict[str, Any]:
+    """The start document of the run a RUN argument names (:func:`parse_run_key`)."""
     last: Exception | None = None
     for key in parse_run_key(text):
         try:
-            return await cat.lookup(key)
+            return await cat.lookup_start(key)
         except NotFound as exc:
             last = exc
     assert last is not None
     raise last
+
+
+async def _lookup(cat: AsyncCatalog, text: str) -> AsyncBlueskyRun:
+    return await cat.load_run(await find_start(cat, text))
+
+
+async def _write_provenance(run: AsyncBlueskyRun, outdir: Path) -> Path:
+    """Where the run came from, beside its documents (written whole, then renamed)."""
+    path = outdir / f"{run.uid}.provenance.json"
+    text = json.dumps(await run.provenance(), indent=2, sort_keys=True) + "\n"
+    tmp = path.with_name(path.name + ".tmp")
+    await anyio.Path(tmp).write_text(text, encoding="utf-8")
+    await anyio.Path(tmp).replace(path)
+    return path
 
 
 async def export_runs(runs: Sequence[str], *, tenant: str, settings: Settings, fmt: Format,
@@ -107,6 +128,7 @@ async def export_runs(runs: Sequence[str], *, tenant: str, settings: Settings, f
                     if progress is not None:
                         progress.update(1, runs=len(seen))
             report.files.append(path)
+            report.provenance.append(await _write_provenance(run, outdir))
             report.documents += writer.documents
             report.bytes += writer.bytes
     report.seconds = time.monotonic() - t0

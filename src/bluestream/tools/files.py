@@ -29,11 +29,13 @@ from bluestream.errors import BluestreamError, DocumentError
 
 __all__ = [
     "FORMATS",
+    "PROVENANCE_SUFFIX",
     "DocumentWriter",
     "FileFormatError",
     "Format",
     "Record",
     "detect_format",
+    "is_provenance_file",
     "iter_documents",
     "iter_records",
     "run_file_name",
@@ -140,6 +142,15 @@ def iter_documents(path: str | os.PathLike[str], *, max_bytes: int = 1 << 30
             yield rec, decode_message(rec.value, max_bytes=max_bytes)
         except DocumentError as exc:
             yield rec, exc
+
+
+#: ``bluestream export`` writes ``<uid>.provenance.json`` beside each run's documents;
+#: ``bluestream ingest`` of an export directory passes over these.
+PROVENANCE_SUFFIX = ".provenance.json"
+
+
+def is_provenance_file(path: str | os.PathLike[str]) -> bool:
+    return os.fspath(path).endswith(PROVENANCE_SUFFIX)
 
 
 def run_file_name(start_uid: str, fmt: Format) -> str:

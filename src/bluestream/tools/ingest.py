@@ -23,7 +23,7 @@ from bluestream.settings import Settings
 from bluestream.storage.registry import StoreRegistry
 from bluestream.storage.rules import check_tenant
 from bluestream.storage.zarr_store import ZarrEventStore
-from bluestream.tools.files import FileFormatError, iter_records
+from bluestream.tools.files import FileFormatError, is_provenance_file, iter_records
 from bluestream.tools.progress import Progress
 from bluestream.tools.rejects import Rejection, ReportingSink, drain_parked
 
@@ -116,6 +116,7 @@ async def ingest_files(paths: Sequence[str | os.PathLike[str]], *, tenant: str,
     """Store every document of ``paths`` (in order) for ``tenant``; see the module doc."""
     check_tenant(tenant)
     t0 = time.monotonic()
+    paths = [p for p in paths if not is_provenance_file(p)]  # beside exported runs
     report = IngestReport(files=len(paths))
     sink = ReportingSink(on_reject=on_reject)
     max_bytes = settings.limits.max_message_bytes
