@@ -32,6 +32,7 @@ from benchmarks import (
     scalar_ingest,
     scaling,
     short_runs,
+    summaries,
     tiled_read,
 )
 from benchmarks.common import (
@@ -49,7 +50,7 @@ from bluestream.daemon.logs import configure_logging
 
 SCENARIOS: dict[str, ModuleType] = {
     m.NAME: m for m in (scalar_ingest, image_ingest, latency, read, scaling, short_runs,
-                        object_store, tiled_read, profile)
+                        object_store, tiled_read, profile, summaries)
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 

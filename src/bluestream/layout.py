@@ -4,12 +4,28 @@ Zarr v3, one group per run and descriptor::
 
     <root>/<tenant>/<start_uid[:2]>/<start_uid>/<descriptor_uid>/
         time  seq_num  uid  data/<key>  timestamps/<key>  filled/<key> (external keys)
+        summary/<key> (numeric scalar keys)  event_summary/<key> (numeric array keys)
 
 chunked along the event axis (dimension ``event``, then ``dim_0``, ``dim_1`` ...). Row
 ``i`` holds the event with ``seq_num == i + 1``; rows never written hold ``seq_num == 0``
 and are skipped by readers. ``seq_num`` is written last, so a reader that sees a row's
 ``seq_num`` sees the whole row. Group attributes record ``descriptor_uid``,
 ``run_start``, ``stream_name`` and :data:`SCHEMA_VERSION`.
+
+Statistical summaries (BTrDB's stat windows), so a long column can be looked at without
+reading it; written with the rows they describe, before ``seq_num``:
+
+* ``summary/<key>``, numeric scalar keys: one row per window of :data:`SUMMARY_WINDOW`
+  positions (window ``w`` covers rows ``w * SUMMARY_WINDOW`` onwards), the
+  :data:`SUMMARY_FIELDS` of the rows written there (``count`` counts rows whose
+  ``seq_num`` is set, NaN values included; min/max/mean ignore NaNs; all NaN when no
+  value is a number). A row of NaNs (the fill) is a window never summarised: groups
+  written before summaries existed, or rows that only ever were in the stream's tail.
+  Its length is :func:`summary_length` of the arrays' and grows with them.
+* ``event_summary/<key>``, numeric array keys (images): one row per event, the
+  :data:`EVENT_SUMMARY_FIELDS` of its value (numpy's, NaNs propagate).
+
+Readers compute what a summary array does not hold from the rows themselves.
 
 How a descriptor's data key is stored (its :class:`FieldSpec`):
 
@@ -41,9 +57,12 @@ from bluestream.errors import LimitExceeded, Reason, ValidationError
 from bluestream.limits import Limits
 
 __all__ = [
+    "EVENT_SUMMARY_FIELDS",
     "SCHEMA_VERSION",
     "SEQ_NUM",
     "STRING",
+    "SUMMARY_FIELDS",
+    "SUMMARY_WINDOW",
     "TIME",
     "UID",
     "Column",
@@ -53,12 +72,17 @@ __all__ = [
     "column_names",
     "data_path",
     "descriptor_path",
+    "event_summary_path",
     "field_specs",
     "fill_for",
     "filled_path",
     "reader_specs",
     "safe_component",
     "stored_columns",
+    "summary_columns",
+    "summary_kind",
+    "summary_length",
+    "summary_path",
     "timestamps_path",
 ]
 
@@ -77,6 +101,18 @@ _CHUNK_TARGET_BYTES = 4 * 1024 * 1024
 #: columns multiply the bytes re-encoded per batch (benchmarks/README.md, profile).
 _MAX_CHUNK_EVENTS = 8_192
 _STRING_ITEM_BYTES = 64  # a guess, for chunking string columns
+#: Rows (positions) per statistical summary window of a numeric scalar column. The
+#: stream's tail (:mod:`bluestream.storage.tail`) moves rows to the arrays in blocks of
+#: the same size by default, so a window is summarised from the rows being written, with
+#: no read-back of stored rows.
+SUMMARY_WINDOW = 256
+#: The columns of a ``summary/<key>`` row.
+SUMMARY_FIELDS = ("count", "min", "max", "mean", "nan_count")
+#: The columns of an ``event_summary/<key>`` row.
+EVENT_SUMMARY_FIELDS = ("min", "max", "mean", "sum")
+#: Windows per chunk of a summary array (40 KiB, 262,144 events): each batch rewrites
+#: the chunk of the windows it touches, so it stays small next to a data chunk.
+_SUMMARY_CHUNK_WINDOWS = 1_024
 _SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,254}")
 _KINDS = frozenset({"number", "integer", "boolean", "string", "array"})
 _MAX_NDIM = 32
@@ -97,6 +133,14 @@ def timestamps_path(key: str) -> str:
 
 def filled_path(key: str) -> str:
     return f"filled/{key}"
+
+
+def summary_path(key: str) -> str:
+    return f"summary/{key}"
+
+
+def event_summary_path(key: str) -> str:
+    return f"event_summary/{key}"
 
 
 def safe_component(name: str, what: str) -> str:
@@ -294,9 +338,26 @@ class Column:
     dtype: Any
     shape: tuple[int, ...]  # per event
     fill_value: Any
+    #: Rows per chunk; 0: from the bytes aimed at per chunk.
+    chunk: int = 0
+    #: Dimension names; () names them ``event``, ``dim_0``, ``dim_1`` ...
+    dims: tuple[str, ...] = ()
+    #: The array's attributes (pairs, so that a Column stays hashable).
+    attributes: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def dimension_names(self) -> tuple[str, ...]:
+        return self.dims or ("event", *(f"dim_{i}" for i in range(len(self.shape))))
+
+    @property
+    def attrs(self) -> dict[str, Any] | None:
+        """The array's attributes as written to its ``zarr.json`` (None: none)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.attributes} or None
 
     @property
     def chunk_events(self) -> int:
+        if self.chunk > 0:
+            return self.chunk
         size = _STRING_ITEM_BYTES if isinstance(self.dtype, np.dtypes.StringDType) \
             else np.dtype(self.dtype).itemsize
         return chunk_events(self.shape, size)
@@ -317,6 +378,43 @@ def stored_columns(specs: Mapping[str, FieldSpec], page: Page) -> list[Column]:
         cols.append(Column(timestamps_path(key), np.dtype(np.float64), (), 0.0))
         if spec.external:
             cols.append(Column(filled_path(key), np.dtype(np.bool_), (), False))
+    return cols
+
+
+def summary_kind(spec: FieldSpec, dtype: np.dtype[Any] | None = None) -> str | None:
+    """"window" (``summary/<key>``), "event" (``event_summary/<key>``) or None (no
+    summary): only real numbers (bool, int, uint, float) stored as numbers are summarised.
+    ``dtype``: the column's, when the spec leaves it to the first page."""
+    if spec.external or spec.variable or spec.kind == "string":
+        return None
+    dtype = spec.dtype if spec.dtype is not None else dtype
+    if dtype is None or np.dtype(dtype).kind not in "biuf":
+        return None
+    if spec.shape == ():
+        return "window"
+    return "event" if math.prod(spec.shape) > 0 else None
+
+
+def summary_length(rows: int) -> int:
+    """Windows needed to summarise positions ``0 .. rows - 1``."""
+    return -(-rows // SUMMARY_WINDOW)
+
+
+def summary_columns(specs: Mapping[str, FieldSpec], page: Page) -> list[Column]:
+    """The summary arrays of a descriptor (see the module's docstring), in a fixed order;
+    ``page`` decides the dtype of array keys without a usable ``dtype_numpy``."""
+    cols = []
+    for key, spec in sorted(specs.items()):
+        kind = summary_kind(spec, page.data[key].dtype if key in page.data else None)
+        if kind == "window":
+            cols.append(Column(summary_path(key), np.dtype(np.float64),
+                               (len(SUMMARY_FIELDS),), np.nan, _SUMMARY_CHUNK_WINDOWS,
+                               ("window", "field"),
+                               (("fields", SUMMARY_FIELDS), ("window", SUMMARY_WINDOW))))
+        elif kind == "event":
+            cols.append(Column(event_summary_path(key), np.dtype(np.float64),
+                               (len(EVENT_SUMMARY_FIELDS),), np.nan, 0, ("event", "field"),
+                               (("fields", EVENT_SUMMARY_FIELDS),)))
     return cols
 
 

@@ -12,7 +12,7 @@ concurrently too); driver errors become :class:`~bluestream.errors.StorageError`
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,16 @@ class ArrayReader:
     def __init__(self, root: ZarrRoot | Path | str) -> None:
         self.root = ZarrRoot.parse(root)
         self._store = self.root.open_store(read_only=True)
+
+    def errors(self, zarr_path: str) -> AbstractContextManager[None]:
+        """Driver errors of reads of the group ``zarr_path`` as the catalog's
+        (:class:`~bluestream.errors.StorageError`, ``StorageUnavailable``)."""
+        return self._errors(zarr_path)
+
+    @staticmethod
+    def tail_of(record: Mapping[str, Any]) -> Tail | None:
+        """The rows a stream keeps in its ``event_stream`` record (None: none)."""
+        return _tail_of(record)
 
     def _root_missing(self) -> bool:
         return self.root.local is not None and not self.root.local.is_dir()

@@ -20,6 +20,7 @@ from bluestream.catalog.context import CatalogContext
 from bluestream.catalog.dataset import Part, build_dataset, decode_json_column, to_str
 from bluestream.catalog.fill import LoadPlan, StreamSlice, expected_shape, stack_values
 from bluestream.catalog.replay import follow
+from bluestream.catalog.summary import field_summary
 from bluestream.layout import FieldSpec, column_names, data_path, reader_specs
 
 if TYPE_CHECKING:
@@ -242,6 +243,39 @@ class AsyncEventStream:
                                       poll_interval=poll_interval):
             if name == "event_page":
                 yield doc
+
+    # -- statistical summaries ----------------------------------------------------------
+    async def summary(self, field: str, points: int | None = None) -> xarray.Dataset:
+        """Statistical summaries of one numeric field, read without reading the field.
+
+        A scalar field (number, integer, boolean) is summarised per window of
+        ``bluestream.layout.SUMMARY_WINDOW`` (256) rows, as stored at ingest: dimension
+        ``window``, variables ``min``, ``mean``, ``max`` (NaN values left out; NaN when
+        a window holds no number), ``count`` (events stored there, NaNs included) and
+        ``nan_count``; coordinates ``seq_num`` (the first seq_num a point covers) and
+        ``seq_num_stop`` (one past the last). With ``points`` (an upper bound), adjacent
+        windows are merged (counts added, min of mins, max of maxes, means weighted by
+        how many numbers each was taken of); ``attrs["windows_per_point"]`` says how
+        many. A window that holds no event has count 0 and NaN statistics.
+
+        An array field (an image) is summarised per event: dimension ``time``,
+        variables ``min``, ``max``, ``mean`` and ``sum`` of each event's value (numpy's:
+        a NaN in a value makes all four NaN), coordinates ``time`` and ``seq_num``, as
+        :meth:`read` has them; ``points`` merges adjacent events in the same way.
+
+        Rows the summary arrays do not cover are summarised from the rows themselves,
+        so the answer is the rows' own: the stream's newest rows (its tail, kept in the
+        metadata store until they fill a block) and groups written by a bluestream
+        without summaries (read in full: as slow as :meth:`read` of the field). A stream
+        of several descriptors is summarised descriptor after descriptor (oldest first;
+        events in time order for array fields).
+
+        KeyError when no descriptor of the stream has ``field``; TypeError when it is
+        not numeric (strings, JSON text, external references, complex numbers).
+        """
+        descs, recs = await self._layout()
+        return await field_summary(self._ctx.arrays, descs, recs, field, points,
+                                   {"stream_name": self.name, "run_start": self.run_uid})
 
     # -- configuration ------------------------------------------------------------------
     async def config(self) -> dict[str, xarray.Dataset]:

@@ -66,8 +66,8 @@ def _new_metadata(col: Column) -> ArrayV3Metadata:
         chunk_shape=(col.chunk_events, *col.shape),
         chunk_key_encoding=DefaultChunkKeyEncoding(separator="/"),
         codecs=(*array_array, array_bytes, *bytes_bytes),
-        dimension_names=("event", *(f"dim_{i}" for i in range(len(col.shape)))),
-        attributes=None,
+        dimension_names=col.dimension_names,
+        attributes=col.attrs,
     )
 
 
@@ -153,15 +153,17 @@ def open_or_create(store: Store, group_path: str, columns: Sequence[Column]
     return out
 
 
-def grow_all(store: Store, arrays: Sequence[AsyncArray[Any]], needed: int
+def grow_all(store: Store, arrays: Sequence[AsyncArray[Any]], needed: int | Sequence[int]
              ) -> tuple[list[AsyncArray[Any]], list[str]]:
-    """Arrays at least ``needed`` long, their shape re-read from the store (another
+    """Arrays at least ``needed`` long (one length for all, or one per array: summary
+    windows need fewer rows than events), their shape re-read from the store (another
     writer may have grown them), each grown to the next whole chunk. Returns the arrays
     and the metadata keys found grown by someone else (to be synced with this batch).
     Blocking: call it in a worker thread, with the descriptor's lock held."""
     out: list[AsyncArray[Any]] = []
     grown_elsewhere: list[str] = []
-    for arr in arrays:
+    needs = [needed] * len(arrays) if isinstance(needed, int) else list(needed)
+    for arr, needed in zip(arrays, needs, strict=True):
         if arr.shape[0] >= needed:
             out.append(arr)
             continue

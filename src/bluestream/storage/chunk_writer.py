@@ -33,7 +33,7 @@ from zarr.core.chunk_grids import RegularChunkGrid
 from zarr.core.codec_pipeline import codecs_from_list, fill_value_or_default
 from zarr.core.metadata.v3 import ArrayV3Metadata
 
-__all__ = ["RowWrite", "supports", "write_all"]
+__all__ = ["RowWrite", "read_rows", "supports", "write_all"]
 
 #: Above this many bytes in one call, chunks are encoded and written by two threads
 #: (zstd and file I/O release the GIL): image batches use both cores.
@@ -168,12 +168,41 @@ def _jobs(write: RowWrite) -> list[_ChunkJob]:
     return jobs
 
 
+def _chunk_key(array: AsyncArray[Any], index: int, ndim: int) -> str:
+    coords = (index,) + (0,) * (ndim - 1)
+    return f"{array.store_path.path}/{array.metadata.encode_chunk_key(coords)}".lstrip("/")
+
+
+def read_rows(array: AsyncArray[Any], start: int, stop: int) -> np.ndarray:
+    """Stored rows ``[start, stop)`` of ``array`` along the event axis, the fill value
+    where no chunk was written or past the array's end: what ``getitem`` returns, read
+    with the same codecs and store calls as :func:`write_all` (the writer reads back the
+    rest of a summary window it writes part of). Blocking: call it in a worker thread."""
+    chain = _chain(array)
+    if chain is None:
+        raise ValueError(f"{array.path}: not readable synchronously")
+    store: Any = array.store_path.store
+    shape = chain.chunk_spec.shape
+    rows = int(shape[0])
+    dtype = array.dtype if isinstance(array.dtype, np.dtype) else np.dtype(array.dtype)
+    out = np.full((max(0, stop - start), *shape[1:]), chain.fill, dtype=dtype)
+    end = min(stop, int(array.shape[0]))
+    for index in range(start // rows, (end - 1) // rows + 1 if end > start else 0):
+        raw = store.get_sync(_chunk_key(array, index, len(shape)),
+                             prototype=chain.chunk_spec.prototype)
+        if raw is None:
+            continue
+        chunk = chain.decode(raw)
+        lo, hi = max(start, index * rows), min(end, (index + 1) * rows)
+        out[lo - start:hi - start] = chunk[lo - index * rows:hi - index * rows]
+    return out
+
+
 def _run(job: _ChunkJob) -> None:
     array, chain = job.array, job.chain
     store: Any = array.store_path.store
     shape = chain.chunk_spec.shape
-    coords = (job.index,) + (0,) * (len(shape) - 1)
-    key = f"{array.store_path.path}/{array.metadata.encode_chunk_key(coords)}".lstrip("/")
+    key = _chunk_key(array, job.index, len(shape))
     n = len(job.values)
     if job.offset == 0 and n == shape[0]:
         chunk = job.values

@@ -44,8 +44,11 @@ from bluestream.layout import (
     Column,
     FieldSpec,
     Page,
+    data_path,
     descriptor_path,
     stored_columns,
+    summary_columns,
+    summary_length,
 )
 from bluestream.storage import array_meta, chunk_writer, tail
 from bluestream.storage.base import StreamUpdate
@@ -56,6 +59,7 @@ from bluestream.storage.local_store import (
     stripe_lock,
     sync_written,
 )
+from bluestream.storage.summaries import Reader, WindowPlan, event_stats, window_summaries
 from bluestream.storage.zarr_root import ObjectStoreError, ZarrRoot, brief
 
 __all__ = ["ZarrEventStore"]
@@ -162,13 +166,20 @@ class ZarrEventStore:
         path = descriptor_path(tenant, run_start, str(descriptor["uid"]))
         order, positions = tail.last_wins_order(page.seq_num)
         columns = stored_columns(specs, page)
+        summaries = summary_columns(specs, page)
         values = _column_values(page, order)
         needed = int(positions[-1]) + 1
+        needs = [summary_length(needed) if _windowed(c) else needed
+                 for c in columns + summaries]
         try:
             async with self._stripe_lock(lock_stripe(path)) if lock else nullcontext():
                 arrays = await self._arrays_of(path, descriptor, run_start, columns)
                 self._check_dtypes(arrays, columns)
-                arrays = await self._grow(path, arrays, needed)
+                # Only once the page's columns fit: a refused page creates nothing.
+                arrays += await self._arrays_of(path, descriptor, run_start, summaries)
+                columns += summaries
+                self._check_dtypes(arrays, columns)
+                arrays = await self._grow(path, arrays, needs)
                 await _write_columns(arrays, columns, positions, values)
         except (OSError, ObjectStoreError, zarr.errors.BaseZarrError) as exc:
             raise StorageError(f"writing Zarr group {self.root.join(path)} failed: "
@@ -226,7 +237,8 @@ class ZarrEventStore:
                 arr = await group.create_array(
                     col.name, shape=(0, *col.shape), chunks=(chunk, *col.shape),
                     dtype=col.dtype, fill_value=col.fill_value,
-                    dimension_names=("event", *(f"dim_{i}" for i in range(len(col.shape)))),
+                    dimension_names=col.dimension_names,
+                    attributes=col.attrs,
                 )
             except (ContainsArrayError, ContainsGroupError):  # created meanwhile elsewhere
                 arr = await group.getitem(col.name)
@@ -265,9 +277,10 @@ class ZarrEventStore:
                     f"{tuple(arr.shape[1:])}", reason=Reason.SHAPE_MISMATCH)
 
     async def _grow(self, path: str, arrays: list[AsyncArray[Any]],
-                    needed: int) -> list[AsyncArray[Any]]:
-        """Arrays at least ``needed`` long (called with the descriptor's lock held, the
-        shape re-read from storage: another writer may have grown them).
+                    needs: list[int]) -> list[AsyncArray[Any]]:
+        """Each array at least as long as its ``needs`` entry (called with the
+        descriptor's lock held, the shape re-read from storage: another writer may have
+        grown them). Summary windows (``summary/<key>``) need fewer rows than events.
 
         Growth is to a power of two of whole chunks (headroom,
         :func:`~bluestream.storage.array_meta.grown_length`): resizing rewrites an
@@ -276,18 +289,18 @@ class ZarrEventStore:
         ``event_stream`` record's; rows past it hold ``seq_num`` 0, which readers skip.
         The shape depends on the highest seq_num only, never on how events were batched,
         so replays and any batching still store identical bytes."""
-        if all(arr.shape[0] >= needed for arr in arrays):
+        if all(arr.shape[0] >= needed for arr, needed in zip(arrays, needs, strict=True)):
             return list(arrays)
         if array_meta.supported(self._store):
             out, elsewhere = await anyio.to_thread.run_sync(
-                array_meta.grow_all, self._store, arrays, needed)
+                array_meta.grow_all, self._store, arrays, needs)
             for key in elsewhere:  # grown by another writer, maybe one not synced yet
                 self._note(key)
             for arr in out:
                 self._arrays[(path, arr.path.removeprefix(path + "/"))] = arr
             return out
         out = []
-        for arr in arrays:
+        for arr, needed in zip(arrays, needs, strict=True):
             if arr.shape[0] >= needed:
                 out.append(arr)
                 continue
@@ -342,30 +355,95 @@ def _column_values(page: Page, order: np.ndarray) -> dict[str, np.ndarray]:
     return tail.page_values(page, take)
 
 
+def _windowed(col: Column) -> bool:
+    """A ``summary/<key>`` array: one row per window of rows, not per event."""
+    return col.name.partition("/")[0] == "summary"
+
+
+def _summarised(col: Column) -> str:
+    """The data column a summary array describes (``summary/x`` -> ``data/x``)."""
+    return data_path(col.name.partition("/")[2])
+
+
+def _is_summary(col: Column) -> bool:
+    return col.name.partition("/")[0] in ("summary", "event_summary")
+
+
+def _summary_rows(columns: list[Column], positions: np.ndarray,
+                  values: dict[str, np.ndarray], read: Reader
+                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Summary array name -> (its rows written, their values) for a write of
+    ``values`` at ``positions`` (:mod:`~bluestream.storage.summaries`); ``read`` gives
+    the stored rows of windows the write covers in part."""
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    windowed = [c for c in columns if _windowed(c)]
+    if windowed:
+        plan = WindowPlan.of(positions)
+        stats = window_summaries(plan, {_summarised(c): values[_summarised(c)]
+                                        for c in windowed}, read)
+        for col in windowed:
+            out[col.name] = (plan.windows.astype(np.int64), stats[_summarised(col)])
+    for col in columns:
+        if _is_summary(col) and not _windowed(col):
+            out[col.name] = (positions, event_stats(values[_summarised(col)]))
+    return out
+
+
 async def _write_columns(arrays: list[AsyncArray[Any]], columns: list[Column],
                          positions: np.ndarray, values: dict[str, np.ndarray]) -> None:
-    """Every column's rows; ``seq_num`` last, once the others are stored: a reader that
-    sees a row's seq_num sees the whole row. In one worker thread when zarr's codecs
-    and the store can run synchronously (:mod:`~bluestream.storage.chunk_writer`),
-    else through ``setitem``."""
-    seq = next(a for a, c in zip(arrays, columns, strict=True) if c.name == SEQ_NUM)
-    rest = [(a, c) for a, c in zip(arrays, columns, strict=True) if c.name != SEQ_NUM]
+    """Every column's rows, the summaries of the summarised ones with them; ``seq_num``
+    last, once the others are stored: a reader that sees a row's seq_num sees the whole
+    row and its summaries. In one worker thread when zarr's codecs and the store can run
+    synchronously (:mod:`~bluestream.storage.chunk_writer`), else through ``setitem``."""
+    by_name = dict(zip((c.name for c in columns), arrays, strict=True))
+    seq = by_name[SEQ_NUM]
+    summary = [c for c in columns if _is_summary(c)]
+    rest = [(a, c) for a, c in zip(arrays, columns, strict=True)
+            if c.name != SEQ_NUM and not _is_summary(c)]
     if all(chunk_writer.supports(a) for a in arrays):
         runs = list(_contiguous_runs(positions))
 
-        def writes(arr: AsyncArray[Any], col: Column) -> list[chunk_writer.RowWrite]:
-            column = values[col.name]
+        def writes(arr: AsyncArray[Any], column: np.ndarray,
+                   where: list[tuple[int, int, int]]) -> list[chunk_writer.RowWrite]:
             return [chunk_writer.RowWrite(arr, start, column[first:first + (stop - start)])
-                    for first, start, stop in runs]
+                    for first, start, stop in where]
 
-        groups = [[w for a, c in rest for w in writes(a, c)],
-                  writes(seq, next(c for c in columns if c.name == SEQ_NUM))]
-        await anyio.to_thread.run_sync(chunk_writer.write_all, groups)
+        def work() -> None:
+            # Read back (rarely: see storage.summaries) before anything is written.
+            rows = _summary_rows(summary, positions, values, lambda name, a, b:
+                                 chunk_writer.read_rows(by_name[name], a, b))
+            first = [w for a, c in rest for w in writes(a, values[c.name], runs)]
+            for name, (where, stats) in rows.items():
+                first += writes(by_name[name], stats, list(_contiguous_runs(where)))
+            chunk_writer.write_all([first, writes(seq, values[SEQ_NUM], runs)])
+
+        await anyio.to_thread.run_sync(work)
         return
+    stored: dict[tuple[str, int, int], np.ndarray] = {}
+    if any(_windowed(c) for c in summary):
+        for a, b in WindowPlan.of(positions).ranges():
+            for name in [SEQ_NUM, *(_summarised(c) for c in summary if _windowed(c))]:
+                stored[(name, a, b)] = await _read_async(by_name[name], a, b)
+    rows = _summary_rows(summary, positions, values,
+                         lambda name, a, b: stored[(name, a, b)])
     async with anyio.create_task_group() as tg:
         for arr, col in rest:
             tg.start_soon(_write_runs, arr, positions, values[col.name])
+        for name, (where, stats) in rows.items():
+            tg.start_soon(_write_runs, by_name[name], where, stats)
     await _write_runs(seq, positions, values[SEQ_NUM])
+
+
+async def _read_async(arr: AsyncArray[Any], start: int, stop: int) -> np.ndarray:
+    """Rows ``[start, stop)`` through ``getitem``; zeros past the array's end (rows never
+    written: their seq_num reads 0, so their values are not looked at)."""
+    end = min(stop, int(arr.shape[0]))
+    got = np.asarray(await arr.getitem(slice(start, end))) if end > start else None
+    dtype = got.dtype if got is not None else np.dtype(np.float64)
+    out = np.zeros((stop - start, *arr.shape[1:]), dtype=dtype)
+    if got is not None:
+        out[:end - start] = got
+    return out
 
 
 async def _write_runs(arr: AsyncArray[Any], positions: np.ndarray, values: np.ndarray) -> None:
