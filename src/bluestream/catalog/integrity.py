@@ -20,96 +20,43 @@ Levels 3 and 4 read each chunk once, in windows of whole chunks (no xarray, no d
 building), so they cost about one pass over the stored bytes. Completeness looks at the
 metadata only (a few queries for any number of runs); ``exact=True`` counts the written
 rows in the arrays too (one read of each stream's ``seq_num`` column).
+
+Here: the entry points, level 1, the stop's event counts and completeness. The checks
+of one stream at levels 2-4 (those that read arrays) are in
+:mod:`bluestream.catalog.stream_check`; :class:`Problem` (in
+:mod:`bluestream.catalog.problems`) and :func:`expected_columns` (in
+:mod:`bluestream.catalog.stream_columns`) are re-exported from here.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
-import msgpack
-import numpy as np
-import zarr
-import zarr.api.asynchronous as za
-from numpy.typing import NDArray
 from zarr.abc.store import Store
-from zarr.core.array import AsyncArray
-from zarr.core.buffer import default_buffer_prototype
 
 from bluestream.catalog.context import CatalogContext
-from bluestream.errors import BluestreamError, NotFound, StorageError
-from bluestream.layout import (
-    SEQ_NUM,
-    STRING,
-    TIME,
-    UID,
-    FieldSpec,
-    data_path,
-    descriptor_path,
-    filled_path,
-    reader_specs,
-    timestamps_path,
-)
+from bluestream.catalog.problems import Problem
+from bluestream.catalog.stream_check import StreamCheck
+from bluestream.catalog.stream_columns import expected_columns
+from bluestream.errors import BluestreamError, NotFound
+from bluestream.layout import descriptor_path
 from bluestream.queries import Query
-from bluestream.storage.tail import Tail
-from bluestream.storage.zarr_root import IO_ERRORS, brief
 
 __all__ = ["LEVELS", "Completeness", "Problem", "completeness", "expected_columns",
            "incomplete_runs", "record_span", "resolve_runs", "verify", "visible_runs"]
 
 Doc = dict[str, Any]
-Array = NDArray[Any]
 #: Progress callback: (runs checked, runs to check, what is being checked now); called
 #: after each run and, inside a long run, after each window of chunks read.
 ProgressFn = Callable[[int, int, str], None]
 LEVELS = (1, 2, 3, 4)
-#: Decoded bytes read per array per request at levels 3-4 (whole chunks, at least one).
-_WINDOW_BYTES = 32 * 1024 * 1024
-_STRING_ITEM_BYTES = 64
-#: Rows of each stream re-read through the catalog's reader at level 4: a few windows of
-#: consecutive rows (each window costs one chunk read per array, whatever its rows).
-_SAMPLE_WINDOWS, _SAMPLE_ROWS = 4, 4
-#: Arrays of one stream read at once (zarr reads each one's chunks concurrently too).
-_ARRAYS_AT_ONCE = 4
 #: Runs per metadata query when many are asked about.
 _BATCH = 1_000
-_READ_ERRORS = (*IO_ERRORS, zarr.errors.BaseZarrError, ValueError, TypeError, RuntimeError)
 
 
 # -- results ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Problem:
-    """One thing found wrong, named as precisely as it is known: the run, the stream
-    and descriptor, the array (its path inside the descriptor's group) and the chunk
-    (its key under the Zarr root), so that an operator can go and look."""
-
-    level: int
-    run: str
-    message: str
-    stream: str | None = None
-    descriptor: str | None = None
-    array: str | None = None
-    chunk: str | None = None
-
-    def __str__(self) -> str:
-        where = [f"run {self.run}"]
-        if self.stream is not None:
-            where.append(f"stream {self.stream!r}")
-        if self.descriptor is not None:
-            where.append(f"descriptor {self.descriptor}")
-        if self.array is not None:
-            where.append(f"array {self.array}")
-        if self.chunk is not None:
-            where.append(f"chunk {self.chunk}")
-        return f"level {self.level}: {' '.join(where)}: {self.message}"
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 @dataclass(frozen=True)
 class Completeness:
     """Whether a run's stop arrived and every stream holds the events the stop records
@@ -262,14 +209,11 @@ async def verify(ctx: CatalogContext, *, level: int = 4, runs: Sequence[str] | N
     return problems
 
 
-def _note(progress: ProgressFn | None, done: int, total: int) -> Callable[[str], None]:
+def _note(progress: ProgressFn | None, done: int, total: int
+          ) -> Callable[[str], None] | None:
     if progress is None:
-        return _quiet
+        return None
     return lambda what: progress(done, total, what)
-
-
-def _quiet(what: str) -> None:
-    return None
 
 
 # -- level 1 ------------------------------------------------------------------------------
@@ -339,7 +283,7 @@ def _expected_path(tenant: str, run: str, desc: str) -> str | None:
 
 # -- levels 2-4, per run ------------------------------------------------------------------
 async def _check_run(ctx: CatalogContext, store: Store, uid: str, level: int,
-                     note: Callable[[str], None]) -> list[Problem]:
+                     note: Callable[[str], None] | None) -> list[Problem]:
     stop = await ctx.call("read stop", ctx.store.get, "stop", uid)
     descriptors = {str(d["uid"]): d for d in
                    await ctx.call("read descriptors", ctx.store.find, "descriptor",
@@ -380,461 +324,3 @@ def _stop_problems(uid: str, stop: Doc, counts: dict[str, int],
                                     f"stream, which holds {counts[name]} events", name))
     return problems
 
-
-@dataclass(frozen=True)
-class _Column:
-    name: str
-    dtype: np.dtype[Any] | None  # None: an array key whose first page chose the dtype
-    shape: tuple[int, ...]
-
-
-def expected_columns(specs: Mapping[str, FieldSpec]) -> list[_Column]:
-    """The arrays the layout gives a descriptor (layout.stored_columns, without a page)."""
-    cols = [_Column(TIME, np.dtype(np.float64), ()), _Column(SEQ_NUM, np.dtype(np.int64), ()),
-            _Column(UID, STRING, ())]
-    for key, spec in sorted(specs.items()):
-        if spec.external or spec.variable or spec.kind == "string":
-            cols.append(_Column(data_path(key), STRING, ()))
-        else:
-            cols.append(_Column(data_path(key), spec.dtype, spec.shape))
-        cols.append(_Column(timestamps_path(key), np.dtype(np.float64), ()))
-        if spec.external:
-            cols.append(_Column(filled_path(key), np.dtype(np.bool_), ()))
-    return cols
-
-
-class StreamCheck:
-    """Levels 2-4 of one descriptor's stream: its record, its tail, its Zarr group."""
-
-    def __init__(self, ctx: CatalogContext, store: Store, run: str, descriptor: Doc,
-                 record: Doc, level: int, note: Callable[[str], None] | None = None) -> None:
-        self.ctx, self.store, self.run_uid, self.level = ctx, store, run, level
-        self.descriptor, self.record = descriptor, record
-        self.note: Callable[[str], None] = note or _quiet
-        self.desc_uid = str(descriptor["uid"])
-        self.stream = str(descriptor.get("name", "primary"))
-        self.path = str(record["zarr_path"])
-        self.length = int(record["length"])
-        self.problems: list[Problem] = []
-        self.tail: Tail | None = None
-        #: Rows that live in the arrays: below the tail's start, or all of them.
-        self.needed = self.length
-        #: Events stored (rows whose seq_num > 0), counted at level 3 and up.
-        self.written = 0
-        self.written_mask: Array | None = None
-        self.samples: Array = np.zeros(0, dtype=np.int64)
-        self.sampled: dict[str, dict[int, Any]] = {}
-
-    def problem(self, level: int, message: str, *, array: str | None = None,
-                chunk: str | None = None) -> None:
-        self.problems.append(Problem(level, self.run_uid, message, self.stream, self.desc_uid,
-                                     array, chunk))
-
-    async def run(self) -> list[Problem]:
-        try:
-            columns = expected_columns(reader_specs(self.descriptor))
-        except BluestreamError as exc:
-            self.problem(2, f"the descriptor's data_keys cannot be read: {exc}")
-            return self.problems
-        if not self._load_tail(columns):
-            return self.problems
-        arrays = await self._check_group(columns)
-        if self.level >= 3:
-            await self._check_chunks(arrays)
-            if self.level >= 4:
-                self._check_tail_values()
-                self._check_top()
-                await self._check_samples(columns)
-        elif self.tail is not None:
-            self.written = int((self.tail.columns[SEQ_NUM] > 0).sum())
-        return sorted(self.problems, key=lambda p: (p.level, p.array or "", p.chunk or "",
-                                                    p.message))
-
-    # -- level 2 ------------------------------------------------------------------------
-    def _load_tail(self, columns: list[_Column]) -> bool:
-        blob = self.record.get("tail")
-        if not blob:
-            return True
-        try:
-            self.tail = Tail.decode(bytes(blob))
-        except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
-            self.problem(2, f"the tail kept in the metadata store cannot be decoded: {exc}")
-            return False
-        tail = self.tail
-        self.needed = tail.start
-        if self.record.get("tail_start") not in (None, tail.start):
-            self.problem(2, f"the tail starts at row {tail.start}, its record says "
-                         f"{self.record.get('tail_start')}")
-        end = tail.start + len(tail)
-        if end < self.length:
-            self.problem(2, f"the tail holds rows up to {end}, the record says {self.length}")
-        for col in columns:
-            have = tail.columns.get(col.name)
-            if have is None:
-                self.problem(2, "missing from the tail kept in the metadata store",
-                             array=col.name)
-            elif _wrong_type(have.dtype, tuple(have.shape[1:]), col):
-                self.problem(2, f"the tail holds {have.dtype} {list(have.shape[1:])} per "
-                             f"event, the descriptor gives {_show(col)}", array=col.name)
-        return True
-
-    async def _check_group(self, columns: list[_Column]) -> dict[str, AsyncArray[Any]]:
-        meta = await self._get_json(f"{self.path}/zarr.json")
-        if meta is None:
-            if self.needed > 0:
-                self.problem(2, f"the Zarr group {self.path} is missing (the record puts "
-                             f"{self.needed} rows there)")
-            return {}
-        attrs = meta.get("attributes", {}) if isinstance(meta, dict) else {}
-        if attrs.get("descriptor_uid") not in (None, self.desc_uid):
-            self.problem(2, f"the Zarr group {self.path} belongs to descriptor "
-                         f"{attrs.get('descriptor_uid')}")
-        arrays: dict[str, AsyncArray[Any]] = {}
-
-        async def one(col: _Column) -> None:
-            arr = await self._open(col)
-            if arr is not None:
-                arrays[col.name] = arr
-
-        async with anyio.create_task_group() as tg:
-            for col in columns:
-                tg.start_soon(one, col)
-        return arrays
-
-    async def _get_json(self, key: str) -> Any:
-        try:
-            buf = await self.store.get(key, prototype=default_buffer_prototype())
-        except FileNotFoundError:
-            return None
-        except IO_ERRORS as exc:
-            raise StorageError(f"reading {self.ctx.zarr_root.join(key)} failed: "
-                               f"{brief(exc)}") from exc
-        if buf is None:
-            return None
-        try:
-            return json.loads(buf.to_bytes())
-        except ValueError:
-            return {}
-
-    async def _open(self, col: _Column) -> AsyncArray[Any] | None:
-        try:
-            arr = await za.open_array(store=self.store, path=f"{self.path}/{col.name}",
-                                      mode="r", zarr_format=3)
-        except FileNotFoundError:
-            if self.needed > 0:
-                self.problem(2, f"missing from the Zarr group (the record puts "
-                             f"{self.needed} rows there)", array=col.name)
-            return None
-        except _READ_ERRORS as exc:
-            self.problem(2, f"its metadata cannot be read: {brief(exc)}", array=col.name)
-            return None
-        dtype = arr.dtype if isinstance(arr.dtype, np.dtype) else np.dtype(arr.dtype)
-        ok = True
-        if _wrong_type(dtype, tuple(arr.shape[1:]), col):
-            self.problem(2, f"holds {dtype} {list(arr.shape[1:])} per event, the descriptor "
-                         f"gives {_show(col)}", array=col.name)
-            ok = False
-        if int(arr.shape[0]) < self.needed:
-            self.problem(2, f"has {arr.shape[0]} rows, the record puts {self.needed} there",
-                         array=col.name)
-            ok = False
-        return arr if ok else None
-
-    # -- level 3 (and the level-4 checks made while reading) ------------------------------
-    async def _check_chunks(self, arrays: dict[str, AsyncArray[Any]]) -> None:
-        if self.needed == 0 or SEQ_NUM not in arrays:
-            self.written = self._tail_written()
-            if self.needed > 0:  # no seq_num: which rows hold events is unknown
-                self.written_mask = np.ones(self.needed, dtype=bool)
-            return
-        self.written_mask = await self._read_seq_num(arrays[SEQ_NUM])
-        self.written = int(self.written_mask.sum()) + self._tail_written()
-        self.samples = _sample(np.flatnonzero(self.written_mask), _SAMPLE_WINDOWS,
-                               _SAMPLE_ROWS)
-        limit = anyio.Semaphore(_ARRAYS_AT_ONCE)
-
-        async def one(name: str, arr: AsyncArray[Any]) -> None:
-            async with limit:
-                await self._read_array(name, arr)
-
-        async with anyio.create_task_group() as tg:
-            for name, arr in arrays.items():
-                if name != SEQ_NUM:
-                    tg.start_soon(one, name, arr)
-
-    def _tail_written(self) -> int:
-        if self.tail is None:
-            return 0
-        return int((self.tail.columns[SEQ_NUM] > 0).sum())
-
-    async def _present(self, name: str) -> set[str]:
-        prefix = f"{self.path}/{name}/c"
-        try:
-            return {k async for k in self.store.list_prefix(prefix + "/")}
-        except FileNotFoundError:
-            return set()
-        except IO_ERRORS as exc:
-            raise StorageError(f"listing {self.ctx.zarr_root.join(prefix)} failed: "
-                               f"{brief(exc)}") from exc
-
-    def _windows(self, arr: AsyncArray[Any]) -> list[tuple[int, int, int]]:
-        """(first chunk, start row, stop row) windows of whole chunks over the rows the
-        arrays hold."""
-        chunk = max(1, int(arr.chunks[0]))
-        row = int(np.prod(arr.chunks[1:], dtype=np.int64)) * _itemsize(arr)
-        per = max(1, _WINDOW_BYTES // max(1, row * chunk))
-        out = []
-        for first in range(0, -(-self.needed // chunk), per):
-            a = first * chunk
-            out.append((first, a, min(self.needed, (first + per) * chunk)))
-        return out
-
-    def _chunk_key(self, name: str, arr: AsyncArray[Any], index: int) -> str:
-        coords = (index, *([0] * (len(arr.shape) - 1)))
-        return f"{self.path}/{name}/{arr.metadata.encode_chunk_key(coords)}"
-
-    async def _read_seq_num(self, arr: AsyncArray[Any]) -> Array:
-        """Which rows below ``needed`` hold an event; level 4 also checks their seq_num.
-        A chunk that is missing or does not decode counts as written where the record
-        says events are (its other arrays are then checked there too)."""
-        present = await self._present(SEQ_NUM)
-        mask = np.zeros(self.needed, dtype=bool)
-        chunk = max(1, int(arr.chunks[0]))
-        lo = max(0, int(self.record.get("seq_num_min") or 1) - 1)
-
-        def needed(index: int) -> bool:  # rows the record says events may be in
-            return (index + 1) * chunk > lo
-
-        for first, a, b in self._windows(arr):
-            values = await self._read_window(SEQ_NUM, arr, present, first, a, b, needed)
-            for i, (start, stop) in enumerate(_chunk_rows(first, a, b, chunk)):
-                got = values.get(first + i)
-                if got is None:
-                    mask[max(start, lo):stop] = True
-                    continue
-                seq = np.asarray(got)
-                mask[start:stop] = seq > 0
-                if self.level >= 4:
-                    self._check_positions(arr, first + i, start, seq)
-        return mask
-
-    def _check_positions(self, arr: AsyncArray[Any], index: int, start: int,
-                         seq: Array) -> None:
-        rows = np.flatnonzero(seq > 0)
-        bad = rows[seq[rows] != rows + start + 1]
-        if bad.size:
-            p = int(bad[0]) + start
-            self.problem(4, f"{bad.size} row(s) hold a seq_num that is not their position "
-                         f"+ 1 (row {p} holds {int(seq[bad[0]])})", array=SEQ_NUM,
-                         chunk=self._chunk_key(SEQ_NUM, arr, index))
-
-    async def _read_array(self, name: str, arr: AsyncArray[Any]) -> None:
-        assert self.written_mask is not None
-        present = await self._present(name)
-        chunk = max(1, int(arr.chunks[0]))
-        mask = self.written_mask
-
-        def needed(index: int) -> bool:
-            return bool(mask[index * chunk:(index + 1) * chunk].any())
-
-        for first, a, b in self._windows(arr):
-            values = await self._read_window(name, arr, present, first, a, b, needed)
-            for i, (start, stop) in enumerate(_chunk_rows(first, a, b, chunk)):
-                got = values.get(first + i)
-                if got is not None:
-                    self._check_values(name, arr, first + i, start, np.asarray(got),
-                                       mask[start:stop])
-
-    async def _read_window(self, name: str, arr: AsyncArray[Any], present: set[str],
-                           first: int, a: int, b: int,
-                           needed: Callable[[int], bool]) -> dict[int, Array]:
-        """Decoded chunks of one window by chunk index; missing or undecodable ones that
-        hold events are reported and left out. One request for the window; chunk by
-        chunk only when it fails, to name the chunk."""
-        chunk = max(1, int(arr.chunks[0]))
-        spans = _chunk_rows(first, a, b, chunk)
-        ok: dict[int, tuple[int, int]] = {}
-        for i, (start, stop) in enumerate(spans):
-            index = first + i
-            key = self._chunk_key(name, arr, index)
-            if key in present:
-                ok[index] = (start, stop)
-            elif needed(index):
-                self.problem(3, f"missing (rows {start}-{stop - 1} hold events)",
-                             array=name, chunk=key)
-        self.note(f"run {self.run_uid} stream {self.stream!r} {name} rows {b}/{self.needed}")
-        if not ok:
-            return {}
-        try:
-            whole = np.asarray(await arr.getitem(slice(a, b)))
-            return {index: whole[start - a:stop - a] for index, (start, stop) in ok.items()}
-        except _READ_ERRORS:
-            pass
-        out: dict[int, Array] = {}
-        for index, (start, stop) in ok.items():
-            try:
-                out[index] = np.asarray(await arr.getitem(slice(start, stop)))
-            except _READ_ERRORS as exc:
-                self.problem(3, f"cannot be decoded: {brief(exc, 200)}", array=name,
-                             chunk=self._chunk_key(name, arr, index))
-        return out
-
-    def _check_values(self, name: str, arr: AsyncArray[Any], index: int, start: int,
-                      values: Array, written: Array) -> None:
-        for p in self.samples[(self.samples >= start)
-                              & (self.samples < start + len(values))].tolist():
-            self.sampled.setdefault(name, {})[p] = values[p - start]
-        if self.level < 4 or name not in (TIME, UID) or not written.any():
-            return
-        rows = values[written[:len(values)]]
-        if name == UID:
-            bad = int((rows == "").sum())
-            what = "an empty uid"
-        else:
-            lo, hi = float(self.record["time_min"]), float(self.record["time_max"])
-            bad = int((~((rows >= lo) & (rows <= hi))).sum())
-            what = f"a time outside the record's range [{lo!r}, {hi!r}]"
-        if bad:
-            self.problem(4, f"{bad} written row(s) hold {what}", array=name,
-                         chunk=self._chunk_key(name, arr, index))
-
-    # -- level 4 -------------------------------------------------------------------------
-    def _check_tail_values(self) -> None:
-        tail = self.tail
-        if tail is None:
-            return
-        seq = tail.columns[SEQ_NUM]
-        rows = np.flatnonzero(seq > 0)
-        bad = rows[seq[rows] != rows + tail.start + 1]
-        if bad.size:
-            self.problem(4, f"{bad.size} tail row(s) hold a seq_num that is not their "
-                         "position + 1", array=SEQ_NUM)
-        uids = tail.columns.get(UID)
-        if uids is not None and rows.size and bool((uids[rows] == "").any()):
-            self.problem(4, "a written tail row holds an empty uid", array=UID)
-
-    def _check_top(self) -> None:
-        """The record's length is the highest seq_num written: the rows must reach it."""
-        tops = [self.tail.top] if self.tail is not None else []
-        if self.written_mask is not None and self.written_mask.any():
-            tops.append(int(np.flatnonzero(self.written_mask)[-1]))
-        top = max(tops, default=-1)
-        if top + 1 != self.length:
-            self.problem(4, f"the record says the highest seq_num is {self.length}, the "
-                         f"stored rows reach {top + 1}")
-
-    async def _check_samples(self, columns: list[_Column]) -> None:
-        """Sample rows read back through the catalog's reader equal what was read here
-        (rows from the arrays, and from the tail)."""
-        direct = {name: dict(vals) for name, vals in self.sampled.items()}
-        positions = set(self.samples.tolist())
-        # seq_num was checked row by row above: a written row holds its position + 1.
-        direct[SEQ_NUM] = {p: np.int64(p + 1) for p in positions}
-        if self.tail is not None:
-            rows = np.flatnonzero(self.tail.columns[SEQ_NUM] > 0)
-            for i in _sample(rows, 1, _SAMPLE_ROWS).tolist():
-                positions.add(self.tail.start + i)
-                for name, col in self.tail.columns.items():
-                    direct.setdefault(name, {})[self.tail.start + i] = col[i]
-        if not positions:
-            return
-        if any(p.level < 4 for p in self.problems):
-            return  # the catalog would read the chunks reported above
-        keys = list(self.descriptor.get("data_keys", {}))
-        try:
-            opened = await self.ctx.arrays.open_arrays(self.record, [c.name for c in columns])
-            for a, b in _windows_of(sorted(positions)):
-                rows_read = await self.ctx.arrays.read_rows(self.record, keys, start=a,
-                                                            stop=b, arrays=opened)
-                got = _row_values(rows_read)
-                for p in range(a, b):
-                    if p in positions:
-                        self._compare(p, got.get(p, {}), direct)
-        except (BluestreamError, *_READ_ERRORS) as exc:
-            self.problem(4, f"reading sample rows through the catalog failed: {brief(exc)}")
-
-    def _compare(self, p: int, got: dict[str, Any], direct: dict[str, dict[int, Any]]) -> None:
-        for name, values in sorted(direct.items()):
-            if p not in values:
-                continue
-            if name not in got:
-                if name == SEQ_NUM:
-                    self.problem(4, f"row {p} holds an event, the catalog does not read it")
-                    return
-                continue
-            if not _same(np.asarray(values[p]), np.asarray(got[name])):
-                self.problem(4, f"row {p} reads back through the catalog as "
-                             f"{_brief_value(got[name])}, the stored value is "
-                             f"{_brief_value(values[p])}", array=name)
-
-
-# -- small pure helpers ---------------------------------------------------------------------
-def _chunk_rows(first: int, a: int, b: int, chunk: int) -> list[tuple[int, int]]:
-    return [(s, min(s + chunk, b)) for s in range(a, b, chunk)]
-
-
-def _itemsize(arr: AsyncArray[Any]) -> int:
-    dtype = arr.dtype
-    if getattr(dtype, "kind", "") in "TO":
-        return _STRING_ITEM_BYTES
-    return int(np.dtype(dtype).itemsize)
-
-
-def _sample(positions: Array, windows: int, rows: int) -> Array:
-    """``windows`` runs of ``rows`` consecutive written positions, spread evenly from the
-    first to the last (deterministic)."""
-    if positions.size <= windows * rows:
-        return positions.astype(np.int64)
-    starts = np.unique(np.linspace(0, positions.size - rows, windows).round().astype(np.int64))
-    idx = np.unique((starts[:, None] + np.arange(rows)).ravel())
-    return positions[idx].astype(np.int64)
-
-
-def _windows_of(positions: list[int]) -> list[tuple[int, int]]:
-    """[start, stop) ranges covering sorted positions, neighbours merged."""
-    out: list[tuple[int, int]] = []
-    for p in positions:
-        if out and p <= out[-1][1] + _SAMPLE_ROWS:
-            out[-1] = (out[-1][0], p + 1)
-        else:
-            out.append((p, p + 1))
-    return out
-
-
-def _wrong_type(dtype: np.dtype[Any], shape: tuple[int, ...], col: _Column) -> bool:
-    strings = (dtype.kind == "T", col.dtype is not None and col.dtype.kind == "T")
-    if col.dtype is None:
-        return strings[0] or shape != col.shape
-    return strings[0] != strings[1] or (not strings[0] and dtype != col.dtype) \
-        or shape != col.shape
-
-
-def _show(col: _Column) -> str:
-    return f"{col.dtype if col.dtype is not None else 'a numeric dtype'} {list(col.shape)}"
-
-
-def _row_values(rows: Any) -> dict[int, dict[str, Any]]:
-    """What the catalog's reader returned, by position and array name."""
-    out: dict[int, dict[str, Any]] = {}
-    for i, p in enumerate(rows.positions.tolist()):
-        row: dict[str, Any] = {SEQ_NUM: rows.seq_num[i], TIME: rows.time[i], UID: rows.uid[i]}
-        for prefix, group in (("data", rows.data), ("timestamps", rows.timestamps),
-                              ("filled", rows.filled)):
-            for key, values in group.items():
-                row[f"{prefix}/{key}"] = values[i]
-        out[int(p)] = row
-    return out
-
-
-def _same(a: Array, b: Array) -> bool:
-    if a.shape != b.shape:
-        return False
-    if a.dtype.kind in "fc" and b.dtype.kind in "fc":
-        return bool(np.array_equal(a, b, equal_nan=True))
-    return bool(np.array_equal(a, b))
-
-
-def _brief_value(value: Any) -> str:
-    text = np.array2string(np.asarray(value), threshold=6, max_line_width=60) \
-        if np.ndim(value) else repr(value.item() if hasattr(value, "item") else value)
-    return text if len(text) <= 80 else text[:77] + "..."

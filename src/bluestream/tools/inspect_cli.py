@@ -23,11 +23,12 @@ import typer
 
 from bluestream.daemon import ops_cli
 from bluestream.errors import BluestreamError, NotFound
-from bluestream.tools.commands import ConfigOpt, MetadataOpt, QuietOpt, ZarrOpt, _settings
+from bluestream.tools.commands import ConfigOpt, MetadataOpt, QuietOpt, ZarrOpt, tool_settings
 
 if TYPE_CHECKING:
     from bluestream.catalog.core import AsyncCatalog
-    from bluestream.catalog.integrity import Completeness, Problem
+    from bluestream.catalog.integrity import Completeness
+    from bluestream.catalog.problems import Problem
     from bluestream.catalog.usage import StorageReport, Usage
     from bluestream.settings import Settings
 
@@ -93,7 +94,7 @@ def verify(tenant: TenantOpt,
     """
     from bluestream.tools.progress import Progress
 
-    settings = _settings(config, zarr_access="read", metadata=metadata, zarr_root=zarr_root)
+    settings = tool_settings(config, zarr_access="read", metadata=metadata, zarr_root=zarr_root)
     progress = Progress("verify", None, unit="runs", enabled=not quiet)
     found: list[Problem] = []
     checked = [0]
@@ -143,7 +144,7 @@ def du(tenant: TenantOpt, run: RunsOpt = None,
 
     Logical: the events uncompressed (strings at 16 bytes each).
     """
-    settings = _settings(config, zarr_access="read", metadata=metadata, zarr_root=zarr_root)
+    settings = tool_settings(config, zarr_access="read", metadata=metadata, zarr_root=zarr_root)
 
     async def work(cat: AsyncCatalog) -> StorageReport:
         return await cat.storage_size(by.value, run)
@@ -217,7 +218,7 @@ def status(config: ConfigOpt = None,
                         EXIT_USAGE)
         ops_cli.status(config=config, url=url, as_json=as_json, timeout=timeout)
         return
-    settings = _settings(config, zarr_access="read", metadata=metadata, zarr_root=zarr_root)
+    settings = tool_settings(config, zarr_access="read", metadata=metadata, zarr_root=zarr_root)
 
     async def work(cat: AsyncCatalog) -> tuple[int, list[tuple[dict[str, Any], Completeness]]]:
         return await cat.count(), [item async for item in cat.incomplete(exact=exact)]
