@@ -26,7 +26,9 @@ fallback for old groups): every ``read()``/``documents()`` test failed with
 event of each page and to repeat the first time of an event_page: the three
 ``documents()`` tests failed; (4) the catalog's store opened with ``readonly=False``: the
 teardown check failed with "reading changed the stored files" (the writer's schema
-update rewrote ``bluestream.db``).
+update rewrote ``bluestream.db``); (5) ``links("event_stream")`` of the SQLite store
+without its fallback for a file that has no ``event_tail`` table (this one): the verify
+and completeness test failed with ``no such table: event_tail``.
 """
 
 from __future__ import annotations
@@ -136,6 +138,7 @@ def test_fixture_is_what_9f32a8e_wrote(storage: Path, docs: Docs) -> None:
     finally:
         conn.close()
     assert "tenant" not in tables and {"run_start", "event_stream"} <= tables
+    assert "event_tail" not in tables  # tails came later (see test_verify_and_completeness)
     assert versions == {1}
     n_descriptors = sum(1 for name, _ in docs if name == "descriptor")
     assert n_streams == n_descriptors == 4
@@ -249,6 +252,19 @@ def _unpack(docs: Iterable[tuple[str, Doc]]) -> Iterator[tuple[str, Doc]]:
             yield from (("event", ev) for ev in event_model.unpack_event_page(doc))
         else:
             yield name, doc
+
+
+def test_verify_and_completeness(cat: Catalog, docs: Docs) -> None:
+    """``verify`` and completeness list the ``event_stream`` links, which the SQLite store
+    joins with ``event_tail``; the old file has no such table and a read-only reader must
+    not create one, so the records are read as having no tail: every level finds nothing
+    wrong and every run is complete."""
+    for level in (1, 2, 3, 4):
+        assert cat.verify(level=level) == [], level
+    assert list(cat.incomplete()) == []
+    assert list(cat.incomplete(exact=True)) == []
+    uids = [str(d["uid"]) for name, d in docs if name == "start"]
+    assert cat.stored(uids) == dict.fromkeys(uids, True)
 
 
 def test_other_tenant_not_found(storage: Path) -> None:

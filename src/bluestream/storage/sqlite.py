@@ -684,19 +684,31 @@ class SqliteMetadataStore(MetadataStore):
             sql = (f"SELECT {columns}, t.start FROM event_stream s LEFT JOIN event_tail t "
                    "ON t.tenant = s.tenant AND t.descriptor_uid = s.descriptor_uid "
                    "WHERE s.tenant = ?")
+            # A read-only file written before tails existed has no event_tail table
+            # (writers always create it): its records have no tail to start.
+            untailed: str | None = (f"SELECT {columns}, NULL FROM event_stream s "
+                                    "WHERE s.tenant = ?")
             run_column = "s.run_start"
         else:
             sql = f"SELECT doc_key, uid, run_start FROM {_kind(kind)} WHERE tenant = ?"
-            run_column = "run_start"
+            untailed, run_column = None, "run_start"
+
+        def select(conn: sqlite3.Connection, query: str) -> list[Any]:
+            if run_starts is None:
+                return conn.execute(query, (self.tenant,)).fetchall()
+            rows = []
+            for chunk in _chunks(list(dict.fromkeys(run_starts))):
+                part = f"{query} AND {run_column} IN ({_marks(len(chunk))})"
+                rows += conn.execute(part, (self.tenant, *chunk)).fetchall()
+            return rows
 
         def read(conn: sqlite3.Connection) -> list[Doc]:
-            if run_starts is None:
-                rows = conn.execute(sql, (self.tenant,)).fetchall()
-            else:
-                rows = []
-                for chunk in _chunks(list(dict.fromkeys(run_starts))):
-                    part = f"{sql} AND {run_column} IN ({_marks(len(chunk))})"
-                    rows += conn.execute(part, (self.tenant, *chunk)).fetchall()
+            try:
+                rows = select(conn, sql)
+            except sqlite3.OperationalError as exc:
+                if untailed is None or "no such table: event_tail" not in str(exc):
+                    raise
+                rows = select(conn, untailed)
             if kind != "event_stream":
                 out = [{"key": k, "uid": u, "run_start": r} for k, u, r in rows]
                 return sorted(out, key=lambda d: (d["run_start"] or "", d["key"]))
