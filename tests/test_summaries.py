@@ -37,6 +37,8 @@ from test_catalog_support import (  # noqa: F401  (fixtures)
     create_store,
     ingest,
     metadata_uri_fixture,
+    mixed_run,
+    multi_descriptor_run,
     tail_rows_fixture,
 )
 
@@ -270,14 +272,22 @@ def test_summaries_are_stored_at_ingest(metadata_uri: str, zarr_root: Path,
     docs = numeric_run(1000)
     store(metadata_uri, zarr_root, tenant, docs, DEFAULT_BLOCK)
     path = group(zarr_root, tenant, docs)
-    arr = zarr.open_array(zarr.storage.LocalStore(path / "summary" / "x"), mode="r")
+    arr = zarr.open_array(zarr.storage.LocalStore(path / "summary"), mode="r")
     assert arr.attrs["fields"] == ["count", "min", "max", "mean", "nan_count"]
+    assert arr.attrs["keys"] == ["flag", "k", "x"] and arr.attrs["window"] == W
+    assert arr.metadata.dimension_names == ("window", "key", "field")
     in_zarr = 768 // W  # rows from 768 on are in the tail
-    want = expected_windows(docs, "x")
-    got = np.asarray(arr[:in_zarr])
-    np.testing.assert_array_equal(got[:, 0], want["count"][:in_zarr])
-    np.testing.assert_allclose(got[:, 3], want["mean"][:in_zarr], rtol=1e-12, equal_nan=True)
+    for j, key in enumerate(arr.attrs["keys"]):
+        want = expected_windows(docs, key)
+        got = np.asarray(arr[:in_zarr, j])
+        np.testing.assert_array_equal(got[:, [0, 4]], np.column_stack(
+            [want["count"], want["nan_count"]])[:in_zarr])
+        np.testing.assert_array_equal(got[:, 1:3], np.column_stack(
+            [want["min"], want["max"]])[:in_zarr])
+        np.testing.assert_allclose(got[:, 3], want["mean"][:in_zarr], rtol=1e-12,
+                                   equal_nan=True)
     assert np.isnan(np.asarray(arr[in_zarr:])).all()  # the tail's window: not stored
+    want = expected_windows(docs, "x")
     shutil.rmtree(path / "data" / "x" / "c")
     for s in stream(metadata_uri, zarr_root, tenant, docs):
         assert_windows(s.summary("x"), want)
@@ -286,7 +296,7 @@ def test_summaries_are_stored_at_ingest(metadata_uri: str, zarr_root: Path,
 @pytest.mark.parametrize("what", ["no summary arrays", "unsummarised windows"])
 def test_storage_without_summaries_still_answers(metadata_uri: str, zarr_root: Path,
                                                  tenant: str, what: str) -> None:
-    """Groups written before summaries existed (no ``summary/``), or windows that no
+    """Groups written before summaries existed (no ``summary``), or windows that no
     writer summarised (the NaN fill): computed from the rows."""
     docs = numeric_run(1000)
     store(metadata_uri, zarr_root, tenant, docs, 0)
@@ -294,7 +304,7 @@ def test_storage_without_summaries_still_answers(metadata_uri: str, zarr_root: P
     if what == "no summary arrays":
         shutil.rmtree(path)
     else:
-        shutil.rmtree(path / "x" / "c")
+        shutil.rmtree(path / "c")
     for s in stream(metadata_uri, zarr_root, tenant, docs):
         assert_windows(s.summary("x"), expected_windows(docs, "x"))
         assert_windows(s.summary("x", points=2), expected_windows(docs, "x", per=2))
@@ -321,7 +331,7 @@ def test_replay_stores_identical_bytes(metadata_uri: str, zarr_root: Path,
     docs = numeric_run(1000)
     store(metadata_uri, zarr_root, tenant, docs, tail_rows)
     before = stored(metadata_uri, tenant, zarr_root)
-    assert any("/summary/x/c/" in k for k in before)  # 768 rows or more in Zarr
+    assert any("/summary/c/" in k for k in before)  # 768 rows or more in Zarr
     store(metadata_uri, zarr_root, tenant, docs, tail_rows)  # the same documents again
     assert stored(metadata_uri, tenant, zarr_root) == before
     for s in stream(metadata_uri, zarr_root, tenant, docs):
@@ -363,7 +373,7 @@ async def test_batching_and_order_do_not_change_the_bytes(tmp_path: Path, tail: 
 
     a, b = files(roots["a"], "ta"), files(roots["b"], "tb")
     assert a == b
-    assert any("/summary/x/c/" in k for k in a)
+    assert any("/summary/c/" in k for k in a)
     async with bluestream.open_catalog_async("tb", metadata=uri, zarr_root=roots["b"]) as cat:
         run = await cat[final[0][1]["uid"]]
         assert_windows(await run["primary"].summary("x"), expected_windows(in_order, "x"))
@@ -393,6 +403,34 @@ def test_unknown_and_non_numeric_fields(metadata_uri: str, zarr_root: Path,
             s.summary("s")
 
 
+def test_streams_of_several_descriptors_and_mixed_fields(metadata_uri: str, zarr_root: Path,
+                                                         tenant: str, tail_rows: int) -> None:
+    """Two descriptors (the second continues the first's seq_nums): their windows one
+    after the other. Small arrays (a vector, a matrix) are summarised per event; text
+    and variable-length values are not."""
+    t0 = time.time()
+    multi, mixed = multi_descriptor_run(t0), mixed_run(t0 + 100)
+    store(metadata_uri, zarr_root, tenant, multi + mixed, tail_rows)
+    for s in stream(metadata_uri, zarr_root, tenant, multi):
+        ds = s.summary("x")
+        assert ds["count"].values.tolist() == [3, 3]
+        assert ds["mean"].values.tolist() == [3.0, 7.5]
+        assert ds["seq_num"].values.tolist() == [1, 4]
+        assert ds["seq_num_stop"].values.tolist() == [4, 7]
+        assert len(ds.attrs["descriptors"]) == 2
+        one = s.summary("n", points=1)
+        assert one["count"].values.tolist() == [6] and one["mean"].values.tolist() == [3.5]
+    for s in stream(metadata_uri, zarr_root, tenant, mixed):
+        events = [d for n, d in mixed if n == "event"]
+        for key in ("vec", "mat"):
+            values = [np.asarray(e["data"][key], dtype=np.float64) for e in events]
+            assert_events(s.summary(key), np.array(
+                [[v.min(), v.max(), v.mean(), v.sum()] for v in values]))
+        for key, what in (("mode", "string type"), ("peaks", "JSON text")):
+            with pytest.raises(TypeError, match=what):
+                s.summary(key)
+
+
 # -- array fields ------------------------------------------------------------------------------
 @pytest.mark.parametrize(("n", "shape", "dtype"), [
     (300, (16, 16), "<u2"),  # 256 rows in Zarr, the rest in the tail
@@ -420,8 +458,9 @@ def test_array_fields_have_per_event_summaries(metadata_uri: str, zarr_root: Pat
             want[i:i + per, 3].sum() for i in range(0, n, per)], rtol=1e-12)
     if (n, shape) == (40, (64, 64)) and tail_rows in (0, DEFAULT_BLOCK):  # all in Zarr
         arr = zarr.open_array(zarr.storage.LocalStore(
-            group(zarr_root, tenant, docs) / "event_summary" / "img"), mode="r")
-        np.testing.assert_allclose(np.asarray(arr[:n]), want, rtol=1e-12)
+            group(zarr_root, tenant, docs) / "event_summary"), mode="r")
+        assert arr.attrs["keys"] == ["img"]
+        np.testing.assert_allclose(np.asarray(arr[:n, 0]), want, rtol=1e-12)
 
 
 def test_replay_of_images_stores_identical_bytes(metadata_uri: str, zarr_root: Path,
@@ -429,7 +468,7 @@ def test_replay_of_images_stores_identical_bytes(metadata_uri: str, zarr_root: P
     docs = array_run(40, (64, 64))
     store(metadata_uri, zarr_root, tenant, docs, DEFAULT_BLOCK)
     before = stored(metadata_uri, tenant, zarr_root)
-    assert any("/event_summary/img/" in k for k in before)
+    assert any("/event_summary/c/" in k for k in before)
     store(metadata_uri, zarr_root, tenant, docs, DEFAULT_BLOCK)
     assert stored(metadata_uri, tenant, zarr_root) == before
 
@@ -444,7 +483,7 @@ def test_summaries_on_an_object_store(s3_root: Any, tmp_path: Path, tenant: str)
     anyio.run(create_store, uri, tenant)
     for docs, tail in ((scalars, 100), (images, DEFAULT_BLOCK)):
         anyio.run(lambda d=docs, t=tail: ingest(uri, s3_root, tenant, d, tail_rows=t))
-    assert any("/summary/x/c/" in k for k in zarr_files(s3_root, tenant))
+    assert any("/summary/c/" in k for k in zarr_files(s3_root, tenant))
     with bluestream.open_catalog(tenant, metadata=uri, zarr_root=s3_root) as cat:
         s = cat[scalars[0][1]["uid"]]["primary"]
         assert_windows(s.summary("x"), expected_windows(scalars, "x"))

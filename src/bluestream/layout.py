@@ -4,7 +4,7 @@ Zarr v3, one group per run and descriptor::
 
     <root>/<tenant>/<start_uid[:2]>/<start_uid>/<descriptor_uid>/
         time  seq_num  uid  data/<key>  timestamps/<key>  filled/<key> (external keys)
-        summary/<key> (numeric scalar keys)  event_summary/<key> (numeric array keys)
+        summary (numeric scalar keys)  event_summary (numeric array keys)
 
 chunked along the event axis (dimension ``event``, then ``dim_0``, ``dim_1`` ...). Row
 ``i`` holds the event with ``seq_num == i + 1``; rows never written hold ``seq_num == 0``
@@ -15,15 +15,17 @@ and are skipped by readers. ``seq_num`` is written last, so a reader that sees a
 Statistical summaries (BTrDB's stat windows), so a long column can be looked at without
 reading it; written with the rows they describe, before ``seq_num``:
 
-* ``summary/<key>``, numeric scalar keys: one row per window of :data:`SUMMARY_WINDOW`
-  positions (window ``w`` covers rows ``w * SUMMARY_WINDOW`` onwards), the
-  :data:`SUMMARY_FIELDS` of the rows written there (``count`` counts rows whose
-  ``seq_num`` is set, NaN values included; min/max/mean ignore NaNs; all NaN when no
-  value is a number). A row of NaNs (the fill) is a window never summarised: groups
-  written before summaries existed, or rows that only ever were in the stream's tail.
-  Its length is :func:`summary_length` of the arrays' and grows with them.
-* ``event_summary/<key>``, numeric array keys (images): one row per event, the
-  :data:`EVENT_SUMMARY_FIELDS` of its value (numpy's, NaNs propagate).
+* ``summary``, shape ``(windows, keys, 5)``: for each numeric scalar key (attribute
+  ``keys``, sorted) and window of :data:`SUMMARY_WINDOW` positions (window ``w`` covers
+  rows ``w * SUMMARY_WINDOW`` onwards), the :data:`SUMMARY_FIELDS` of the rows written
+  there (``count`` counts rows whose ``seq_num`` is set, NaN values included;
+  min/max/mean leave NaNs out and are NaN when no value is a number). A row of NaNs
+  (the fill) is a window never summarised: groups written before summaries existed, or
+  rows that only ever were in the stream's tail. Its length is :func:`summary_length` of
+  the events' and grows with them. One array for all keys: each batch that writes rows
+  rewrites one more chunk, not one per key.
+* ``event_summary``, shape ``(events, keys, 4)``: for each numeric array key (images)
+  and event, the :data:`EVENT_SUMMARY_FIELDS` of its value (numpy's, NaNs propagate).
 
 Readers compute what a summary array does not hold from the rows themselves.
 
@@ -57,10 +59,12 @@ from bluestream.errors import LimitExceeded, Reason, ValidationError
 from bluestream.limits import Limits
 
 __all__ = [
+    "EVENT_SUMMARY",
     "EVENT_SUMMARY_FIELDS",
     "SCHEMA_VERSION",
     "SEQ_NUM",
     "STRING",
+    "SUMMARY",
     "SUMMARY_FIELDS",
     "SUMMARY_WINDOW",
     "TIME",
@@ -72,7 +76,6 @@ __all__ = [
     "column_names",
     "data_path",
     "descriptor_path",
-    "event_summary_path",
     "field_specs",
     "fill_for",
     "filled_path",
@@ -80,9 +83,9 @@ __all__ = [
     "safe_component",
     "stored_columns",
     "summary_columns",
+    "summary_keys",
     "summary_kind",
     "summary_length",
-    "summary_path",
     "timestamps_path",
 ]
 
@@ -106,13 +109,14 @@ _STRING_ITEM_BYTES = 64  # a guess, for chunking string columns
 #: the same size by default, so a window is summarised from the rows being written, with
 #: no read-back of stored rows.
 SUMMARY_WINDOW = 256
-#: The columns of a ``summary/<key>`` row.
+#: The summary arrays of a descriptor's group.
+SUMMARY, EVENT_SUMMARY = "summary", "event_summary"
+#: The last axis of ``summary``.
 SUMMARY_FIELDS = ("count", "min", "max", "mean", "nan_count")
-#: The columns of an ``event_summary/<key>`` row.
+#: The last axis of ``event_summary``.
 EVENT_SUMMARY_FIELDS = ("min", "max", "mean", "sum")
-#: Windows per chunk of a summary array (40 KiB, 262,144 events): each batch rewrites
-#: the chunk of the windows it touches, so it stays small next to a data chunk.
-_SUMMARY_CHUNK_WINDOWS = 1_024
+#: Bytes aimed at per chunk of ``summary``: each batch that writes rows rewrites one.
+_SUMMARY_CHUNK_BYTES = 256 * 1024
 _SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,254}")
 _KINDS = frozenset({"number", "integer", "boolean", "string", "array"})
 _MAX_NDIM = 32
@@ -133,14 +137,6 @@ def timestamps_path(key: str) -> str:
 
 def filled_path(key: str) -> str:
     return f"filled/{key}"
-
-
-def summary_path(key: str) -> str:
-    return f"summary/{key}"
-
-
-def event_summary_path(key: str) -> str:
-    return f"event_summary/{key}"
 
 
 def safe_component(name: str, what: str) -> str:
@@ -382,8 +378,8 @@ def stored_columns(specs: Mapping[str, FieldSpec], page: Page) -> list[Column]:
 
 
 def summary_kind(spec: FieldSpec, dtype: np.dtype[Any] | None = None) -> str | None:
-    """"window" (``summary/<key>``), "event" (``event_summary/<key>``) or None (no
-    summary): only real numbers (bool, int, uint, float) stored as numbers are summarised.
+    """"window" (in ``summary``), "event" (in ``event_summary``) or None (no summary):
+    only real numbers (bool, int, uint, float) stored as numbers are summarised.
     ``dtype``: the column's, when the spec leaves it to the first page."""
     if spec.external or spec.variable or spec.kind == "string":
         return None
@@ -400,21 +396,32 @@ def summary_length(rows: int) -> int:
     return -(-rows // SUMMARY_WINDOW)
 
 
+def summary_keys(specs: Mapping[str, FieldSpec], page: Page) -> tuple[list[str], list[str]]:
+    """The keys summarised per window and per event, sorted; ``page`` decides the dtype
+    of array keys without a usable ``dtype_numpy``."""
+    kinds = {key: summary_kind(spec, page.data[key].dtype if key in page.data else None)
+             for key, spec in sorted(specs.items())}
+    return ([k for k, kind in kinds.items() if kind == "window"],
+            [k for k, kind in kinds.items() if kind == "event"])
+
+
 def summary_columns(specs: Mapping[str, FieldSpec], page: Page) -> list[Column]:
-    """The summary arrays of a descriptor (see the module's docstring), in a fixed order;
-    ``page`` decides the dtype of array keys without a usable ``dtype_numpy``."""
+    """The summary arrays of a descriptor (see the module's docstring): ``summary``
+    and ``event_summary``, each when some key is summarised that way."""
+    windows, events = summary_keys(specs, page)
     cols = []
-    for key, spec in sorted(specs.items()):
-        kind = summary_kind(spec, page.data[key].dtype if key in page.data else None)
-        if kind == "window":
-            cols.append(Column(summary_path(key), np.dtype(np.float64),
-                               (len(SUMMARY_FIELDS),), np.nan, _SUMMARY_CHUNK_WINDOWS,
-                               ("window", "field"),
-                               (("fields", SUMMARY_FIELDS), ("window", SUMMARY_WINDOW))))
-        elif kind == "event":
-            cols.append(Column(event_summary_path(key), np.dtype(np.float64),
-                               (len(EVENT_SUMMARY_FIELDS),), np.nan, 0, ("event", "field"),
-                               (("fields", EVENT_SUMMARY_FIELDS),)))
+    if windows:
+        row = len(windows) * len(SUMMARY_FIELDS) * 8
+        chunk = 1 << max(6, min(10, (_SUMMARY_CHUNK_BYTES // row).bit_length() - 1))
+        cols.append(Column(SUMMARY, np.dtype(np.float64), (len(windows), len(SUMMARY_FIELDS)),
+                           np.nan, chunk, ("window", "key", "field"),
+                           (("keys", tuple(windows)), ("fields", SUMMARY_FIELDS),
+                            ("window", SUMMARY_WINDOW))))
+    if events:
+        cols.append(Column(EVENT_SUMMARY, np.dtype(np.float64),
+                           (len(events), len(EVENT_SUMMARY_FIELDS)), np.nan, 0,
+                           ("event", "key", "field"),
+                           (("keys", tuple(events)), ("fields", EVENT_SUMMARY_FIELDS))))
     return cols
 
 

@@ -26,18 +26,18 @@ from numpy.typing import NDArray
 
 from bluestream.catalog.arrays import ArrayReader
 from bluestream.layout import (
+    EVENT_SUMMARY,
     EVENT_SUMMARY_FIELDS,
     SEQ_NUM,
+    SUMMARY,
     SUMMARY_FIELDS,
     SUMMARY_WINDOW,
     TIME,
     FieldSpec,
     data_path,
-    event_summary_path,
     reader_specs,
     summary_kind,
     summary_length,
-    summary_path,
 )
 from bluestream.storage.summaries import event_stats, merge_windows, rows_stats
 
@@ -97,6 +97,20 @@ async def _getitem(reader: ArrayReader, path: str, arr: Any, start: int, stop: i
         return np.asarray(await arr.getitem(slice(start, stop)))
 
 
+async def _stored(reader: ArrayReader, path: str, arr: Any | None, key: str, stop: int
+                  ) -> Array | None:
+    """Rows ``[0, stop)`` of ``key``'s summaries in the array ``arr`` (``summary`` or
+    ``event_summary``), None when it holds none for ``key``."""
+    if arr is None:
+        return None
+    keys = list((arr.metadata.attributes or {}).get("keys", ()))
+    stop = min(stop, int(arr.shape[0]))
+    if key not in keys or stop <= 0:
+        return None
+    with reader.errors(path):
+        return np.asarray(await arr.getitem((slice(0, stop), keys.index(key))))
+
+
 async def _windows(reader: ArrayReader, record: Doc, key: str, arrays: Mapping[str, Any]
                    ) -> Array:
     """``(windows, 5)`` summaries of positions ``0 .. length - 1``."""
@@ -105,10 +119,9 @@ async def _windows(reader: ArrayReader, record: Doc, key: str, arrays: Mapping[s
     stats = np.full((summary_length(length), len(SUMMARY_FIELDS)), np.nan)
     tail = reader.tail_of(record)
     trusted = min(length, tail.start if tail is not None else length) // SUMMARY_WINDOW
-    stored = arrays.get(summary_path(key))
-    upto = min(trusted, int(stored.shape[0])) if stored is not None else 0
-    if upto:
-        stats[:upto] = await _getitem(reader, path, stored, 0, upto)
+    stored = await _stored(reader, path, arrays.get(SUMMARY), key, trusted)
+    if stored is not None:
+        stats[:len(stored)] = stored
     per_read = _ROWS_PER_READ // SUMMARY_WINDOW
     for w0, w1 in _runs(np.flatnonzero(np.isnan(stats[:, 0]))):
         for b0 in range(w0, w1, per_read):
@@ -130,11 +143,10 @@ async def _events(reader: ArrayReader, record: Doc, key: str, arrays: Mapping[st
     time = await _getitem(reader, path, arrays[TIME], 0, n)
     stats = np.full((len(seq), len(EVENT_SUMMARY_FIELDS)), np.nan)
     tail = reader.tail_of(record)
-    stored = arrays.get(event_summary_path(key))
-    upto = min(len(seq), tail.start if tail is not None else len(seq),
-               int(stored.shape[0]) if stored is not None else 0)
-    if upto:
-        stats[:upto] = await _getitem(reader, path, stored, 0, upto)
+    upto = min(len(seq), tail.start if tail is not None else len(seq))
+    stored = await _stored(reader, path, arrays.get(EVENT_SUMMARY), key, upto)
+    if stored is not None:
+        stats[:len(stored)] = stored
     positions = np.flatnonzero(seq > 0)
     # A summary row of NaNs was never written (or the value holds a NaN: computed again).
     missing = positions[np.isnan(stats[positions]).all(axis=1)]
@@ -161,7 +173,7 @@ async def _part(reader: ArrayReader, desc: Doc, record: Doc | None, key: str
             return kind, _Part(uid, none, np.zeros((0, len(SUMMARY_FIELDS))), stop=none)
         return kind, _Part(uid, none, np.zeros((0, len(EVENT_SUMMARY_FIELDS))),
                            time=np.zeros(0))
-    names = [SEQ_NUM, TIME, data_path(key), summary_path(key), event_summary_path(key)]
+    names = [SEQ_NUM, TIME, data_path(key), SUMMARY, EVENT_SUMMARY]
     arrays = await reader.open_arrays(record, names, required=(SEQ_NUM, TIME))
     if data_path(key) not in arrays:
         raise KeyError(f"the stored stream of descriptor {uid!r} has no column for {key!r}")
@@ -170,7 +182,9 @@ async def _part(reader: ArrayReader, desc: Doc, record: Doc | None, key: str
         stats = await _windows(reader, record, key, arrays)
         first = np.arange(stats.shape[0], dtype=np.int64) * SUMMARY_WINDOW
         stop = np.minimum(first + SUMMARY_WINDOW, int(record["length"]))
-        return kind, _Part(uid, first, stats, stop=stop)
+        # A descriptor that continues another's seq_nums holds none below its first.
+        lowest = max(0, int(record.get("seq_num_min") or 1) - 1)
+        return kind, _Part(uid, np.maximum(first, lowest), stats, stop=stop)
     positions, time, stats = await _events(reader, record, key, arrays)
     return kind, _Part(uid, positions, stats, time=time,
                        elements=math.prod(arrays[data_path(key)].shape[1:]))

@@ -19,7 +19,7 @@ an object store without sync calls) are written with ``setitem`` by the caller:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, cast
@@ -48,6 +48,10 @@ class RowWrite:
     array: AsyncArray[Any]
     start: int
     values: np.ndarray
+    #: Called as ``observe(i, rows)`` with the rows ``values[i:i + len(rows)]`` of each
+    #: chunk just before they are encoded, on the thread that encodes them: per-event
+    #: summaries of images are computed while the rows are in the cache, on both threads.
+    observe: Callable[[int, np.ndarray], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,8 @@ class _ChunkJob:
     index: int  # chunk index along the event axis
     offset: int  # first row of the chunk written
     values: np.ndarray  # the rows written into it
+    first: int  # their first row in the write's values
+    observe: Callable[[int, np.ndarray], None] | None
 
     @property
     def nbytes(self) -> int:
@@ -164,7 +170,7 @@ def _jobs(write: RowWrite) -> list[_ChunkJob]:
     for index in range(start // rows, (stop - 1) // rows + 1):
         lo, hi = max(start, index * rows), min(stop, (index + 1) * rows)
         jobs.append(_ChunkJob(write.array, chain, index, lo - index * rows,
-                              values[lo - start:hi - start]))
+                              values[lo - start:hi - start], lo - start, write.observe))
     return jobs
 
 
@@ -204,6 +210,8 @@ def _run(job: _ChunkJob) -> None:
     shape = chain.chunk_spec.shape
     key = _chunk_key(array, job.index, len(shape))
     n = len(job.values)
+    if job.observe is not None:
+        job.observe(job.first, job.values)
     if job.offset == 0 and n == shape[0]:
         chunk = job.values
     else:  # a partial chunk: merge with what is stored (or the fill value)
@@ -218,8 +226,10 @@ def _run(job: _ChunkJob) -> None:
 
 def write_all(groups: Sequence[Iterable[RowWrite]]) -> None:
     """Write each group of row writes, one group after the other (a later group is
-    written only once every chunk of the earlier ones is stored). Blocking: call it in a
-    worker thread. Within a group, chunks go through two threads when they are big."""
+    written only once every chunk of the earlier ones is stored, and its values are
+    taken only then: they may be filled by an earlier group's ``observe``). Blocking:
+    call it in a worker thread. Within a group, chunks go through two threads when they
+    are big."""
     for group in groups:
         jobs = [job for write in group for job in _jobs(write)]
         if len(jobs) > 1 and sum(j.nbytes for j in jobs) >= _PARALLEL_BYTES:

@@ -25,6 +25,7 @@ import asyncio
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -39,8 +40,10 @@ from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from bluestream.errors import Reason, StorageError, ValidationError, first_error
 from bluestream.layout import (
+    EVENT_SUMMARY,
     SCHEMA_VERSION,
     SEQ_NUM,
+    SUMMARY,
     Column,
     FieldSpec,
     Page,
@@ -356,17 +359,17 @@ def _column_values(page: Page, order: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _windowed(col: Column) -> bool:
-    """A ``summary/<key>`` array: one row per window of rows, not per event."""
-    return col.name.partition("/")[0] == "summary"
-
-
-def _summarised(col: Column) -> str:
-    """The data column a summary array describes (``summary/x`` -> ``data/x``)."""
-    return data_path(col.name.partition("/")[2])
+    """The ``summary`` array: one row per window of rows, not per event."""
+    return col.name == SUMMARY
 
 
 def _is_summary(col: Column) -> bool:
-    return col.name.partition("/")[0] in ("summary", "event_summary")
+    return col.name in (SUMMARY, EVENT_SUMMARY)
+
+
+def _keys(col: Column) -> list[str]:
+    """The data keys a summary array describes, in the order of its ``key`` axis."""
+    return list(dict(col.attributes)["keys"])
 
 
 def _summary_rows(columns: list[Column], positions: np.ndarray,
@@ -376,16 +379,16 @@ def _summary_rows(columns: list[Column], positions: np.ndarray,
     ``values`` at ``positions`` (:mod:`~bluestream.storage.summaries`); ``read`` gives
     the stored rows of windows the write covers in part."""
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    windowed = [c for c in columns if _windowed(c)]
-    if windowed:
-        plan = WindowPlan.of(positions)
-        stats = window_summaries(plan, {_summarised(c): values[_summarised(c)]
-                                        for c in windowed}, read)
-        for col in windowed:
-            out[col.name] = (plan.windows.astype(np.int64), stats[_summarised(col)])
     for col in columns:
-        if _is_summary(col) and not _windowed(col):
-            out[col.name] = (positions, event_stats(values[_summarised(col)]))
+        names = [data_path(k) for k in _keys(col)]
+        if _windowed(col):
+            plan = WindowPlan.of(positions)
+            stats = window_summaries(plan, {n: values[n] for n in names}, read)
+            out[col.name] = (plan.windows.astype(np.int64),
+                             np.stack([stats[n] for n in names], axis=1))
+        else:
+            out[col.name] = (positions, np.stack([event_stats(values[n]) for n in names],
+                                                 axis=1))
     return out
 
 
@@ -403,26 +406,41 @@ async def _write_columns(arrays: list[AsyncArray[Any]], columns: list[Column],
     if all(chunk_writer.supports(a) for a in arrays):
         runs = list(_contiguous_runs(positions))
 
-        def writes(arr: AsyncArray[Any], column: np.ndarray,
-                   where: list[tuple[int, int, int]]) -> list[chunk_writer.RowWrite]:
-            return [chunk_writer.RowWrite(arr, start, column[first:first + (stop - start)])
+        def writes(arr: AsyncArray[Any], column: np.ndarray, where: list[tuple[int, int, int]],
+                   stats: np.ndarray | None = None) -> list[chunk_writer.RowWrite]:
+            return [chunk_writer.RowWrite(arr, start, column[first:first + (stop - start)],
+                                          None if stats is None else
+                                          partial(_stats_into, stats, first))
                     for first, start, stop in where]
 
+        def summary_writes(rows: dict[str, tuple[np.ndarray, np.ndarray]]
+                           ) -> list[chunk_writer.RowWrite]:
+            return [w for name, (where, stats) in rows.items()
+                    for w in writes(by_name[name], stats, list(_contiguous_runs(where)))]
+
         def work() -> None:
-            # Read back (rarely: see storage.summaries) before anything is written.
-            rows = _summary_rows(summary, positions, values, lambda name, a, b:
-                                 chunk_writer.read_rows(by_name[name], a, b))
-            first = [w for a, c in rest for w in writes(a, values[c.name], runs)]
-            for name, (where, stats) in rows.items():
-                first += writes(by_name[name], stats, list(_contiguous_runs(where)))
-            chunk_writer.write_all([first, writes(seq, values[SEQ_NUM], runs)])
+            # Windows: the stored rows are read back (rarely: see storage.summaries)
+            # before anything is written. Events (images): summarised by the chunk
+            # threads as they encode the rows (``observe``), and written after them.
+            rows = _summary_rows([c for c in summary if _windowed(c)], positions, values,
+                                 lambda name, a, b: chunk_writer.read_rows(by_name[name], a, b))
+            events = {c.name: np.full((len(positions), *c.shape), np.nan)
+                      for c in summary if not _windowed(c)}
+            into = {data_path(key): events[c.name][:, j] for c in summary
+                    if not _windowed(c) for j, key in enumerate(_keys(c))}
+            first = [w for a, c in rest
+                     for w in writes(a, values[c.name], runs, into.get(c.name))]
+            chunk_writer.write_all([
+                first + summary_writes(rows),
+                summary_writes({name: (positions, stats) for name, stats in events.items()}),
+                writes(seq, values[SEQ_NUM], runs)])
 
         await anyio.to_thread.run_sync(work)
         return
     stored: dict[tuple[str, int, int], np.ndarray] = {}
-    if any(_windowed(c) for c in summary):
+    for col in (c for c in summary if _windowed(c)):
         for a, b in WindowPlan.of(positions).ranges():
-            for name in [SEQ_NUM, *(_summarised(c) for c in summary if _windowed(c))]:
+            for name in [SEQ_NUM, *(data_path(k) for k in _keys(col))]:
                 stored[(name, a, b)] = await _read_async(by_name[name], a, b)
     rows = _summary_rows(summary, positions, values,
                          lambda name, a, b: stored[(name, a, b)])
@@ -432,6 +450,11 @@ async def _write_columns(arrays: list[AsyncArray[Any]], columns: list[Column],
         for name, (where, stats) in rows.items():
             tg.start_soon(_write_runs, by_name[name], where, stats)
     await _write_runs(seq, positions, values[SEQ_NUM])
+
+
+def _stats_into(out: np.ndarray, base: int, offset: int, rows: np.ndarray) -> None:
+    """Per-event summaries of ``rows``, the rows ``base + offset`` onwards of a page."""
+    out[base + offset:base + offset + len(rows)] = event_stats(rows)
 
 
 async def _read_async(arr: AsyncArray[Any], start: int, stop: int) -> np.ndarray:
