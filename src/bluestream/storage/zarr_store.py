@@ -179,11 +179,10 @@ class ZarrEventStore:
                 arrays = await self._arrays_of(path, descriptor, run_start, columns)
                 self._check_dtypes(arrays, columns)
                 # Only once the page's columns fit: a refused page creates nothing.
-                arrays += await self._arrays_of(path, descriptor, run_start, summaries)
-                columns += summaries
-                self._check_dtypes(arrays, columns)
-                arrays = await self._grow(path, arrays, needs)
-                await _write_columns(arrays, columns, positions, values)
+                extra = await self._arrays_of(path, descriptor, run_start, summaries)
+                self._check_dtypes(extra, summaries)
+                arrays = await self._grow(path, arrays + extra, needs)
+                await _write_columns(arrays, columns + summaries, positions, values)
         except (OSError, ObjectStoreError, zarr.errors.BaseZarrError) as exc:
             raise StorageError(f"writing Zarr group {self.root.join(path)} failed: "
                                f"{brief(exc)}") from exc
@@ -283,7 +282,7 @@ class ZarrEventStore:
                     needs: list[int]) -> list[AsyncArray[Any]]:
         """Each array at least as long as its ``needs`` entry (called with the
         descriptor's lock held, the shape re-read from storage: another writer may have
-        grown them). Summary windows (``summary/<key>``) need fewer rows than events.
+        grown them). Summary windows (``summary``) need fewer rows than events.
 
         Growth is to a power of two of whole chunks (headroom,
         :func:`~bluestream.storage.array_meta.grown_length`): resizing rewrites an
