@@ -383,19 +383,21 @@ class ArrayStoreTests:
                 e["data"]["spectrum"] = [int(x) for x in e["data"]["spectrum"]]
         page = page_of(evs)
         update = await self.write(writer, tenant, page)
-        columns = layout.stored_columns(specs_of(), page)
+        columns = layout.stored_columns(specs_of(), page) + \
+            layout.summary_columns(specs_of(), page)
         arrays = await self.arrays(store, update.zarr_path)
         assert sorted(arrays) == sorted(c.name for c in columns)
         assert arrays["data/spectrum"].dtype == (np.int64 if spectrum == "int" else np.float64)
         for col in columns:
             arr = arrays[col.name]
             assert arr.dtype == np.dtype(col.dtype), col.name
-            # whole chunks of headroom past the 3 events written
-            assert arr.shape == (col.chunk_events * -(-3 // col.chunk_events), *col.shape), \
-                col.name
+            # whole chunks of headroom past the 3 events written (their one window)
+            rows = layout.summary_length(3) if col.name == layout.SUMMARY else 3
+            assert arr.shape == (col.chunk_events * -(-rows // col.chunk_events),
+                                 *col.shape), col.name
             assert arr.chunks == (col.chunk_events, *col.shape), col.name
-            assert arr.metadata.dimension_names == (  # type: ignore[union-attr]
-                "event", *(f"dim_{i}" for i in range(len(col.shape)))), col.name
+            assert arr.metadata.dimension_names == col.dimension_names, \
+                col.name  # type: ignore[union-attr]
             fill = arr.metadata.fill_value
             assert fill == col.fill_value or (np.isnan(fill) and np.isnan(col.fill_value)), \
                 col.name
@@ -677,7 +679,9 @@ class ArrayStoreTests:
         (zarr's own member listing, xarray) read it without complaint."""
         update = await self.write(writer, tenant, page_of(events([1, 2])))
         prefix = f"{update.zarr_path}/"
-        columns = {c.name for c in layout.stored_columns(specs_of(), page_of(events([1])))}
+        page = page_of(events([1]))
+        columns = {c.name for c in layout.stored_columns(specs_of(), page)
+                   + layout.summary_columns(specs_of(), page)}
         nodes = {"", "data", "timestamps", "filled"} | columns
 
         def node_of(key: str) -> str | None:

@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ("scalar_ingest", "image_ingest", "latency", "read", "scaling", "short_runs",
-             "object_store", "tiled_read", "profile")
+             "object_store", "tiled_read", "profile", "summaries")
 
 
 def _get(data: Any, path: tuple[str, ...]) -> Any:
@@ -67,6 +67,9 @@ POSITIVE: dict[str, list[tuple[str, ...]]] = {
     "profile": [("in_process", "events/sqlite", "events_per_s"),
                 ("in_process", "pages/sqlite", "events_per_s"),
                 ("daemon", "default", "events_per_s"), ("daemon", "gc_tuned", "events_per_s")],
+    "summaries": [("read_s",), ("raw_array_read_s",), ("summary_s",),
+                  ("summary_without_stored_s",), ("ratio_read_to_summary",),
+                  ("write_with_summaries_s",), ("write_without_summaries_s",)],
 }
 
 #: Per scenario: the targets it reports (names; numbers, not verdicts, are tested). Every
@@ -89,6 +92,7 @@ TARGETS: dict[str, set[str]] = {
     "object_store": {"images on S3: bluestream / plain zarr on S3"},
     "tiled_read": {"images over HTTP / local read()", "scalars over HTTP: time / local time"},
     "profile": set(),
+    "summaries": {"summary(points=1000) vs read(): 200,000 events"},
 }
 
 
@@ -124,6 +128,9 @@ CHECKS: dict[str, set[str]] = {
     "tiled_read": {"remote read scalar values", "remote read image values"},
     "profile": {f"no data loss: daemon {label}"
                 for label in ("default", "gc_tuned", "batch_20000", "gc_tuned+batch_20000")},
+    "summaries": {"read() returns the column", "summary(points=1000) equals numpy",
+                  "summary() of every window equals numpy",
+                  "summary() without stored summaries equals numpy"},
 }
 
 

@@ -78,15 +78,22 @@ def test_bytes_on_disk_are_the_files(stored: Stored, cat: Catalog) -> None:
     assert runs[(stored.uid("short"),)].zarr_bytes == 0  # all in the tail: no group
     fields = by_key(cat.storage_size("field"))
     group = stored.group("long")
+    # The stream's own arrays: time, seq_num, uid and the summaries of all its keys.
+    own_arrays = ("time", "seq_num", "uid", "summary", "event_summary")
+    assert (group / "summary").is_dir()  # the long run is summarised
     for key in ("f0", "counter"):  # data/<key>, timestamps/<key>, any <group>/<key>
         size = sum(files_under(sub / key)[0] for sub in group.iterdir()
-                   if sub.name not in ("time", "seq_num", "uid") and sub.is_dir())
+                   if sub.name not in own_arrays and sub.is_dir())
         assert fields[(stored.uid("long"), "primary", key)].zarr_bytes == size
-    own = sum(files_under(group / name)[0] for name in ("time", "seq_num", "uid")) \
+    own = sum(files_under(group / name)[0] for name in own_arrays) \
         + sum(p.stat().st_size for p in group.glob("*zarr.json")) \
         + sum(p.stat().st_size for p in group.glob("*/zarr.json")
-              if p.parent.name not in ("time", "seq_num", "uid"))
+              if p.parent.name not in own_arrays)
     assert fields[(stored.uid("long"), "primary", None)].zarr_bytes == own
+    keys = {u.field for u in fields.values()} - {None}
+    assert keys == {k for label in ("long", "short", "image")
+                    for k in next(d for n, d in stored.runs[label]
+                                  if n == "descriptor")["data_keys"]}
     total = cat.storage_size("run").total
     assert total.zarr_bytes == files_under(stored.root / stored.tenant)[0]
 

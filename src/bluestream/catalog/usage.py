@@ -41,7 +41,7 @@ import zarr.api.asynchronous as za
 from bluestream.catalog.context import CatalogContext
 from bluestream.catalog.integrity import expected_columns, record_span, visible_runs
 from bluestream.errors import BluestreamError, StorageError
-from bluestream.layout import reader_specs
+from bluestream.layout import EVENT_SUMMARY, SUMMARY, reader_specs
 from bluestream.queries import Query
 from bluestream.storage.tail import Tail
 from bluestream.storage.zarr_root import IO_ERRORS, ZarrRoot, brief
@@ -54,7 +54,9 @@ BY = ("run", "stream", "field")
 #: numpy's in-memory size of one StringDType element.
 _STRING_BYTES = 16
 _COLUMN_GROUPS = ("data", "timestamps", "filled")
-_EVENT_COLUMNS = ("time", "seq_num", "uid")
+#: Arrays of a descriptor's group that belong to the stream, not to one field (the
+#: summary arrays hold every summarised key of the descriptor).
+_EVENT_COLUMNS = ("time", "seq_num", "uid", SUMMARY, EVENT_SUMMARY)
 
 
 @dataclass(frozen=True)
@@ -199,8 +201,8 @@ def _attribute(key: str, streams: dict[str, dict[str, str]]) -> Key:
         return run, None, None  # the run's group metadata
     desc, rest = parts[3], parts[4:]
     stream = streams.get(run, {}).get(desc, f"(descriptor {desc})")
-    # data/<key>/..., timestamps/<key>/..., filled/<key>/... and any other per-key group
-    # (per-chunk summaries, say) belong to the key; time, seq_num, uid to the stream.
+    # data/<key>/..., timestamps/<key>/..., filled/<key>/... belong to the key; time,
+    # seq_num, uid and the summary arrays (all keys in one) to the stream.
     fld = rest[1] if len(rest) >= 3 and rest[0] not in _EVENT_COLUMNS else None
     return run, stream, fld
 
