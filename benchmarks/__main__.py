@@ -26,13 +26,13 @@ from types import ModuleType
 from benchmarks import (
     image_ingest,
     latency,
+    lifecycle,
     object_store,
     profile,
     read,
     scalar_ingest,
     scaling,
     short_runs,
-    summaries,
     tiled_read,
 )
 from benchmarks.common import (
@@ -50,7 +50,7 @@ from bluestream.daemon.logs import configure_logging
 
 SCENARIOS: dict[str, ModuleType] = {
     m.NAME: m for m in (scalar_ingest, image_ingest, latency, read, scaling, short_runs,
-                        object_store, tiled_read, profile, summaries)
+                        object_store, tiled_read, profile, lifecycle)
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 

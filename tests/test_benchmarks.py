@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ("scalar_ingest", "image_ingest", "latency", "read", "scaling", "short_runs",
-             "object_store", "tiled_read", "profile", "summaries")
+             "object_store", "tiled_read", "profile", "lifecycle")
 
 
 def _get(data: Any, path: tuple[str, ...]) -> Any:
@@ -67,9 +67,10 @@ POSITIVE: dict[str, list[tuple[str, ...]]] = {
     "profile": [("in_process", "events/sqlite", "events_per_s"),
                 ("in_process", "pages/sqlite", "events_per_s"),
                 ("daemon", "default", "events_per_s"), ("daemon", "gc_tuned", "events_per_s")],
-    "summaries": [("read_s",), ("raw_array_read_s",), ("summary_s",),
+    "lifecycle": [("read_s",), ("raw_array_read_s",), ("summary_s",),
                   ("summary_without_stored_s",), ("ratio_read_to_summary",),
-                  ("write_with_summaries_s",), ("write_without_summaries_s",)],
+                  ("write_with_summaries_s",), ("write_without_summaries_s",),
+                  ("verify", "level4_s"), ("verify", "read_s")],
 }
 
 #: Per scenario: the targets it reports (names; numbers, not verdicts, are tested). Every
@@ -92,7 +93,8 @@ TARGETS: dict[str, set[str]] = {
     "object_store": {"images on S3: bluestream / plain zarr on S3"},
     "tiled_read": {"images over HTTP / local read()", "scalars over HTTP: time / local time"},
     "profile": set(),
-    "summaries": {"summary(points=1000) vs read(): 200,000 events"},
+    "lifecycle": {"summary(points=1000) vs read(): 200,000 events",
+                  "verify level 4: 10,000 events x 10 fields"},
 }
 
 
@@ -128,7 +130,8 @@ CHECKS: dict[str, set[str]] = {
     "tiled_read": {"remote read scalar values", "remote read image values"},
     "profile": {f"no data loss: daemon {label}"
                 for label in ("default", "gc_tuned", "batch_20000", "gc_tuned+batch_20000")},
-    "summaries": {"read() returns the column", "summary(points=1000) equals numpy",
+    "lifecycle": {"read() returns the column", "summary(points=1000) equals numpy",
+                  "verify level 4 finds no problem in an intact run",
                   "summary() of every window equals numpy",
                   "summary() without stored summaries equals numpy"},
 }
