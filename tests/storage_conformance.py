@@ -578,6 +578,20 @@ class MetadataStoreTests:
         with pytest.raises(ValueError, match="annotation key"):
             await runs.search(Annotation("bad key!") == 1)
 
+    async def test_annotation_query_matching_many_runs(self, store: MetadataStore) -> None:
+        """Thousands of annotated runs: the uids an annotation query resolves to are
+        one predicate, not one each (SQLite refused ~1,000 as too deep an expression)."""
+        n = 2_000
+        starts = [{"uid": f"many-{i:05d}", "time": T0 + i, "scan_id": i} for i in range(n)]
+        await store.put_documents("start", starts)
+        for i, doc in enumerate(starts):
+            await store.add_annotation(doc["uid"], "quality", "good" if i % 4 else "bad",
+                                       time=T0)
+        assert await store.count(Annotation("quality") == "good") == n - n // 4
+        assert await store.count(Annotation("quality") != "good") == n // 4
+        found = await store.search(And(Annotation("quality") == "bad", ScanID(8)))
+        assert [d["uid"] for d in found] == ["many-00008"]
+
     async def test_removal_hides_then_deletes(self, runs: MetadataStore) -> None:
         desc = {**DOCS["descriptor"], "run_start": uid(1)}
         await runs.put_documents("descriptor", [desc])

@@ -180,8 +180,28 @@ def test_open_runs_are_refused_unless_forced_and_settled(
     assert not report.ok and report.removed == []
     assert "open" in str(report.refused[0]) and uid in str(report.refused[0])
     assert uid in cat
-    report = cat.remove(uid, force=True, settle=0.2)  # not growing: removed
+    report = cat.remove(uid, force=True, settle=0.2)  # it wrote data just now
+    assert not report.ok and "wrote data" in str(report.refused[0]) and uid in cat
+    report = cat.remove(uid, force=True, settle=0.2, idle=0)  # quiet, not growing: removed
     assert report.ok and uid not in cat
+
+
+def test_arrays_not_under_the_root_given_refuse_the_removal(
+        cat: Catalog, store_docs: Any, metadata_uri: str, zarr_root: Path, tenant: str,
+        tmp_path: Path) -> None:
+    """A wrong Zarr root would delete the metadata and orphan the real arrays."""
+    docs = _run(LONG, 1)
+    store_docs(docs)
+    uid = docs[0][1]["uid"]
+    elsewhere = tmp_path / "not-the-root"
+    elsewhere.mkdir()
+    with bluestream.open_catalog(tenant, metadata=metadata_uri, zarr_root=elsewhere) as wrong:
+        report = wrong.remove(uid)
+    assert not report.ok and "wrong --zarr-root" in str(report.refused[0])
+    assert uid in cat and _run_dir(zarr_root, tenant, uid).is_dir()
+    out = _cli("prune", "--tenant", tenant, "--metadata", metadata_uri, "--zarr-root",
+               str(zarr_root), "--before", "not a date")
+    assert out.exit_code == 2 and "--before" in out.output
 
 
 @pytest.mark.anyio
@@ -197,7 +217,7 @@ async def test_a_run_still_being_written_is_refused_even_when_forced(
 
         async def remove() -> None:
             nonlocal report
-            report = await cat.remove(docs[0][1]["uid"], force=True, settle=1.5)
+            report = await cat.remove(docs[0][1]["uid"], force=True, settle=1.5, idle=0)
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(remove)
@@ -325,3 +345,38 @@ def test_removed_runs_leave_other_tenants_alone(metadata_uri: str, zarr_root: Pa
     with bluestream.open_catalog(other, metadata=metadata_uri, zarr_root=zarr_root) as cat:
         assert len(cat[-1]["primary"].read()["time"]) == LONG
 
+
+
+def test_a_reader_of_an_older_file_sees_marks_made_after_it_opened(tmp_path: Path,
+                                                                   tenant: str) -> None:
+    """A catalog open for hours (Tiled, a notebook) on a file written before removal
+    existed must stop listing a run as soon as it is marked removed."""
+    import sqlite3
+
+    uri = f"sqlite:///{tmp_path / 'old.db'}"
+
+    async def main() -> None:
+        writer = open_metadata_store(uri, tenant)
+        await writer.open()
+        await writer.put_documents("start", [{"uid": "run-a", "time": 1.0},
+                                             {"uid": "run-b", "time": 2.0}])
+        await writer.close()
+        con = sqlite3.connect(tmp_path / "old.db")
+        con.execute("DROP TABLE run_removed")  # as written before removal existed
+        con.commit()
+        con.close()
+        reader = open_metadata_store(uri, tenant, readonly=True)
+        await reader.open()
+        try:
+            assert await reader.count(None) == 2
+            writer = open_metadata_store(uri, tenant)  # a current writer adds the table
+            await writer.open()
+            await writer.mark_removed(["run-a"], {"time": 3.0})
+            await writer.close()
+            assert await reader.count(None) == 1
+            assert [d["uid"] for d in await reader.search(None)] == ["run-b"]
+            assert await reader.uids_with_prefix("run-") == ["run-b"]
+        finally:
+            await reader.close()
+
+    anyio.run(main)

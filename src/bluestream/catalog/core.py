@@ -26,6 +26,7 @@ from bluestream.catalog.removal import (
     select_prune,
 )
 from bluestream.catalog.run import AsyncBlueskyRun, BlueskyRun
+from bluestream.catalog.run_keys import first_found
 from bluestream.errors import AmbiguousUID, NotFound
 from bluestream.handlers import HandlerClass
 from bluestream.queries import And, Query, ScanID, TimeLike, as_query
@@ -241,19 +242,38 @@ class AsyncCatalog:
 
     # -- removal ----------------------------------------------------------------------------
     async def remove(self, *keys: int | str, force: bool = False, settle: float = 5.0,
+                     idle: float = 600.0, reason: str = "remove",
                      hook: PhaseHook | None = None) -> RemovalReport:
         """Remove runs (uids, uid prefixes, scan_ids, negative indices) for good, with
         their arrays: two-phase and crash-safe (:mod:`bluestream.catalog.removal`).
-        Every key is looked up first: an unknown one raises NotFound, removing nothing.
-        Open runs are refused unless ``force`` (and even then while they grow)."""
+        Every key is looked up first: an unknown one raises NotFound, removing nothing
+        (a key that names a run whose interrupted removal was just finished is done).
+        Open runs are refused unless ``force``, and even then while anything of them is
+        newer than ``idle`` seconds or they grow during ``settle`` seconds."""
         finished = await self.finish_removals(hook=hook)
-        wanted = [k for k in keys if not (isinstance(k, str) and
-                                          any(u.startswith(k) for u in finished))]
-        starts = {str(d["uid"]): d for d in [await self.lookup_start(k) for k in wanted]}
+        starts: dict[str, Doc] = {}
+        for key in keys:
+            start = await self.find_start(key, finished=finished)
+            if start is not None:
+                starts[str(start["uid"])] = start
         report = await remove_runs(self._ctx, list(starts.values()), force=force,
-                                   settle=settle, hook=hook)
+                                   settle=settle, idle=idle, reason=reason, hook=hook)
         report.finished = finished
         return report
+
+    async def find_start(self, key: int | str, *, finished: Sequence[str] = ()
+                         ) -> Doc | None:
+        """The start of the run ``key`` names, read as a command-line RUN is (a long
+        number is tried as a uid prefix first: :mod:`bluestream.catalog.run_keys`).
+        None if it names none of the runs, but one of the ``finished`` removals."""
+        try:
+            return await first_found(key, self.lookup_start)
+        except NotFound:
+            if isinstance(key, str) and any(u == key or (len(key) >= MIN_PARTIAL_UID and
+                                                         u.startswith(key))
+                                            for u in finished):
+                return None
+            raise
 
     async def finish_removals(self, *, hook: PhaseHook | None = None) -> list[str]:
         """Complete removals that were interrupted (their runs are already hidden);
@@ -268,13 +288,13 @@ class AsyncCatalog:
         return await self.search(q).starts()
 
     async def prune(self, before: TimeLike, query: Query | Mapping[str, Any] | None = None,
-                    *, force: bool = False, settle: float = 5.0,
+                    *, force: bool = False, settle: float = 5.0, idle: float = 600.0,
                     hook: PhaseHook | None = None) -> RemovalReport:
         """Remove every run (of this catalog's search) started before ``before`` and
         matching ``query``; see :meth:`remove`."""
         finished = await self.finish_removals(hook=hook)
         starts = await self.prune_candidates(before, query)
-        report = await remove_runs(self._ctx, starts, force=force, settle=settle,
+        report = await remove_runs(self._ctx, starts, force=force, settle=settle, idle=idle,
                                    reason="prune", hook=hook)
         report.finished = finished
         return report
@@ -413,10 +433,11 @@ class Catalog:
         except NotFound:
             return default
 
-    def remove(self, *keys: int | str, force: bool = False, settle: float = 5.0
-               ) -> RemovalReport:
+    def remove(self, *keys: int | str, force: bool = False, settle: float = 5.0,
+               idle: float = 600.0, reason: str = "remove") -> RemovalReport:
         """See :meth:`AsyncCatalog.remove`."""
-        return self._loop.call(lambda: self._inner.remove(*keys, force=force, settle=settle))
+        return self._loop.call(lambda: self._inner.remove(*keys, force=force, settle=settle,
+                                                          idle=idle, reason=reason))
 
     def finish_removals(self) -> list[str]:
         """See :meth:`AsyncCatalog.finish_removals`."""
@@ -427,10 +448,11 @@ class Catalog:
         return self._loop.call(lambda: self._inner.prune_candidates(before, query))
 
     def prune(self, before: TimeLike, query: Query | Mapping[str, Any] | None = None, *,
-              force: bool = False, settle: float = 5.0) -> RemovalReport:
+              force: bool = False, settle: float = 5.0, idle: float = 600.0
+              ) -> RemovalReport:
         """See :meth:`AsyncCatalog.prune`."""
         return self._loop.call(lambda: self._inner.prune(before, query, force=force,
-                                                         settle=settle))
+                                                         settle=settle, idle=idle))
 
     # -- integrity, completeness, storage size --------------------------------------------
     def verify(self, level: int = 4, runs: Sequence[int | str] | None = None, *,

@@ -38,6 +38,7 @@ from zarr.abc.store import Store
 
 from bluestream.catalog.context import CatalogContext
 from bluestream.catalog.problems import Problem
+from bluestream.catalog.run_keys import first_found
 from bluestream.catalog.stream_check import StreamCheck
 from bluestream.catalog.stream_columns import expected_columns
 from bluestream.errors import BluestreamError, NotFound
@@ -153,8 +154,7 @@ async def resolve_runs(ctx: CatalogContext, keys: Sequence[str],
     uids = []
     for key in keys:
         try:
-            start = await lookup(int(key) if key.lstrip("-").isdigit() else key)
-            uids.append(str(start["uid"]))
+            uids.append(str((await first_found(key, lookup))["uid"]))
         except NotFound:
             if not await _referenced(ctx, key):
                 raise

@@ -7,9 +7,13 @@ metadata records, the mark last (:meth:`~bluestream.storage.base.MetadataStore.d
 A crash anywhere leaves the mark, and every later removal first finishes the runs still
 marked: a rerun after a crash finishes the job.
 
-Open runs (no stop document) are refused unless ``force``; even then a run that is
-still growing is refused: its stored state is read twice, ``settle`` seconds apart,
-and must not change (a consumer still writing it would recreate what was deleted).
+Open runs (no stop document) are refused unless ``force``; even then a run is refused
+when anything of it is newer than ``idle`` seconds (its start, descriptors and newest
+event, by their own times) or when it grows while watched (its stored state is read
+twice, ``settle`` seconds apart). A consumer still writing a removed run would recreate
+fragments of it (a descriptor, rows, a stop without their start), which ``verify``
+reports at level 1; the daemon does not check for removals while it writes, so that
+is what these two conditions are for.
 A removed run whose documents are later replayed from Kafka is stored again (removal
 is of what is stored, not of the topic).
 """
@@ -28,7 +32,7 @@ import anyio
 from bluestream.catalog.context import CatalogContext
 from bluestream.log import get_logger
 from bluestream.queries import And, Query, TimeLike, TimeRange
-from bluestream.storage.array_removal import delete_run_arrays
+from bluestream.storage.array_removal import delete_run_arrays, run_arrays_exist
 from bluestream.storage.base import MetadataStore
 
 __all__ = ["Refusal", "RemovalReport", "finish_pending", "remove_runs", "select_prune"]
@@ -72,21 +76,58 @@ async def _progress(ctx: CatalogContext, uid: str) -> tuple[Any, ...]:
                           len(r.get("tail") or b"")) for r in streams)))
 
 
+async def _arrays_missing(ctx: CatalogContext, starts: Sequence[Doc]) -> list[Refusal]:
+    """Runs whose stream records say rows are in Zarr but nothing is stored for them
+    under this root: most likely a wrong Zarr root, and removing their metadata would
+    orphan the real arrays for good."""
+    out = []
+    for start in starts:
+        uid = str(start["uid"])
+        records = await ctx.call("read event_stream", ctx.store.streams, uid)
+        in_zarr = any(r.get("tail") is None or int(r.get("tail_start") or 0) > 0
+                      for r in records)
+        if in_zarr and not await run_arrays_exist(ctx.zarr_root, ctx.tenant, uid):
+            out.append(Refusal(uid, f"its arrays are not under the Zarr root {ctx.zarr_root} "
+                                    "(a wrong --zarr-root?); nothing was removed"))
+    return out
+
+
+async def _newest_time(ctx: CatalogContext, start: Doc) -> float:
+    """The newest time a run's stored documents carry (start, descriptors, events)."""
+    uid = str(start["uid"])
+    times = [start.get("time")]
+    times += [d.get("time") for d in await ctx.call("read descriptors", ctx.store.find,
+                                                     "descriptor", run_start=uid)]
+    times += [r.get("time_max") for r in await ctx.call("read event_stream",
+                                                         ctx.store.streams, uid)]
+    return max((float(t) for t in times if isinstance(t, int | float)), default=0.0)
+
+
 async def _refusals(ctx: CatalogContext, starts: Sequence[Doc], *, force: bool,
-                    settle: float) -> list[Refusal]:
-    open_runs = [str(s["uid"]) for s in starts
+                    settle: float, idle: float) -> list[Refusal]:
+    open_runs = [s for s in starts
                  if await ctx.call("read stop", ctx.store.get, "stop", str(s["uid"])) is None]
     if not force:
-        return [Refusal(u, "the run is open (no stop document): a consumer may still be "
-                           "writing it; give --force to remove a run that will never stop")
-                for u in open_runs]
-    if not open_runs:
-        return []
-    before = {u: await _progress(ctx, u) for u in open_runs}
+        return [Refusal(str(s["uid"]), "the run is open (no stop document): a consumer may "
+                                       "still be writing it; give --force to remove a run "
+                                       "that will never stop") for s in open_runs]
+    refused = []
+    quiet = []
+    for start in open_runs:
+        age = time.time() - await _newest_time(ctx, start)
+        if idle > 0 and age < idle:
+            refused.append(Refusal(str(start["uid"]), f"the run is open and wrote data "
+                                   f"{max(age, 0):.0f} s ago (less than --idle {idle:g} s)"))
+        else:
+            quiet.append(str(start["uid"]))
+    if not quiet:
+        return refused
+    before = {u: await _progress(ctx, u) for u in quiet}
     await anyio.sleep(settle)
-    return [Refusal(u, f"the run is still being written (it changed within {settle:g} s); "
-                       "stop its producer or wait for its stop document")
-            for u in open_runs if await _progress(ctx, u) != before[u]]
+    return refused + [
+        Refusal(u, f"the run is still being written (it changed within {settle:g} s); "
+                   "stop its producer or wait for its stop document")
+        for u in quiet if await _progress(ctx, u) != before[u]]
 
 
 def _info(reason: str) -> Doc:
@@ -119,14 +160,17 @@ async def finish_pending(ctx: CatalogContext, *, hook: PhaseHook | None = None) 
 
 
 async def remove_runs(ctx: CatalogContext, starts: Sequence[Doc], *, force: bool = False,
-                      settle: float = 5.0, reason: str = "remove",
+                      settle: float = 5.0, idle: float = 600.0, reason: str = "remove",
                       hook: PhaseHook | None = None) -> RemovalReport:
     """Remove the runs of these start documents (see the module docstring). Runs that
     are refused are left untouched; the others are removed. Callers finish earlier
     removals first (:func:`finish_pending`): runs marked removed are hidden from lookups."""
     await ctx.ensure_open()
     report = RemovalReport()
-    report.refused = await _refusals(ctx, starts, force=force, settle=settle)
+    report.refused = await _arrays_missing(ctx, starts)
+    missing = {r.uid for r in report.refused}
+    report.refused += await _refusals(ctx, [s for s in starts if str(s["uid"]) not in missing],
+                                      force=force, settle=settle, idle=idle)
     refused = {r.uid for r in report.refused}
     chosen = [s for s in starts if str(s["uid"]) not in refused]
     if not chosen:

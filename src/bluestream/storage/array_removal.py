@@ -19,7 +19,7 @@ from bluestream.errors import StorageError, StorageUnavailable
 from bluestream.layout import safe_component
 from bluestream.storage.zarr_root import IO_ERRORS, ZarrRoot, brief
 
-__all__ = ["delete_run_arrays", "run_prefix"]
+__all__ = ["delete_run_arrays", "run_arrays_exist", "run_prefix"]
 
 
 def run_prefix(tenant: str, run_uid: str) -> str:
@@ -40,6 +40,20 @@ async def delete_run_arrays(root: ZarrRoot, tenant: str, run_uid: str) -> int:
             raise StorageUnavailable(f"Zarr root {root} does not exist (or is not "
                                      f"mounted): {exc}") from exc
         raise StorageError(f"deleting the arrays {root.join(prefix)} failed: "
+                           f"{brief(exc)}") from exc
+
+
+async def run_arrays_exist(root: ZarrRoot, tenant: str, run_uid: str) -> bool:
+    """Whether anything is stored under the run's prefix (one stat, or one listing)."""
+    prefix = run_prefix(tenant, run_uid)
+    try:
+        if root.local is not None:
+            return await anyio.Path(root.local / prefix).is_dir()
+        async for _ in root.object_store().list_prefix(prefix + "/"):
+            return True
+        return False
+    except IO_ERRORS as exc:
+        raise StorageError(f"listing the arrays {root.join(prefix)} failed: "
                            f"{brief(exc)}") from exc
 
 

@@ -253,15 +253,15 @@ class SqliteMetadataStore(MetadataStore):
         #: before removal existed have no such table; writers always create it).
         self._marks_table = not readonly
 
-    @property
-    def _visible(self) -> str:
-        """The clause that hides runs marked removed (see :meth:`mark_removed`)."""
-        return (" AND uid NOT IN (SELECT uid FROM run_removed WHERE tenant = ?)"
-                if self._marks_table else "")
-
-    @property
-    def _visible_args(self) -> tuple[str, ...]:
-        return (self.tenant,) if self._marks_table else ()
+    def _visible(self, conn: sqlite3.Connection) -> tuple[str, tuple[str, ...]]:
+        """The clause (and its parameter) that hides runs marked removed (see
+        :meth:`mark_removed`). A reader of a file without the table looks again each
+        time, until a writer has created it: a long-lived reader must see new marks."""
+        if not self._marks_table:
+            self._marks_table = _has_table(conn, "run_removed")
+        if not self._marks_table:
+            return "", ()
+        return " AND uid NOT IN (SELECT uid FROM run_removed WHERE tenant = ?)", (self.tenant,)
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -653,28 +653,40 @@ class SqliteMetadataStore(MetadataStore):
                      limit: int | None = None) -> list[Doc]:
         _check_window(skip, limit)
         where, params = to_sql(await self.resolve(query))
-        sql = (f"SELECT doc FROM run_start WHERE tenant = ? AND ({where}){self._visible} "
-               "ORDER BY time DESC, uid ASC LIMIT ? OFFSET ?")
-        args = (self.tenant, *params, *self._visible_args, -1 if limit is None else limit,
-                skip)
-        return await self._run("search runs",
-                               lambda c: [_load(r[0]) for r in c.execute(sql, args)])
+        window = (-1 if limit is None else limit, skip)
+
+        def search(conn: sqlite3.Connection) -> list[Doc]:
+            hide, hide_args = self._visible(conn)
+            sql = (f"SELECT doc FROM run_start WHERE tenant = ? AND ({where}){hide} "
+                   "ORDER BY time DESC, uid ASC LIMIT ? OFFSET ?")
+            args = (self.tenant, *params, *hide_args, *window)
+            return [_load(r[0]) for r in conn.execute(sql, args)]
+
+        return await self._run("search runs", search)
 
     async def count(self, query: Query | None) -> int:
         where, params = to_sql(await self.resolve(query))
-        sql = f"SELECT count(*) FROM run_start WHERE tenant = ? AND ({where}){self._visible}"
-        args = (self.tenant, *params, *self._visible_args)
-        return await self._run("count runs", lambda c: int(c.execute(sql, args).fetchone()[0]))
+
+        def count(conn: sqlite3.Connection) -> int:
+            hide, hide_args = self._visible(conn)
+            sql = f"SELECT count(*) FROM run_start WHERE tenant = ? AND ({where}){hide}"
+            return int(conn.execute(sql, (self.tenant, *params, *hide_args)).fetchone()[0])
+
+        return await self._run("count runs", count)
 
     async def uids_with_prefix(self, prefix: str, query: Query | None = None,
                                limit: int = 10) -> list[str]:
         _check_window(0, limit)
         where, params = to_sql(await self.resolve(query))
-        sql = (f"SELECT uid FROM run_start WHERE tenant = ? AND substr(uid, 1, ?) = ? "
-               f"AND ({where}){self._visible} ORDER BY time DESC, uid ASC LIMIT ?")
-        args = (self.tenant, len(prefix), prefix, *params, *self._visible_args, limit)
-        return await self._run("look up uids",
-                               lambda c: [str(r[0]) for r in c.execute(sql, args)])
+
+        def look_up(conn: sqlite3.Connection) -> list[str]:
+            hide, hide_args = self._visible(conn)
+            sql = (f"SELECT uid FROM run_start WHERE tenant = ? AND substr(uid, 1, ?) = ? "
+                   f"AND ({where}){hide} ORDER BY time DESC, uid ASC LIMIT ?")
+            args = (self.tenant, len(prefix), prefix, *params, *hide_args, limit)
+            return [str(r[0]) for r in conn.execute(sql, args)]
+
+        return await self._run("look up uids", look_up)
 
     # -- integrity and completeness -------------------------------------------------------
 

@@ -152,6 +152,12 @@ def _eq(key: str, v: Any) -> Frag:
 
 
 def _in(key: str, values: Sequence[Any]) -> Frag:
+    if key == "uid" and all(isinstance(v, str) for v in values):
+        # The uids that ScanID and annotation queries resolve to, any number of them: the
+        # uid column (the start document's uid, always a string) against one JSON list.
+        # One predicate per value would be an expression tree SQLite refuses beyond
+        # ~1,000 values (and slow long before).
+        return "uid IN (SELECT value FROM json_each(?))", [json.dumps(list(values))]
     return _join([_eq(key, v) for v in values], "OR", _FALSE)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import anyio
 
 from bluestream.catalog.core import AsyncCatalog, open_catalog_async
 from bluestream.catalog.run import AsyncBlueskyRun
+from bluestream.catalog.run_keys import first_found, parse_run_key
 from bluestream.errors import NotFound
 from bluestream.settings import Settings
 from bluestream.tools.files import DocumentWriter, Format, run_file_name
@@ -30,8 +30,6 @@ from bluestream.tools.progress import Progress
 
 __all__ = ["ExportReport", "export_runs", "find_start", "parse_run_key"]
 
-_INT = re.compile(r"-?\d+")
-_MIN_PREFIX = 5
 
 
 @dataclass
@@ -54,31 +52,9 @@ class ExportReport:
                 f"{self.bytes / 1e6:.1f} MB in {self.seconds:.1f} s{miss}")
 
 
-def parse_run_key(text: str) -> list[int | str]:
-    """Lookup keys to try for a RUN argument, in order.
-
-    A negative number is an index (``-1`` newest); a short number a scan_id; a longer
-    one may be a uid prefix made of digits, so it is tried as a uid first, then as a
-    scan_id. Anything else is a uid or a uid prefix (at least 5 characters).
-    """
-    if _INT.fullmatch(text):
-        n = int(text)
-        if n < 0 or len(text) < _MIN_PREFIX:
-            return [n]
-        return [text, n]
-    return [text]
-
-
 async def find_start(cat: AsyncCatalog, text: str) -> dict[str, Any]:
     """The start document of the run a RUN argument names (:func:`parse_run_key`)."""
-    last: Exception | None = None
-    for key in parse_run_key(text):
-        try:
-            return await cat.lookup_start(key)
-        except NotFound as exc:
-            last = exc
-    assert last is not None
-    raise last
+    return await first_found(text, cat.lookup_start)
 
 
 async def _lookup(cat: AsyncCatalog, text: str) -> AsyncBlueskyRun:

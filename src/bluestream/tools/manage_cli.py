@@ -18,8 +18,9 @@ import typer
 from bluestream.catalog.core import AsyncCatalog, open_catalog_async
 from bluestream.catalog.removal import RemovalReport
 from bluestream.errors import BluestreamError, NotFound
-from bluestream.queries import Raw
+from bluestream.queries import Raw, TimeRange
 from bluestream.settings import Settings
+from bluestream.storage.query_rules import time_bounds
 from bluestream.tools.commands import (
     ConfigOpt,
     MetadataOpt,
@@ -39,7 +40,10 @@ ForceOpt = Annotated[bool, typer.Option(
     "--force", help="Also remove open runs (no stop document) that have stopped growing.")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
 SettleOpt = Annotated[float, typer.Option(
-    min=0.0, help="With --force: seconds an open run must not change to be removed.")]
+    min=0.0, help="With --force: seconds an open run is watched and must not change.")]
+IdleOpt = Annotated[float, typer.Option(
+    min=0.0, help="With --force: an open run must have written nothing (by its documents' "
+    "times) for this many seconds.")]
 
 
 def _catalog(tenant: str, settings: Settings) -> AsyncCatalog:
@@ -162,11 +166,13 @@ def _confirm(starts: list[dict[str, Any]], yes: bool) -> None:
 
 
 def remove(runs: RunsArg, tenant: TenantOpt, force: ForceOpt = False, yes: YesOpt = False,
-           settle: SettleOpt = 5.0, metadata: MetadataOpt = None, zarr_root: ZarrOpt = None,
+           settle: SettleOpt = 5.0, idle: IdleOpt = 600.0, metadata: MetadataOpt = None,
+           zarr_root: ZarrOpt = None,
            config: ConfigOpt = None) -> None:
     """Remove runs and their arrays for good (two-phase: a rerun after a crash finishes).
 
-    Open runs are refused unless --force; a run still growing is refused even then."""
+    Open runs are refused unless --force; even then a run that wrote anything within
+    --idle seconds, or grows while watched for --settle seconds, is refused."""
     settings = tool_settings(config, zarr_access="write", metadata=metadata,
                              zarr_root=zarr_root)
 
@@ -174,14 +180,13 @@ def remove(runs: RunsArg, tenant: TenantOpt, force: ForceOpt = False, yes: YesOp
         async with _catalog(tenant, settings) as cat:
             finished = await cat.finish_removals()  # a rerun after a crash ends here
             _say_finished(finished)
-            wanted = [t for t in runs if not any(u.startswith(t) for u in finished)]
-            starts = [await find_start(cat, text) for text in wanted]
-            unique = list({str(s["uid"]): s for s in starts}.values())
+            found = [await cat.find_start(text, finished=finished) for text in runs]
+            unique = list({str(s["uid"]): s for s in found if s is not None}.values())
             if not unique:
                 return RemovalReport()
             _confirm(unique, yes)
             return await cat.remove(*[str(s["uid"]) for s in unique], force=force,
-                                    settle=settle)
+                                    settle=settle, idle=idle)
 
     _finish(work)
 
@@ -196,6 +201,7 @@ def prune(tenant: TenantOpt,
           dry_run: Annotated[bool, typer.Option("--dry-run", help="List the runs; remove "
                                                 "nothing.")] = False,
           force: ForceOpt = False, yes: YesOpt = False, settle: SettleOpt = 5.0,
+          idle: IdleOpt = 600.0,
           metadata: MetadataOpt = None, zarr_root: ZarrOpt = None,
           config: ConfigOpt = None) -> None:
     """Remove every run started before a date (and matching --query), with its arrays."""
@@ -210,6 +216,10 @@ def prune(tenant: TenantOpt,
     settings = tool_settings(config, zarr_access=None if dry_run else "write",
                              metadata=metadata, zarr_root=zarr_root)
     when = _when(before)
+    try:  # a date that does not parse is a usage error, found before anything is done
+        time_bounds(TimeRange(until=when))
+    except ValueError as exc:
+        fail(f"--before: {exc}", 2)
 
     async def work() -> RemovalReport:
         async with _catalog(tenant, settings) as cat:
@@ -224,9 +234,9 @@ def prune(tenant: TenantOpt,
             if not starts:
                 typer.echo("no run matches: nothing to remove", err=True)
                 return RemovalReport()
-            _confirm(starts, yes)
-            return await cat.prune(when, None if filt is None else Raw(filt), force=force,
-                                   settle=settle)
+            _confirm(starts, yes)  # exactly these are removed, whatever arrives meanwhile
+            return await cat.remove(*[str(d["uid"]) for d in starts], force=force,
+                                    settle=settle, idle=idle, reason="prune")
 
     _finish(work, quiet=dry_run)
 
