@@ -73,12 +73,17 @@ class CatalogContext:
     async def writer(self) -> MetadataStore:
         """A writable store of this tenant, opened on first use (the catalog's own
         store is read-only: it creates nothing)."""
-        if self._writer is None:
-            if self.writer_factory is None:
-                raise StorageUnavailable(f"this catalog of {self.where} cannot write")
-            store = self.writer_factory()
-            await self.call("connect for writing", store.open)
-            self._writer = store
+        if self._writer is not None:
+            return self._writer
+        if self.writer_factory is None:
+            raise StorageUnavailable(f"this catalog of {self.where} cannot write")
+        if self._open_lock is None:
+            self._open_lock = anyio.Lock()
+        async with self._open_lock:  # concurrent first calls open one store, not two
+            if self._writer is None:
+                store = self.writer_factory()
+                await self.call("connect for writing", store.open)
+                self._writer = store
         return self._writer
 
     async def close(self) -> None:

@@ -43,6 +43,7 @@ from bluestream.catalog.integrity import expected_columns, record_span, visible_
 from bluestream.errors import BluestreamError, StorageError
 from bluestream.layout import EVENT_SUMMARY, SUMMARY, reader_specs
 from bluestream.queries import Query
+from bluestream.storage.array_removal import run_prefix
 from bluestream.storage.tail import Tail
 from bluestream.storage.zarr_root import IO_ERRORS, ZarrRoot, brief
 
@@ -118,7 +119,7 @@ async def storage_size(ctx: CatalogContext, *, by: str = "run",
     await ctx.ensure_open()
     whole = runs is None and query is None
     uids = list(runs) if runs is not None else await visible_runs(ctx, query)
-    prefixes = [ctx.tenant + "/"] if whole else [_run_prefix(ctx.tenant, u) for u in uids]
+    prefixes = [ctx.tenant + "/"] if whole else [run_prefix(ctx.tenant, u) + "/" for u in uids]
     objects = await anyio.to_thread.run_sync(_list_sizes, ctx.zarr_root, prefixes)
     parts: dict[Key, Usage] = {}
     streams: dict[str, dict[str, str]] = {}
@@ -159,10 +160,6 @@ def _file_bytes(uri: str) -> int | None:
 
 
 # -- the arrays ------------------------------------------------------------------------------
-def _run_prefix(tenant: str, uid: str) -> str:
-    return f"{tenant}/{uid[:2]}/{uid}/"
-
-
 def _list_sizes(root: ZarrRoot, prefixes: Iterable[str]) -> list[tuple[str, int]]:
     """(key, bytes) of every object under ``prefixes``. Blocking."""
     out: list[tuple[str, int]] = []
