@@ -32,6 +32,7 @@ from test_catalog_support import (  # noqa: F401  (fixtures)
     metadata_uri_fixture,
     store_docs_fixture,
 )
+from test_tools_support import logging_restored
 
 #: More rows than a tail block (256): the run has Zarr arrays as well.
 LONG = 600
@@ -49,8 +50,9 @@ def _run(n: int, scan_id: int, **start: Any) -> Docs:
 
 
 def _cli(*args: Any, input: str | None = None) -> Any:
-    return CliRunner().invoke(app, [str(a) for a in args], input=input,
-                              catch_exceptions=False)
+    with logging_restored():  # the command's logging set-up must not outlive it
+        return CliRunner().invoke(app, [str(a) for a in args], input=input,
+                                  catch_exceptions=False)
 
 
 def _where(metadata_uri: str, zarr_root: Path, tenant: str) -> list[str]:

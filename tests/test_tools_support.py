@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -70,23 +71,35 @@ def read_documents(path: Path) -> Docs:
     return [(name, doc) for name, doc in items]
 
 
-@pytest.fixture(name="cli")
-def cli_fixture() -> Iterator[Any]:
-    """``cli(*args)`` runs ``bluestream`` in-process; the logging set-up it makes (to the
-    runner's captured streams) is undone afterwards."""
+@contextmanager
+def logging_restored() -> Iterator[None]:
+    """Undo the logging set-up a command run in-process makes (handlers writing to the
+    runner's captured streams, closed once it returns: later tests' logging would fail
+    with "I/O operation on closed file")."""
     saved = structlog.get_config()
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     levels = {name: logging.getLogger(name).level for name in ("aiokafka",)}
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+        root.setLevel(level)
+        for name, lvl in levels.items():
+            logging.getLogger(name).setLevel(lvl)
+
+
+@pytest.fixture(name="cli")
+def cli_fixture() -> Iterator[Any]:
+    """``cli(*args, input=None)`` runs ``bluestream`` in-process (see
+    :func:`logging_restored`)."""
     runner = CliRunner()
 
-    def invoke(*args: str) -> Any:
-        return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    def invoke(*args: Any, input: str | None = None) -> Any:
+        return runner.invoke(app, [str(a) for a in args], input=input,
+                             catch_exceptions=False)
 
-    yield invoke
-    structlog.configure(**saved)
-    for handler in [h for h in root.handlers if h not in handlers]:
-        root.removeHandler(handler)
-    root.setLevel(level)
-    for name, lvl in levels.items():
-        logging.getLogger(name).setLevel(lvl)
+    with logging_restored():
+        yield invoke
