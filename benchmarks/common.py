@@ -12,7 +12,7 @@ import platform
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -305,6 +305,21 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def best_of(fn: Callable[[], Any], repeats: int, budget_s: float = 10.0
+            ) -> tuple[float, Any]:
+    """(fastest seconds, last value) of ``repeats`` runs of ``fn``, fewer when the runs
+    so far already took ``budget_s``."""
+    times: list[float] = []
+    value = None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        value = fn()
+        times.append(time.perf_counter() - t)
+        if sum(times) > budget_s:
+            break
+    return min(times), value
 
 
 def rate(count: float, seconds: float) -> float:

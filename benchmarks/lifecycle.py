@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -39,7 +39,7 @@ import zarr
 import bluestream
 import bluestream.storage.zarr_store as zarr_store
 from benchmarks.checks import Check, equal
-from benchmarks.common import Context, Goal, Result, bar_chart, print_table
+from benchmarks.common import Context, Goal, Result, bar_chart, best_of, print_table
 from bluestream.layout import STRING, SUMMARY_WINDOW, Page, descriptor_path, field_specs
 from bluestream.limits import Limits
 from bluestream.storage.registry import StoreRegistry
@@ -58,18 +58,6 @@ _PAGE = 1 << 18
 _VERIFY_FIELDS = 10
 _POINTS = 1000
 Doc = dict[str, Any]
-
-
-def _best(fn: Callable[[], Any], repeats: int, budget_s: float = 20.0) -> tuple[float, Any]:
-    times: list[float] = []
-    value = None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        value = fn()
-        times.append(time.perf_counter() - t)
-        if sum(times) > budget_s:
-            break
-    return min(times), value
 
 
 def _column(n: int) -> np.ndarray:
@@ -160,8 +148,8 @@ def _verify(uri: str, root: Path, n: int) -> tuple[float, float, list[str]]:
     columns = {f"f{i}": base + i for i in range(_VERIFY_FIELDS)}
     uid, _ = anyio.run(_write, uri, root, "verify", columns)
     with bluestream.open_catalog("verify", metadata=uri, zarr_root=root) as cat:
-        verify_s, problems = _best(lambda: cat.verify(level=4, runs=[uid]), 3)
-        read_s, _ = _best(lambda: cat[uid]["primary"].read(), 3)
+        verify_s, problems = best_of(lambda: cat.verify(level=4, runs=[uid]), 3)
+        read_s, _ = best_of(lambda: cat[uid]["primary"].read(), 3)
     return verify_s, read_s, [str(p) for p in problems]
 
 
@@ -178,17 +166,17 @@ def run(ctx: Context) -> Result:
 
     with bluestream.open_catalog("with", metadata=uri, zarr_root=root) as cat:
         stream = cat[uid]["primary"]
-        read_s, ds = _best(lambda: stream.read(["det"]), 2)
+        read_s, ds = best_of(lambda: stream.read(["det"]), 2)
         col_ok = np.array_equal(ds["det"].values, det, equal_nan=True)
         del ds
-        summary_s, summ = _best(lambda: stream.summary("det", points=_POINTS), 5)
-        all_s, every = _best(lambda: stream.summary("det"), 3)
+        summary_s, summ = best_of(lambda: stream.summary("det", points=_POINTS), 5)
+        all_s, every = best_of(lambda: stream.summary("det"), 3)
     desc_uid = summ.attrs["descriptors"][0]
     path = root / descriptor_path("with", uid, desc_uid) / "data" / "det"
-    raw_s, _ = _best(lambda: zarr.open_array(zarr.storage.LocalStore(path), mode="r")[:n], 3)
+    raw_s, _ = best_of(lambda: zarr.open_array(zarr.storage.LocalStore(path), mode="r")[:n], 3)
     with bluestream.open_catalog("without", metadata=uri, zarr_root=root) as cat:
         old = cat[old_uid]["primary"]
-        fallback_s, old_summ = _best(lambda: old.summary("det", points=_POINTS), 1)
+        fallback_s, old_summ = best_of(lambda: old.summary("det", points=_POINTS), 1)
 
     per = summ.attrs["windows_per_point"]
     ratio, raw_ratio = read_s / summary_s, raw_s / summary_s

@@ -10,7 +10,6 @@ and reads a subset of the frames; frames/s are compared. Best of ``read_repeats`
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from benchmarks.common import (
     Context,
     Result,
     bar_chart,
+    best_of,
     mb,
     print_table,
     rate,
@@ -44,19 +44,6 @@ NAME = "read"
 __all__ = ["NAME", "run"]
 
 Doc = dict[str, Any]
-
-
-def _best(fn: Any, repeats: int, budget_s: float = 10.0) -> tuple[float, Any]:
-    """Best of ``repeats`` runs, fewer when one run already takes ``budget_s``."""
-    times: list[float] = []
-    value = None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        value = fn()
-        times.append(time.perf_counter() - t)
-        if sum(times) > budget_s:
-            break
-    return min(times), value
 
 
 def _read_bluestream(tenant: str, uri: str, zarr_root: Path, uid: str) -> Any:
@@ -102,11 +89,11 @@ def run(ctx: Context) -> Result:
     # -- read (each reader's result checked against the documents, outside the timing) --
     out: dict[str, Any] = {}
     expected = expected_columns(scalars)
-    t_bs, ds = _best(lambda: _read_bluestream(tenant, uri, zarr_root, scalars.uid),
+    t_bs, ds = best_of(lambda: _read_bluestream(tenant, uri, zarr_root, scalars.uid),
                      s.read_repeats)
     checks.append(same_columns("read scalar values: bluestream", _columns(ds), expected))
     del ds
-    t_inc, cols = _best(lambda: read_events(uri, inc_db, scalars.descriptor_uid),
+    t_inc, cols = best_of(lambda: read_events(uri, inc_db, scalars.descriptor_uid),
                         s.read_repeats)
     checks.append(same_columns("read scalar values: incumbent", cols, expected))
     del cols
@@ -120,7 +107,7 @@ def run(ctx: Context) -> Result:
                      "ratio": t_inc / t_bs, "ratio_to_client_side": floor_s / t_bs}
 
     frame_mb = mb(frames[0].nbytes)
-    t_bs_img, ds = _best(lambda: _read_bluestream(tenant, uri, zarr_root, images.uid),
+    t_bs_img, ds = best_of(lambda: _read_bluestream(tenant, uri, zarr_root, images.uid),
                          s.read_repeats)
     checks.append(frames_match("read image values: bluestream", ds["img"].values, frames,
                                s.read_image_frames))
@@ -129,7 +116,7 @@ def run(ctx: Context) -> Result:
                                {"seq_num": np.arange(1, s.read_image_frames + 1)}))
     del ds
     # ~2.4 MB of BSON per inline 512x512 frame: 6 frames per reply stays under 16 MB.
-    t_inc_img, cols = _best(lambda: read_events(uri, inc_db, inc_images.descriptor_uid,
+    t_inc_img, cols = best_of(lambda: read_events(uri, inc_db, inc_images.descriptor_uid,
                                                 {"img": "<u2"}, batch_size=6),
                             s.read_repeats)
     checks.append(frames_match("read image values: incumbent", cols["data/img"], frames,

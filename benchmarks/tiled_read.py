@@ -26,13 +26,13 @@ from benchmarks.common import (
     Context,
     Result,
     bar_chart,
+    best_of,
     mb,
     print_table,
     rate,
 )
 from benchmarks.docs import expected_columns, image_frames, image_run, scalar_run
 from benchmarks.inprocess import ingest_in_process
-from benchmarks.read import _best
 
 NAME = "tiled_read"
 __all__ = ["NAME", "run"]
@@ -95,15 +95,15 @@ def run(ctx: Context) -> Result:
             def remote(uid: str) -> Any:
                 return client[tenant][uid]["primary"].read()
 
-            t_local, _ = _best(lambda: local(scalars.uid), s.read_repeats)
-            t_remote, ds = _best(lambda: remote(scalars.uid), s.read_repeats)
+            t_local, _ = best_of(lambda: local(scalars.uid), s.read_repeats)
+            t_remote, ds = best_of(lambda: remote(scalars.uid), s.read_repeats)
             cols = {"time": ds["time"].values,
                     **{f"data/{k}": ds[k].values for k in ds.data_vars}}
             want = {k: v for k, v in expected_columns(scalars).items() if k in cols}
             checks.append(same_columns("remote read scalar values", cols, want))
             del ds
-            t_local_img, _ = _best(lambda: local(images.uid), s.read_repeats)
-            t_remote_img, ds = _best(lambda: remote(images.uid), s.read_repeats)
+            t_local_img, _ = best_of(lambda: local(images.uid), s.read_repeats)
+            t_remote_img, ds = best_of(lambda: remote(images.uid), s.read_repeats)
             checks.append(frames_match("remote read image values", ds["img"].values, frames,
                                        s.read_image_frames))
             del ds
