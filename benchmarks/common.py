@@ -230,6 +230,18 @@ SHORT_RUNS_FILES = Goal(
 SHORT_RUNS_KB = Goal(
     "short_run_kb", "bytes on disk per one-event run (Zarr and metadata store)", 16.0, "KB",
     higher_is_better=False, or_equal=True)
+SHORT_RUNS_CATALOG_MS = Goal(
+    "catalog_100k_ms", "a catalog of 100,000 runs (SQLite): len, cat[-1], cat[scan_id], a "
+    "partial uid, the first 10 of a TimeRange search, listing 10,000 uids: each within "
+    "tens of milliseconds", 50.0, "ms", higher_is_better=False, or_equal=True)
+SHORT_RUNS_CATALOG_GROWTH = Goal(
+    "catalog_growth", "the same operations, cost per run they touch (per run counted, "
+    "found or listed) at 100,000 runs / at 1,000 runs, times below 1 ms counted as 1 ms: "
+    "flat as the catalog grows", 3.0, "x", higher_is_better=False, or_equal=True)
+SHORT_RUNS_IMPORT_VS_INGEST = Goal(
+    "import_vs_ingest", "bluestream ingest-mongo of a suitcase-mongo database of 100,000 "
+    "one-event runs (runs/s) / bluestream ingest of one-event runs from files, SQLite", 1.0,
+    "x")
 
 # -- the target of issue 13 ("object storage").
 IMAGES_S3_VS_PLAIN = Goal(
@@ -249,7 +261,8 @@ GOALS: tuple[Goal, ...] = (
     SCALAR_EVENTS_VS_LIMIT, SCALAR_EVENTS_VS_CEILING, SCALAR_PAGES_VS_LIMIT,
     IMAGES_VS_BOUND, LATENCY_P50, LATENCY_P99, PEAK_RSS, READ_SCALAR_SECONDS,
     READ_SCALAR_VS_INCUMBENT, READ_IMAGES_VS_INCUMBENT, SHORT_RUNS_PER_S,
-    SHORT_RUNS_VS_INCUMBENT, SHORT_RUNS_FILES, SHORT_RUNS_KB, IMAGES_S3_VS_PLAIN,
+    SHORT_RUNS_VS_INCUMBENT, SHORT_RUNS_FILES, SHORT_RUNS_KB, SHORT_RUNS_CATALOG_MS,
+    SHORT_RUNS_CATALOG_GROWTH, SHORT_RUNS_IMPORT_VS_INGEST, IMAGES_S3_VS_PLAIN,
     TILED_IMAGES_VS_LOCAL, TILED_SCALAR_TIME_VS_LOCAL,
 )
 

@@ -11,7 +11,12 @@
 3. A catalog of many runs (1,000 / 10,000 / 100,000; metadata only, starts and stops
    written through the metadata store's bulk API - what is measured is reading):
    ``len(cat)``, ``cat[-1]``, ``cat[scan_id]``, a partial uid, the first 10 results of a
-   ``TimeRange`` search, listing 10,000 uids. Milliseconds each, best of 3.
+   ``TimeRange`` search, listing 10,000 uids. Milliseconds each, best of 3; and each
+   one's cost per run it touches at the largest catalog against the smallest (flat?).
+4. ``bluestream ingest-mongo`` of a suitcase-mongo database of 100,000 one-event runs
+   (laid out as its Serializer writes, with its indexes, written in bulk) into SQLite:
+   runs/s against ``ingest``'s of part 1, then the same import again (every run found
+   complete and skipped: the resume path).
 """
 
 from __future__ import annotations
@@ -28,7 +33,10 @@ import anyio
 import bluestream
 from benchmarks.checks import Check, equal, no_data_loss
 from benchmarks.common import (
+    SHORT_RUNS_CATALOG_GROWTH,
+    SHORT_RUNS_CATALOG_MS,
     SHORT_RUNS_FILES,
+    SHORT_RUNS_IMPORT_VS_INGEST,
     SHORT_RUNS_KB,
     SHORT_RUNS_PER_S,
     SHORT_RUNS_VS_INCUMBENT,
@@ -39,12 +47,13 @@ from benchmarks.common import (
     rate,
 )
 from benchmarks.docs import Run, scalar_run
-from benchmarks.incumbent import count_documents, write_with_suitcase
+from benchmarks.incumbent import bulk_suitcase_database, count_documents, write_with_suitcase
 from benchmarks.infra import checked_ingest, create_topic, publish
 from bluestream.queries import TimeRange
 from bluestream.settings import load_settings
 from bluestream.storage.backends import open_metadata_store
 from bluestream.tools.ingest import ingest_files
+from bluestream.tools.ingest_mongo import ingest_mongo
 
 NAME = "short_runs"
 __all__ = ["NAME", "run"]
@@ -193,7 +202,7 @@ def _time_ops(cat: Any, n: int, half: TimeRange, listing: int) -> dict[str, floa
         "scan_id": lambda: cat[n // 2 + 1],
         "partial_uid": lambda: cat[partial],
         "first_10_of_time_range": lambda: list(itertools.islice(cat.search(half), 10)),
-        f"list_{listing}_uids": lambda: list(itertools.islice(cat, listing)),
+        "list_uids": lambda: list(itertools.islice(cat, listing)),
     }
     return {name: _best_ms(fn) for name, fn in ops.items()}
 
@@ -213,11 +222,66 @@ def _catalog_ops(ctx: Context, counts: list[int], checks: list[Check]) -> dict[s
             checks.append(equal(f"catalog of {n} runs: len, newest scan_id", (
                 len(cat), cat[-1].metadata["start"]["scan_id"]), (n, n)))
         row["build_s"] = built
+        row["listed"] = listing
         out[str(n)] = row
         print(f"  catalog of {n:,} runs (built in {built:.1f} s): " + ", ".join(
-            f"{k} {v:.1f} ms" for k, v in row.items() if k != "build_s"))
+            f"{k} {v:.1f} ms" for k, v in row.items() if k in _CATALOG_OPS))
         ctx.drop_scratch(work)
     return out
+
+
+#: The catalog operations timed (milliseconds in each catalog row).
+_CATALOG_OPS = ("len", "newest", "scan_id", "partial_uid", "first_10_of_time_range",
+                "list_uids")
+
+
+def _catalog_growth(catalog: dict[str, Any]) -> dict[str, float]:
+    """Per operation: its cost per run touched (counted, found or listed) in the largest
+    catalog / in the smallest, each time taken as at least 1 ms (below that the clock
+    and the machine's noise decide)."""
+    def per_run(size: str, op: str) -> float:
+        row = catalog[size]
+        touched = {"len": int(size), "first_10_of_time_range": 10,
+                   "list_uids": int(row["listed"])}.get(op, 1)
+        return float(max(row[op], 1.0) / touched)
+
+    small, large = min(catalog, key=int), max(catalog, key=int)
+    return {op: per_run(large, op) / per_run(small, op) for op in _CATALOG_OPS}
+
+
+def _import_rate(ctx: Context, n_runs: int, checks: list[Check]) -> dict[str, Any]:
+    """ingest-mongo of a suitcase-mongo database of ``n_runs`` one-event runs, into
+    SQLite; then again (everything already complete)."""
+    work = ctx.scratch(f"{NAME}-import")
+    source = ctx.tenant("simsrc")
+    t0 = time.time() - 30 * 86400
+    built = bulk_suitcase_database(ctx.mongo, source, (
+        doc for i in range(n_runs)
+        for doc in scalar_run(1, fields=FIELDS, scan_id=i + 1, t0=t0 + i).docs))
+    settings = _settings(f"sqlite:///{work / 'meta.db'}", work / "zarr")
+    uri = f"{ctx.mongo.split('?', 1)[0].rstrip('/')}/{source}"
+    row: dict[str, Any] = {"runs": n_runs, "build_s": built}
+    for label in ("import", "resume"):
+        started = time.perf_counter()
+        report = anyio.run(lambda: ingest_mongo(uri, tenant="imported", settings=settings))
+        seconds = time.perf_counter() - started
+        done = (report.imported, report.skipped) if label == "import" else \
+            (report.skipped, report.imported)
+        checks.append(equal(f"ingest-mongo {label}: {n_runs} runs, none rejected",
+                            (report.runs, *done, report.ok), (n_runs, n_runs, 0, True)))
+        checks.append(equal(f"ingest-mongo {label}: no warning", report.warnings, []))
+        row[f"{label}_runs_per_s"] = rate(n_runs, seconds)
+        row[f"{label}_s"] = seconds
+        print(f"  ingest-mongo ({label}) of {n_runs:,} one-event runs (source built in "
+              f"{built:.0f} s): {rate(n_runs, seconds):,.0f} runs/s ({seconds:.1f} s)")
+    from pymongo import MongoClient
+    client: MongoClient[Any] = MongoClient(ctx.mongo)
+    try:
+        client.drop_database(source)
+    finally:
+        client.close()
+    ctx.drop_scratch(work)
+    return row
 
 
 def run(ctx: Context) -> Result:
@@ -226,12 +290,15 @@ def run(ctx: Context) -> Result:
     fp_sizes = {1: 50, 10: 20, 100: 5, 2_000: 1} if quick else \
         {1: 1_000, 10: 200, 100: 50, 10_000: 2}
     counts = [200, 1_000] if quick else [1_000, 10_000, 100_000]
+    import_runs = 300 if quick else 100_000
     checks: list[Check] = []
     results: dict[str, Any] = {
         "ingest": _ingest_rates(ctx, rates_sizes, checks),
         "footprint": _footprints(ctx, fp_sizes),
         "catalog": _catalog_ops(ctx, counts, checks),
+        "import": _import_rate(ctx, import_runs, checks),
     }
+    results["catalog_growth"] = _catalog_growth(results["catalog"])
     rows = []
     for events, row in results["ingest"].items():
         rows.append([f"{events}-event runs", f"{row['ingest_sqlite_runs_per_s']:,.0f}",
@@ -257,6 +324,16 @@ def run(ctx: Context) -> Result:
     fp = results["footprint"]["1"]
     targets.append(SHORT_RUNS_FILES.target("files per one-event run", fp["files_per_run"]))
     targets.append(SHORT_RUNS_KB.target("KB per one-event run", fp["kb_per_run"]))
+    largest = str(max(counts))
+    for op in _CATALOG_OPS:
+        targets.append(SHORT_RUNS_CATALOG_MS.target(
+            f"catalog of {int(largest):,} runs: {op}", results["catalog"][largest][op]))
+    for op, growth in results["catalog_growth"].items():
+        targets.append(SHORT_RUNS_CATALOG_GROWTH.target(
+            f"catalog {min(counts):,} -> {int(largest):,} runs, cost per run: {op}", growth))
+    targets.append(SHORT_RUNS_IMPORT_VS_INGEST.target(
+        f"ingest-mongo of {import_runs:,} runs / ingest, SQLite",
+        results["import"]["import_runs_per_s"] / one["ingest_sqlite_runs_per_s"]))
     chart = ctx.out / f"{NAME}.png"
     bar_chart(chart, "one-event runs per second (higher is better)",
               ["ingest/sqlite", "ingest/mongo", "daemon/sqlite", "daemon/mongo", "incumbent"],
@@ -266,7 +343,7 @@ def run(ctx: Context) -> Result:
     return Result(
         scenario=NAME,
         params={"fields": FIELDS, "rates_runs": rates_sizes, "footprint_runs": fp_sizes,
-                "catalog_runs": counts, "cpus": os.cpu_count()},
+                "catalog_runs": counts, "import_runs": import_runs, "cpus": os.cpu_count()},
         results=results, targets=targets, checks=checks, charts=[chart.name],
         notes=["ingest = bluestream.tools.ingest.ingest_files in process (the code of "
                "`bluestream ingest`, without interpreter start-up); daemon timed from "
@@ -275,4 +352,7 @@ def run(ctx: Context) -> Result:
                "footprint = every file under a fresh SQLite file + Zarr root (the lock "
                "files of the Zarr root excluded), divided by the runs stored",
                "catalog runs are starts and stops only, written through the metadata "
-               "store's bulk put_documents; SQLite; best of 3 per operation"])
+               "store's bulk put_documents; SQLite; best of 3 per operation",
+               "ingest-mongo source: one-event runs laid out as suitcase-mongo's Serializer "
+               "writes them, with its indexes but the text ones (which the Mongo-wire test "
+               "server refuses), written with insert_many; imported into SQLite"])

@@ -609,6 +609,7 @@ class MetadataStoreTests:
         await runs.mark_removed([uid(1)], {"time": T0, "by": "test"})
         assert await runs.removal_marks() == [{"uid": uid(1), "time": T0, "by": "test"}]
         assert uid(1) not in [d["uid"] for d in await runs.search(None)]
+        assert uid(1) not in await runs.search_uids(None)
         assert await runs.count(None) == total - 1
         assert await runs.uids_with_prefix(uid(1)[:8]) == [uid(2)]
         assert await runs.search(Annotation("quality") == "good") == []
@@ -637,6 +638,8 @@ class MetadataStoreTests:
         assert [d["uid"] for d in found] == [uid(n) for n in expected]
         assert found == [RUNS[n] for n in expected]
         assert await runs.count(query) == len(expected)
+        # the catalog lists uids through search_uids: same runs, same order
+        assert await runs.search_uids(query) == [uid(n) for n in expected]
 
     async def test_scan_id_duplicates_error(self, runs: MetadataStore) -> None:
         """databroker's ScanID(..., duplicates="error") refuses a repeated scan id (review
@@ -655,6 +658,11 @@ class MetadataStoreTests:
         assert len(await runs.search(Eq("plan_name", "scan"), skip=1)) == 2
         with pytest.raises(ValueError):
             await runs.search(None, skip=-1)
+        assert await runs.search_uids(None, skip=2, limit=3) == [uid(n) for n in (6, 5, 4)]
+        assert await runs.search_uids(None, limit=0) == []
+        assert await runs.search_uids(None, skip=8) == []
+        with pytest.raises(ValueError):
+            await runs.search_uids(None, skip=-1)
 
     async def test_newest_first_ties_by_uid(self, store: MetadataStore) -> None:
         same_time = [{**RUNS[n], "time": T0} for n in (3, 1, 2)]
@@ -668,6 +676,9 @@ class MetadataStoreTests:
         assert await runs.uids_with_prefix("ffffff") == []
         assert await runs.uids_with_prefix("0a1b2c3d-1111-4a00-8000-000000000001") == [uid(1)]
         assert len(await runs.uids_with_prefix("", limit=20)) == 8
+        # a prefix ending in the highest character: no upper bound of its range exists
+        assert await runs.uids_with_prefix("0a1b2c3d\U0010ffff") == []
+        assert await runs.search(PartialUID("0a1b2c3d\U0010ffff")) == []
 
     async def test_full_text_after_later_puts(self, runs: MetadataStore) -> None:
         doc = _start(9, T0 + 10 * DAY, 9, "count", 1, {"name": "Quartz"}, [], "zoe", _T)

@@ -47,13 +47,17 @@ def test_listing_pages_lazily(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     with bluestream.open_catalog("many", metadata=metadata, zarr_root=tmp_path / "z") as cat:
         store: Any = cat.aio._ctx.store
         limits: list[int | None] = []
-        search = store.search
+        search = store.search_uids  # uids only, from the index: no document read
 
         async def counted(query: Any, *, skip: int = 0, limit: int | None = None) -> Any:
             limits.append(limit)
             return await search(query, skip=skip, limit=limit)
 
-        monkeypatch.setattr(store, "search", counted)
+        async def no_documents(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("listing uids read start documents")
+
+        monkeypatch.setattr(store, "search_uids", counted)
+        monkeypatch.setattr(store, "search", no_documents)
         assert list(itertools.islice(cat, 5)) == newest_first[:5]
         assert limits == [100]  # one small page for the first results
         limits.clear()

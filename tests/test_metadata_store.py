@@ -18,7 +18,7 @@ import pymongo
 import pytest
 
 from bluestream.errors import ConfigError, StorageError, StorageUnavailable
-from bluestream.queries import Eq, FullText
+from bluestream.queries import Eq, FullText, In, ScanID
 from bluestream.storage.backends import open_metadata_store
 from bluestream.storage.base import MetadataStore, PutOutcome
 from bluestream.storage.mongo import MongoMetadataStore
@@ -76,6 +76,44 @@ class TestSqliteMetadataStore(MetadataStoreTests):
         store = SqliteMetadataStore(f"sqlite:///{blocker}/sub/meta.db", "t")
         with pytest.raises(StorageUnavailable, match=r"meta\.db"):
             await store.open()
+
+    async def test_catalog_lookups_are_index_searches(self, runs: MetadataStore) -> None:
+        """What a catalog of 100,000 runs does per lookup stays an index search, never a
+        walk over every run: cat[scan_id] (ScanID, newest first), a partial uid, listing
+        uids, a uid list (what ScanID and annotations resolve to). With the old plans
+        (the time index walked for a scan_id, ``substr(uid, ...)`` for a prefix) these
+        took 20-50 ms at 100,000 runs and grew with the catalog."""
+        assert isinstance(runs, SqliteMetadataStore)
+        statements: list[str] = []
+
+        def trace(conn: Any) -> None:
+            conn.set_trace_callback(statements.append)
+
+        await runs._run("trace", trace)
+        try:
+            assert [d["uid"] for d in await runs.search(ScanID(3), limit=1)] == [uid(4)]
+            assert await runs.uids_with_prefix("5e6f7a8b") == [uid(4), uid(3)]
+            assert await runs.search_uids(None, skip=2, limit=3) == [uid(n) for n in (6, 5, 4)]
+            assert len(await runs.search(In("uid", [uid(1), uid(2)]))) == 2
+        finally:
+            await runs._run("untrace", lambda c: c.set_trace_callback(None))
+        selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")
+                   and "FROM run_start" in s]
+        plans = {}
+        for sql in selects:
+            rows = await runs._run("plan", lambda c, q=sql: c.execute(  # type: ignore[misc]
+                "EXPLAIN QUERY PLAN " + q).fetchall())
+            plans[sql] = " / ".join(str(r[-1]) for r in rows)
+        assert len(plans) >= 4, plans
+        for sql, plan in plans.items():
+            assert "SCAN run_start" not in plan, (sql, plan)
+        by_kind = {("scan_id" if "scan_id IN" in sql else "prefix" if "doc_key >=" in sql
+                    else "uids" if sql.startswith("SELECT uid FROM") else "other"): plan
+                   for sql, plan in plans.items()}
+        assert "run_start_scan_time" in by_kind["scan_id"]
+        assert "TEMP B-TREE" not in by_kind["scan_id"]
+        assert "sqlite_autoindex_run_start_1" in by_kind["prefix"]
+        assert "COVERING INDEX run_start_time" in by_kind["uids"]
 
     async def test_not_open(self, tmp_path: Path) -> None:
         store = SqliteMetadataStore(f"sqlite:///{tmp_path}/x.db", "t")

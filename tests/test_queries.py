@@ -355,10 +355,11 @@ class _Table:
     def __enter__(self) -> sqlite3.Connection:
         self.conn = sqlite3.connect(":memory:")
         register_functions(self.conn)
-        self.conn.execute("CREATE TABLE run_start (uid TEXT PRIMARY KEY, time REAL, "
-                          "scan_id INTEGER, search_text TEXT, query_doc TEXT)")
-        self.conn.executemany("INSERT INTO run_start VALUES (?, ?, ?, ?, ?)", [
-            (d["uid"], d["time"], d["scan_id"], search_text(d), json.dumps(d))
+        # doc_key: a start's key is its uid (uid lookups go through the primary key)
+        self.conn.execute("CREATE TABLE run_start (doc_key TEXT PRIMARY KEY, uid TEXT, "
+                          "time REAL, scan_id INTEGER, search_text TEXT, query_doc TEXT)")
+        self.conn.executemany("INSERT INTO run_start VALUES (?, ?, ?, ?, ?, ?)", [
+            (d["uid"], d["uid"], d["time"], d["scan_id"], search_text(d), json.dumps(d))
             for d in RUNS.values()])
         return self.conn
 

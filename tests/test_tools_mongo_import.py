@@ -113,6 +113,59 @@ async def test_import_reads_back_equal_and_resumes(
     assert not progress
 
 
+async def test_import_in_chunks_every_path(
+        source_db: Any, mongo_uri: str, settings: Settings, tenant: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The importer reads the source a chunk of runs at a time (``$in`` queries split
+    into parts) and holds the events of several runs at once, up to a bound; with every
+    limit made tiny, each path is taken: runs grouped, a run longer than the bound
+    streamed page by page, runs whose stop gives no counts (an open run, an old stop)
+    streamed, and a group whose stop counts lied (more events than the stops said)
+    streamed run by run instead of held. Every run reads back equal to the source,
+    nothing twice; the next import skips every closed run and re-reads the open one."""
+    import bluestream.tools.ingest_mongo as importer
+
+    monkeypatch.setattr(importer, "CHUNK_RUNS", 3)
+    monkeypatch.setattr(importer, "EVENTS_IN_MEMORY", 10)
+    monkeypatch.setattr(importer, "IN_VALUES", 2)
+    sizes = [1, 3, 4, 12, 5, 2, 3, 25, 6]
+    runs = [scalar_run(n, scan_id=i + 1, t0=2_000_000.0 + 100 * i)
+            for i, n in enumerate(sizes)]
+    del runs[5][-1][1]["num_events"]  # an old stop without counts: streamed
+    runs[7][-1][1]["num_events"] = {"primary": 1}  # says 1, holds 25: the group overflows
+    open_run = runs[8][:-1]  # no stop yet: streamed, and read again next time
+    for docs in [*runs[:8], open_run]:
+        write_with_suitcase(source_db, docs)
+
+    report = await ingest_mongo(f"{mongo_uri}/{source_db.name}", tenant=tenant,
+                                settings=settings)
+    assert report.ok, report.rejections
+    assert (report.runs, report.imported, report.skipped) == (9, 9, 0)
+    assert report.events == sum(sizes)
+    # written without create_indexes(): every lookup of a chunk would read a collection
+    assert [w.split(": ")[0] for w in report.warnings] == [
+        f"the source has no index on {name}" for name in (
+            "event_descriptor.run_start", "run_stop.run_start", "event.descriptor",
+            "datum.resource")]
+    stored = await catalog_docs(settings, tenant)
+    for docs in [*runs[:8], open_run]:
+        back = stored[docs[0][1]["uid"]]
+        assert_valid_order(back)
+        assert canonical(back) == canonical(docs)
+
+    # suitcase-mongo's indexes (a compound one serves its first key)
+    source_db.event_descriptor.create_index([("run_start", -1), ("time", -1)])
+    source_db.event.create_index([("descriptor", -1), ("time", 1)])
+    source_db.run_stop.create_index("run_start", unique=True)
+    source_db.datum.create_index("resource")
+    report = await ingest_mongo(f"{mongo_uri}/{source_db.name}", tenant=tenant,
+                                settings=settings)
+    assert (report.imported, report.skipped) == (1, 8)
+    assert report.warnings == []
+    stored = await catalog_docs(settings, tenant)
+    assert canonical(stored[open_run[0][1]["uid"]]) == canonical(open_run)
+
+
 # -- killed midway, resumed ------------------------------------------------------------------
 KILL_RUNS = 12
 KILL_EVENTS = 1500  # per run: two pages of the importer's 1000 events

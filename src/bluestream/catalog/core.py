@@ -150,7 +150,10 @@ class AsyncCatalog:
                                     skip=skip, limit=limit)
 
     async def uids(self, skip: int = 0, limit: int | None = None) -> list[str]:
-        return [str(d["uid"]) for d in await self.starts(skip, limit)]
+        """Start uids, newest first (no documents read where the store can help it)."""
+        await self._ctx.ensure_open()
+        return await self._ctx.call("search runs", self._ctx.store.search_uids, self._query,
+                                    skip=skip, limit=limit)
 
     async def __aiter__(self) -> AsyncIterator[str]:
         """Start uids, newest first, fetched a page at a time."""

@@ -252,6 +252,12 @@ class MetadataStore(ABC):
                      limit: int | None = None) -> list[Doc]:
         """Start documents matching ``query``, newest first (time descending, uid)."""
 
+    async def search_uids(self, query: Query | None, *, skip: int = 0,
+                          limit: int | None = None) -> list[str]:
+        """The uids of :meth:`search`'s results, same order; stores override it to
+        answer from an index without reading the documents."""
+        return [str(d["uid"]) for d in await self.search(query, skip=skip, limit=limit)]
+
     @abstractmethod
     async def count(self, query: Query | None) -> int: ...
 

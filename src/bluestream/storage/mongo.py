@@ -564,6 +564,19 @@ class MongoMetadataStore(MetadataStore):
                 cursor = cursor.limit(limit)
             return await cursor.to_list(None)
 
+    async def search_uids(self, query: Query | None, *, skip: int = 0,
+                          limit: int | None = None) -> list[str]:
+        _check_window(skip, limit)
+        if limit == 0:
+            return []
+        with self._errors("search runs"):
+            cursor = self._col("run_start").find(await self._filter(query),
+                                                 {"_id": 0, "uid": 1})
+            cursor = cursor.sort(_NEWEST_FIRST).skip(skip)
+            if limit is not None:
+                cursor = cursor.limit(limit)
+            return [str(d["uid"]) for d in await cursor.to_list(None)]
+
     async def count(self, query: Query | None) -> int:
         with self._errors("count runs"):
             return await self._col("run_start").count_documents(await self._filter(query))

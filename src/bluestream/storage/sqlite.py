@@ -55,7 +55,7 @@ from bluestream.storage.rules import (
     classify_puts,
     search_text,
 )
-from bluestream.storage.sqlite_query import register_functions, to_sql
+from bluestream.storage.sqlite_query import register_functions, to_sql, uid_prefix
 
 __all__ = ["BUSY_TIMEOUT_S", "SqliteMetadataStore", "sqlite_path"]
 
@@ -90,7 +90,12 @@ _SCHEMA = "\n".join([
     _doc_table("run_start", "scan_id INTEGER, search_text TEXT NOT NULL, "
                             "query_doc TEXT NOT NULL,"),
     "CREATE INDEX IF NOT EXISTS run_start_time ON run_start (tenant, time DESC, uid);",
-    "CREATE INDEX IF NOT EXISTS run_start_scan_id ON run_start (tenant, scan_id);",
+    # cat[scan_id] is "the newest run with it": one index answers both the match and the
+    # order (with (tenant, scan_id) alone SQLite walked the time index instead, 20-50 ms
+    # at 100,000 runs). It replaces the older two-column index.
+    "CREATE INDEX IF NOT EXISTS run_start_scan_time "
+    "ON run_start (tenant, scan_id, time DESC, uid);",
+    "DROP INDEX IF EXISTS run_start_scan_id;",
     _doc_table("run_stop"),
     "CREATE UNIQUE INDEX IF NOT EXISTS run_stop_uid ON run_stop (tenant, uid);",
     _doc_table("event_descriptor"),
@@ -259,7 +264,9 @@ class SqliteMetadataStore(MetadataStore):
         time, until a writer has created it: a long-lived reader must see new marks."""
         if not self._marks_table:
             self._marks_table = _has_table(conn, "run_removed")
-        if not self._marks_table:
+        if not self._marks_table or conn.execute(
+                "SELECT 1 FROM run_removed WHERE tenant = ? LIMIT 1", (self.tenant,)
+        ).fetchone() is None:  # marks exist only while a removal runs: usually none
             return "", ()
         return " AND uid NOT IN (SELECT uid FROM run_removed WHERE tenant = ?)", (self.tenant,)
 
@@ -664,6 +671,22 @@ class SqliteMetadataStore(MetadataStore):
 
         return await self._run("search runs", search)
 
+    async def search_uids(self, query: Query | None, *, skip: int = 0,
+                          limit: int | None = None) -> list[str]:
+        _check_window(skip, limit)
+        where, params = to_sql(await self.resolve(query))
+        window = (-1 if limit is None else limit, skip)
+
+        def search(conn: sqlite3.Connection) -> list[str]:
+            hide, hide_args = self._visible(conn)
+            # time and uid only: answered from the run_start_time index, no JSON decoded
+            sql = (f"SELECT uid FROM run_start WHERE tenant = ? AND ({where}){hide} "
+                   "ORDER BY time DESC, uid ASC LIMIT ? OFFSET ?")
+            args = (self.tenant, *params, *hide_args, *window)
+            return [str(r[0]) for r in conn.execute(sql, args)]
+
+        return await self._run("search runs", search)
+
     async def count(self, query: Query | None) -> int:
         where, params = to_sql(await self.resolve(query))
 
@@ -678,12 +701,13 @@ class SqliteMetadataStore(MetadataStore):
                                limit: int = 10) -> list[str]:
         _check_window(0, limit)
         where, params = to_sql(await self.resolve(query))
+        prefix_sql, prefix_args = uid_prefix(prefix)
 
         def look_up(conn: sqlite3.Connection) -> list[str]:
             hide, hide_args = self._visible(conn)
-            sql = (f"SELECT uid FROM run_start WHERE tenant = ? AND substr(uid, 1, ?) = ? "
+            sql = (f"SELECT uid FROM run_start WHERE tenant = ? AND ({prefix_sql}) "
                    f"AND ({where}){hide} ORDER BY time DESC, uid ASC LIMIT ?")
-            args = (self.tenant, len(prefix), prefix, *params, *hide_args, limit)
+            args = (self.tenant, *prefix_args, *params, *hide_args, limit)
             return [str(r[0]) for r in conn.execute(sql, args)]
 
         return await self._run("look up uids", look_up)

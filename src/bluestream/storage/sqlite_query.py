@@ -53,7 +53,7 @@ from bluestream.storage.query_rules import (
     time_bounds,
 )
 
-__all__ = ["PORTABLE_RAW_OPERATORS", "json_path", "register_functions", "to_sql"]
+__all__ = ["PORTABLE_RAW_OPERATORS", "json_path", "register_functions", "to_sql", "uid_prefix"]
 
 Frag = tuple[str, list[Any]]
 #: Builds a predicate over one JSON value given its (type, value) SQL expressions.
@@ -157,7 +157,8 @@ def _in(key: str, values: Sequence[Any]) -> Frag:
         # uid column (the start document's uid, always a string) against one JSON list.
         # One predicate per value would be an expression tree SQLite refuses beyond
         # ~1,000 values (and slow long before).
-        return "uid IN (SELECT value FROM json_each(?))", [json.dumps(list(values))]
+        # doc_key is a start's uid, under the primary-key index.
+        return "doc_key IN (SELECT value FROM json_each(?))", [json.dumps(list(values))]
     return _join([_eq(key, v) for v in values], "OR", _FALSE)
 
 
@@ -215,17 +216,20 @@ def _(q: ScanID) -> Frag:
     return f"scan_id IN ({', '.join('?' * len(scan_ids))})", list(scan_ids)
 
 
-def _prefix_range(prefix: str) -> Frag:
-    """``uid`` starts with ``prefix``, as a range the primary-key index can serve."""
+def uid_prefix(prefix: str) -> Frag:
+    """A start's uid begins with ``prefix``, as a range of ``doc_key`` (a start's key is
+    its uid) that the primary-key index serves: ``substr(uid, ...)`` read every row."""
+    if not prefix:
+        return _TRUE
     last = ord(prefix[-1])
     if last >= 0x10FFFF:
-        return "substr(uid, 1, ?) = ?", [len(prefix), prefix]
-    return "uid >= ? AND uid < ?", [prefix, prefix[:-1] + chr(last + 1)]
+        return "substr(doc_key, 1, ?) = ?", [len(prefix), prefix]
+    return "doc_key >= ? AND doc_key < ?", [prefix, prefix[:-1] + chr(last + 1)]
 
 
 @_translate.register
 def _(q: PartialUID) -> Frag:
-    return _join([_prefix_range(p) for p in check_partial_uids(q)], "OR", _FALSE)
+    return _join([uid_prefix(p) for p in check_partial_uids(q)], "OR", _FALSE)
 
 
 @_translate.register

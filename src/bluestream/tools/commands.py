@@ -174,7 +174,8 @@ def ingest_mongo(uri: Annotated[str, typer.Argument(help="MongoDB URI of the sui
     try:
         report = anyio.run(lambda: _ingest_mongo(
             uri, database=database, assets_database=assets_database, tenant=tenant,
-            settings=settings, progress=progress, on_reject=_report))
+            settings=settings, progress=progress, on_reject=_report,
+            on_warning=lambda m: typer.echo(f"warning: {m}", err=True)))
     except BluestreamError as exc:
         _fail(str(exc))
     typer.echo(report.summary())
