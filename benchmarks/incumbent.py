@@ -18,9 +18,19 @@ import numpy as np
 from bson.raw_bson import RawBSONDocument
 from pymongo import MongoClient
 
-__all__ = ["COLLECTIONS", "SUITCASE_INDEXES", "bulk_suitcase_database", "client_side_ingest",
-           "client_side_seconds", "consume_into_mongo", "count_documents", "expected_counts",
-           "read_events", "write_with_suitcase"]
+__all__ = [
+    "COLLECTIONS",
+    "SUITCASE_INDEXES",
+    "bulk_suitcase_database",
+    "client_side_ingest",
+    "client_side_seconds",
+    "consume_into_mongo",
+    "count_documents",
+    "create_suitcase_indexes",
+    "expected_counts",
+    "read_events",
+    "write_with_suitcase",
+]
 
 Doc = dict[str, Any]
 
@@ -130,6 +140,18 @@ _KIND_COLLECTIONS = {"start": "run_start", "descriptor": "event_descriptor", "ev
                      "stop": "run_stop", "resource": "resource", "datum": "datum"}
 
 
+def create_suitcase_indexes(mongo_uri: str, database: str) -> None:
+    """:data:`SUITCASE_INDEXES` in ``database`` (bluesky-kafka's MongoConsumer creates
+    none: a database it fills from scratch has only ``_id``)."""
+    client: MongoClient[Doc] = MongoClient(_base(mongo_uri))
+    try:
+        db = client[database]
+        for collection, keys, unique in SUITCASE_INDEXES:
+            db[collection].create_index(keys, unique=unique)
+    finally:
+        client.close()
+
+
 def bulk_suitcase_database(mongo_uri: str, database: str, docs: Iterable[tuple[str, Doc]],
                            batch: int = 5_000) -> float:
     """A suitcase-mongo database as its Serializer lays it out (one document per event,
@@ -139,11 +161,10 @@ def bulk_suitcase_database(mongo_uri: str, database: str, docs: Iterable[tuple[s
     import event_model
 
     started = time.perf_counter()
+    create_suitcase_indexes(mongo_uri, database)
     client: MongoClient[Doc] = MongoClient(_base(mongo_uri))
     try:
         db = client[database]
-        for collection, keys, unique in SUITCASE_INDEXES:
-            db[collection].create_index(keys, unique=unique)
         pending: dict[str, list[Doc]] = {c: [] for c in _KIND_COLLECTIONS.values()}
         for name, doc in docs:
             if name == "event_page":

@@ -21,6 +21,7 @@ import pytest
 from bluestream.queries import (
     And,
     Annotation,
+    Comparison,
     Contains,
     Eq,
     FullText,
@@ -28,6 +29,7 @@ from bluestream.queries import (
     Key,
     NotEq,
     NotIn,
+    OnStop,
     PartialUID,
     Query,
     Raw,
@@ -640,6 +642,46 @@ class MetadataStoreTests:
         assert await runs.count(query) == len(expected)
         # the catalog lists uids through search_uids: same runs, same order
         assert await runs.search_uids(query) == [uid(n) for n in expected]
+
+    async def test_stop_queries(self, runs: MetadataStore) -> None:
+        """OnStop: runs whose stop matches (Tiled clients send ``stop.<key>``); open runs
+        never match; a stop holding NaN (not JSON to older SQLite) breaks nothing."""
+        def stop(n: int, status: str, events: int, **extra: Any) -> dict[str, Any]:
+            return {"uid": f"stop-{n:04d}", "run_start": uid(n), "time": T0 + n * DAY + 60,
+                    "exit_status": status, "reason": "", "num_events": {"primary": events},
+                    **extra}
+
+        await runs.put_documents("stop", [
+            stop(1, "success", 1), stop(2, "fail", 11, reason_detail="motor stalled"),
+            stop(3, "success", 21), stop(5, "abort", 121, tags=["night", "cryo"]),
+            stop(6, "success", 5, temperature=float("nan"))])
+        # runs 4, 7 and 8 are open
+        cases: list[tuple[Query, list[int]]] = [
+            (Eq("exit_status", "success"), [6, 3, 1]),
+            (NotEq("exit_status", "success"), [5, 2]),  # open runs are not "not success"
+            (Comparison("gt", "num_events.primary", 20), [5, 3]),
+            (In("exit_status", ["fail", "abort"]), [5, 2]),
+            (NotIn("exit_status", ["fail", "abort"]), [6, 3, 1]),
+            (Contains("tags", "night"), [5]),
+            (Regex("reason_detail", "^motor"), [2]),
+            (TimeRange(since=T0 + 2 * DAY, until=T0 + 5.5 * DAY), [5, 3, 2]),
+            (Raw({"reason_detail": {"$exists": True}}), [2]),
+            (And(Eq("exit_status", "success"), Comparison("lt", "num_events.primary", 10)),
+             [6, 1]),
+        ]
+        for query, expected in cases:
+            got = sorted(await runs.stopped_runs(query))
+            assert got == sorted(uid(n) for n in expected), (query, got)
+            found = await runs.search(OnStop(query))
+            assert [d["uid"] for d in found] == [uid(n) for n in expected], query
+            assert await runs.count(OnStop(query)) == len(expected)
+        both = And(Eq("plan_name", "scan"), OnStop(Eq("exit_status", "success")))
+        assert await runs.search_uids(both) == [uid(3)]
+        assert await runs.uids_with_prefix("", OnStop(Eq("exit_status", "fail"))) == [uid(2)]
+        with pytest.raises(ValueError, match="OnStop"):
+            OnStop(ScanID(3))
+        with pytest.raises(ValueError, match="OnStop"):
+            OnStop(And(Eq("exit_status", "success"), FullText("silicon")))
 
     async def test_scan_id_duplicates_error(self, runs: MetadataStore) -> None:
         """databroker's ScanID(..., duplicates="error") refuses a repeated scan id (review

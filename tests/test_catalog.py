@@ -247,6 +247,41 @@ def test_multi_descriptor_stream(cat: Catalog, store_docs: Any) -> None:
     assert len(stream) == 6
 
 
+@pytest.mark.parametrize("label", LABELS)
+def test_timestamps_line_up_with_read(runs: dict[str, Docs], cat: Catalog, label: str
+                                      ) -> None:
+    """``timestamps()``: each event's timestamps, per key, on read()'s rows (eager and
+    lazy alike); what the Tiled server serves as TiledWriter's ``ts_<key>`` columns."""
+    docs = runs[label]
+    stream = cat[uid_of(docs)]["primary"]
+    ds, ts = stream.read(), stream.timestamps()
+    np.testing.assert_array_equal(ts["seq_num"].values, ds["seq_num"].values)
+    primary = {d["uid"] for n, d in docs if n == "descriptor" and d["name"] == "primary"}
+    events = sorted((d for n, d in plain(docs) if n == "event" and d["descriptor"] in primary),
+                    key=lambda d: d["seq_num"])
+    assert [e["seq_num"] for e in events] == ds["seq_num"].values.tolist()
+    assert set(ts.data_vars) == set(events[0]["timestamps"])
+    for key in ts.data_vars:
+        assert ts[key].dtype == np.float64
+        np.testing.assert_array_equal(ts[key].values,
+                                      [e["timestamps"][key] for e in events], err_msg=key)
+    xr.testing.assert_identical(stream.timestamps(lazy=True).compute(), ts)
+    one = next(iter(ts.data_vars))
+    assert list(stream.timestamps([one]).data_vars) == [one]
+
+
+def test_timestamps_of_holes_and_several_descriptors(cat: Catalog, store_docs: Any) -> None:
+    docs = multi_descriptor_run(now() - 500)
+    store_docs(docs)
+    stream = cat[uid_of(docs)]["primary"]
+    ts, ds = stream.timestamps(), stream.read()
+    np.testing.assert_array_equal(ts["time"].values, ds["time"].values)
+    holes = run_with_uid(new_uid(), scan_id=33, t0=now() - 100, n=5)
+    store_docs([d for d in holes[:-1] if d[0] != "event" or d[1]["seq_num"] in (1, 2, 5)])
+    ts = cat[uid_of(holes)]["primary"].timestamps()
+    assert ts["seq_num"].values.tolist() == [1, 2, 5]
+
+
 # -- documents --------------------------------------------------------------------------------
 @pytest.mark.parametrize("label", LABELS)
 def test_documents_replay(runs: dict[str, Docs], cat: Catalog, label: str) -> None:

@@ -8,6 +8,7 @@ dropped afterwards.
 from __future__ import annotations
 
 import gc
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ import anyio
 import pymongo
 import pytest
 
-from bluestream.errors import ConfigError, StorageError, StorageUnavailable
+from bluestream.errors import ConfigError, NotFound, StorageError, StorageUnavailable
 from bluestream.queries import Eq, FullText, In, ScanID
 from bluestream.storage.backends import open_metadata_store
 from bluestream.storage.base import MetadataStore, PutOutcome
@@ -146,6 +147,29 @@ class TestMongoMetadataStore(MetadataStoreTests):
         """Direct pymongo access to the test tenant's database."""
         with pymongo.MongoClient(mongo_uri, serverSelectionTimeoutMS=5000) as client:
             yield client[tenant]
+
+    async def test_unknown_tenant_names_a_bounded_list(self, mongo_uri: str,
+                                                       tenant: str) -> None:
+        """The error for an unknown tenant names at most 20 tenants and spends at most
+        about a second finding them: a server may hold thousands of databases, and a
+        Tiled request for a wrong name must be a quick 404, not a timeout."""
+        names = [f"{tenant}_{i:02d}" for i in range(22)]
+        with pymongo.MongoClient(mongo_uri, serverSelectionTimeoutMS=5000) as client:
+            try:
+                for name in names:
+                    client[name].run_start.insert_one({"uid": "x"})
+                store = open_metadata_store(mongo_uri, f"{tenant}_zz", readonly=True)
+                started = time.monotonic()
+                with pytest.raises(NotFound, match="does not exist") as err:
+                    await store.open()
+                assert time.monotonic() - started < 5
+                await store.close()
+                listed = str(err.value).split("tenants there: ", 1)[1]
+                assert listed.endswith(", ...") or listed.startswith("(not listed"), listed
+                assert listed.count(",") <= 20, listed
+            finally:
+                for name in names:
+                    client.drop_database(name)
 
     async def test_suitcase_layout_and_index_names(self, store: MetadataStore,
                                                    raw_db: Any) -> None:

@@ -181,6 +181,9 @@ def test_lookups_like_databroker(served: dict[str, Any]) -> None:
     (KeyPresent("operator"), ["a"]),
     (ScanID(8), ["img"]),
     (TimeRange(since=0, until=2e9), ["a", "img", "b"]),
+    # keys of the stop document (the plugin sends them as "stop.<key>")
+    (Comparison("gt", "stop.num_events.primary", 15), ["a", "b"]),
+    (Eq("stop.exit_status", "fail"), []),
 ])
 def test_each_query_kind(served: dict[str, Any], query: Any, expected: list[str]) -> None:
     """Each kind selects the runs the documents say (oldest first)."""
@@ -226,6 +229,24 @@ def test_read_equals_the_local_read(served: dict[str, Any]) -> None:
         local.close()
 
 
+def test_timestamps_columns(served: dict[str, Any]) -> None:
+    """TiledWriter's ``ts_<key>`` columns: the client's ``read([TIMESTAMPS])`` gives every
+    key's event timestamps; a plain ``read()`` leaves them out."""
+    from bluesky_tiled_plugins.clients.bluesky_event_stream import TIMESTAMPS
+
+    cat = _client(served)[served["tenant"]]
+    for name in ("a", "img"):
+        docs = served["runs"][name]
+        events = [d for n, d in docs if n == "event"]
+        stream = cat[_uid(docs)]["primary"]
+        ts = stream.read(variables=[TIMESTAMPS])
+        assert set(ts.data_vars) == {f"ts_{k}" for k in events[0]["timestamps"]}, name
+        for key in events[0]["timestamps"]:
+            np.testing.assert_array_equal(ts[f"ts_{key}"].values,
+                                          [e["timestamps"][key] for e in events])
+        assert not any(str(v).startswith("ts_") for v in stream.read().data_vars)
+
+
 def test_one_frame_alone(served: dict[str, Any]) -> None:
     cat = _client(served)[served["tenant"]]
     docs = served["runs"]["img"]
@@ -269,6 +290,23 @@ def test_an_open_run_grows_between_reads(served: dict[str, Any]) -> None:
     assert len(again["primary"].read()["time"]) == 10
 
 
+def test_tenants_listed_and_new_ones_found(served: dict[str, Any]) -> None:
+    """A tenant that starts after the server is found by name at once (a lookup lists
+    nothing) and shows in the listing within seconds (the list is kept 2 s)."""
+    import uuid
+
+    client = _client(served)
+    assert served["tenant"] in list(client)
+    fresh = "t" + uuid.uuid4().hex[:12]
+    docs = scalar_run(3, fields=1, scan_id=60)
+    _ingest(served["metadata"], served["zarr_root"], fresh, docs, 0)
+    assert client[fresh][-1].start["uid"] == _uid(docs)
+    deadline = time.monotonic() + 10
+    while fresh not in list(client):
+        assert time.monotonic() < deadline, "a new tenant did not show in the listing"
+        time.sleep(0.5)
+
+
 def test_the_api_key_is_required(served: dict[str, Any]) -> None:
     url = served["server"].url
     assert httpx.get(f"{url}/api/v1/metadata/{served['tenant']}").status_code == 401
@@ -281,14 +319,15 @@ def test_unknown_names_are_404_and_bad_queries_4xx(served: dict[str, Any]) -> No
     url = served["server"].url
     headers = {"Authorization": f"Apikey {KEY}"}
     t, uid = served["tenant"], _uid(served["runs"]["a"])
-    for path in ("no-such-tenant", f"{t}/{'0' * 36}", f"{t}/{uid}/no-such-stream",
+    for path in ("no-such-tenant", "not%20a%20tenant", f"{t}/{'0' * 36}",
+                 f"{t}/{uid}/no-such-stream",
                  f"{t}/{uid}/primary/no-such-key"):
         r = httpx.get(f"{url}/api/v1/metadata/{path}", headers=headers)
         assert r.status_code == 404, (path, r.status_code, r.text[:300])
     bad = [{"filter[regex][condition][key]": "start.sample",
             "filter[regex][condition][pattern]": "([",
             "filter[regex][condition][case_sensitive]": "true"},
-           {"filter[eq][condition][key]": "stop.exit_status",
+           {"filter[eq][condition][key]": "stop",  # a whole document, not a key
             "filter[eq][condition][value]": '"success"'}]
     for params in bad:
         r = httpx.get(f"{url}/api/v1/search/{t}", params=params, headers=headers)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 __all__ = [
     "ANNOTATION_OPERATORS",
     "DUPLICATES",
+    "STOP_QUERY_TYPES",
     "And",
     "Annotation",
     "AnnotationQuery",
@@ -26,12 +27,14 @@ __all__ = [
     "Key",
     "NotEq",
     "NotIn",
+    "OnStop",
     "PartialUID",
     "Query",
     "Raw",
     "Regex",
     "ScanID",
     "TimeRange",
+    "check_stop_query",
 ]
 
 
@@ -262,3 +265,33 @@ def as_query(q: Query | Mapping[str, Any]) -> Query:
     if isinstance(q, Mapping):
         return Raw(dict(q))
     raise TypeError(f"expected a bluestream.queries query or a dict, got {type(q).__name__}")
+
+
+#: What an :class:`OnStop` may hold (with And): keys of the stop document.
+STOP_QUERY_TYPES: tuple[type[Query], ...] = (Eq, NotEq, Comparison, In, NotIn, Contains,
+                                             Regex, TimeRange, Raw)
+
+
+@dataclass(frozen=True)
+class OnStop(Query):
+    """Runs whose *stop* document matches ``query``: ``OnStop(Eq("exit_status",
+    "success"))``, ``OnStop(Comparison("gt", "num_events.primary", 100))``,
+    ``OnStop(TimeRange(since=...))`` (the time the run ended). Open runs have no stop
+    and never match, not even a :class:`NotEq`. ``query`` is built of Eq, NotEq,
+    Comparison, In, NotIn, Contains, Regex, TimeRange, Raw and And; scan ids, uids
+    prefixes, full text and annotations are start-side and refused."""
+
+    query: Query
+
+    def __post_init__(self) -> None:
+        check_stop_query(self.query)
+
+
+def check_stop_query(q: Query) -> None:
+    if isinstance(q, And):
+        for part in q.queries:
+            check_stop_query(part)
+    elif not isinstance(q, STOP_QUERY_TYPES):
+        raise ValueError(f"OnStop(...) cannot hold a {type(q).__name__} query: give Eq, "
+                         "NotEq, Comparison, In, NotIn, Contains, Regex, TimeRange, Raw "
+                         "or And on keys of the stop document")

@@ -284,6 +284,11 @@ class EventStream:
                 ) -> xarray.Dataset:
         return self._loop.call(lambda: self._inner.to_dask(fields, fill=fill))
 
+    def timestamps(self, fields: Sequence[str] | None = None, *, lazy: bool = False
+                   ) -> xarray.Dataset:
+        """The events' timestamps per data key (see :meth:`AsyncEventStream.timestamps`)."""
+        return self._loop.call(lambda: self._inner.timestamps(fields, lazy=lazy))
+
     def summary(self, field: str, points: int | None = None) -> xarray.Dataset:
         """Statistical summaries of one numeric field, without reading it (see
         :meth:`AsyncEventStream.summary`)."""

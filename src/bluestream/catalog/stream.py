@@ -21,7 +21,16 @@ from bluestream.catalog.dataset import Part, build_dataset, decode_json_column, 
 from bluestream.catalog.fill import LoadPlan, StreamSlice, expected_shape, stack_values
 from bluestream.catalog.replay import follow
 from bluestream.catalog.summary import field_summary
-from bluestream.layout import FieldSpec, column_names, data_path, reader_specs
+from bluestream.layout import (
+    SEQ_NUM,
+    TIME,
+    UID,
+    FieldSpec,
+    column_names,
+    data_path,
+    reader_specs,
+    timestamps_path,
+)
 
 if TYPE_CHECKING:
     import xarray
@@ -101,8 +110,16 @@ class AsyncEventStream:
         (external data loaded by handlers when computed)."""
         return await self._dataset(fields, fill=fill, lazy=True)
 
+    async def timestamps(self, fields: Sequence[str] | None = None, *, lazy: bool = False
+                         ) -> xarray.Dataset:
+        """The events' timestamps, one float64 variable per data key (what each event's
+        ``timestamps`` held), with :meth:`read`'s ``time`` coordinate: the rows line up
+        with :meth:`read`'s. ``lazy`` gives dask arrays. Keys of stream resources (no
+        events) have none."""
+        return await self._dataset(fields, fill=False, lazy=lazy, timestamps=True)
+
     async def _dataset(self, fields: Sequence[str] | None, *, fill: bool,
-                       lazy: bool) -> xarray.Dataset:
+                       lazy: bool, timestamps: bool = False) -> xarray.Dataset:
         descs, recs = await self._layout()
         wanted = None if fields is None else list(dict.fromkeys(fields))
         if wanted is not None:
@@ -115,8 +132,10 @@ class AsyncEventStream:
                              for _ in descs]
 
         async def one(i: int, desc: Doc) -> None:
-            parts[i] = await self._part(desc, recs.get(desc["uid"]), wanted, fill=fill,
-                                        lazy=lazy)
+            record = recs.get(desc["uid"])
+            parts[i] = (await self._timestamps_part(desc, record, wanted, lazy=lazy)
+                        if timestamps else
+                        await self._part(desc, record, wanted, fill=fill, lazy=lazy))
 
         async with task_group() as tg:
             for i, desc in enumerate(descs):
@@ -128,6 +147,8 @@ class AsyncEventStream:
                     keys[key] = dk
         if wanted is not None:
             keys = {k: keys[k] for k in wanted if k in keys}
+        if timestamps:  # seconds since the epoch: none of the data key's attributes
+            keys = {k: {} for k, dk in keys.items() if not is_stream_key(dk)}
         attrs = {"stream_name": self.name, "run_start": self.run_uid,
                  "descriptors": [d["uid"] for d in descs]}
         return build_dataset(parts, keys, attrs=attrs)
@@ -164,6 +185,29 @@ class AsyncEventStream:
             for key in keys:
                 if key not in part.columns:
                     part.columns[key] = _empty_column(specs[key], data_keys[key], fill=fill)
+        return part
+
+    async def _timestamps_part(self, desc: Doc, record: Doc | None,
+                               wanted: Sequence[str] | None, *, lazy: bool) -> Part:
+        ctx = self._ctx
+        keys = [k for k, dk in desc.get("data_keys", {}).items()
+                if (wanted is None or k in wanted) and not is_stream_key(dk)]
+        part = Part(desc, np.zeros(0, np.int64), np.zeros(0), np.zeros(0, "<U1"))
+        if record is not None:
+            arrays = await ctx.arrays.open_arrays(
+                record, [SEQ_NUM, TIME, UID, *(timestamps_path(k) for k in keys)])
+            eager = {n: a for n, a in arrays.items()
+                     if not (lazy and n.startswith("timestamps/"))}
+            rows = await ctx.arrays.read_rows(record, keys, timestamps=True, arrays=eager)
+            part = Part(desc, rows.seq_num, rows.time, to_str(rows.uid))
+            for key in keys:
+                if lazy and timestamps_path(key) in arrays:
+                    part.columns[key] = _lazy_column(ctx, arrays[timestamps_path(key)], rows)
+                elif key in rows.timestamps:
+                    part.columns[key] = np.asarray(rows.timestamps[key], dtype=np.float64)
+        for key in keys:
+            if key not in part.columns and len(part) == 0:
+                part.columns[key] = np.zeros(0)
         return part
 
     async def _column(self, key: str, data_key: Mapping[str, Any], spec: FieldSpec,

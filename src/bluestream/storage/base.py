@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bluestream.queries import And, AnnotationQuery, In, NotIn, Query, ScanID
+from bluestream.queries import And, AnnotationQuery, In, NotIn, OnStop, Query, ScanID
 from bluestream.storage.query_rules import annotation_matches, check_annotation_key
 
 __all__ = [
@@ -267,12 +267,13 @@ class MetadataStore(ABC):
         id), judged among the runs the rest of an ``And`` selects. Every search, count
         and uid lookup resolves its query, so translators only see ``duplicates="all"``.
         Annotation queries become the uids (``In`` / ``NotIn``) whose current
-        annotation values match (one read of that key's current values)."""
-        if isinstance(query, AnnotationQuery):
-            return await self._annotation_uids(query)
-        if isinstance(query, And) and any(isinstance(q, AnnotationQuery)
+        annotation values match (one read of that key's current values); :class:`OnStop`
+        the uids of the runs whose stop matches (one query of the stops)."""
+        if isinstance(query, AnnotationQuery | OnStop):
+            return await self._side_uids(query)
+        if isinstance(query, And) and any(isinstance(q, AnnotationQuery | OnStop)
                                           for q in query.queries):
-            query = And(*[await self._annotation_uids(q) if isinstance(q, AnnotationQuery)
+            query = And(*[await self._side_uids(q) if isinstance(q, AnnotationQuery | OnStop)
                           else q for q in query.queries])
         if isinstance(query, And):
             rest = [q for q in query.queries if not _unresolved(q)]
@@ -282,6 +283,16 @@ class MetadataStore(ABC):
         if isinstance(query, ScanID) and _unresolved(query):
             return await self._scan_uids(query, None)
         return query
+
+    async def _side_uids(self, query: AnnotationQuery | OnStop) -> Query:
+        if isinstance(query, OnStop):
+            return In("uid", await self.stopped_runs(query.query))
+        return await self._annotation_uids(query)
+
+    @abstractmethod
+    async def stopped_runs(self, query: Query) -> list[str]:
+        """The runs (start uids) whose stop document matches ``query`` (see
+        :class:`~bluestream.queries.OnStop`; ``time`` is the stop's time)."""
 
     async def _annotation_uids(self, query: AnnotationQuery) -> Query:
         values = await self.annotation_values(check_annotation_key(query.key))

@@ -28,6 +28,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import anyio
 from bson.binary import Binary
 from bson.errors import BSONError
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, UpdateOne
@@ -45,7 +46,7 @@ from pymongo.errors import (
 
 from bluestream.errors import ConfigError, NotFound, StorageError, StorageUnavailable
 from bluestream.log import get_logger
-from bluestream.queries import And, FullText, Query
+from bluestream.queries import And, FullText, Query, check_stop_query
 from bluestream.storage.base import (
     DOC_KINDS,
     IngestLogEntry,
@@ -121,6 +122,14 @@ INDEXES: dict[str, list[IndexModel]] = {
     "run_removed": [_ix("uid", **_UNIQUE)],
 }
 _RUN_SEARCH_INDEXES = [_ix("uid", **_UNIQUE)]
+
+
+#: Databases whose collections are listed at once when looking for tenants.
+_LISTING_CONCURRENCY = 32
+#: Tenants named in the error for an unknown one (a server may hold thousands), and the
+#: time spent finding them.
+_NAMED_IN_ERRORS = 20
+_LISTING_SECONDS = 1.0
 
 
 def _kind(kind: str) -> tuple[str, str]:
@@ -228,9 +237,15 @@ class MongoMetadataStore(MetadataStore):
         with self._errors("open"):
             exists = "run_start" in await db.list_collection_names()
         if not exists:
-            tenants = await self.tenants()
+            # The names are a courtesy: bounded in count and in time (listing the
+            # databases of a server that holds thousands takes seconds).
+            named = "(not listed: the server did not list its databases in time)"
+            with anyio.move_on_after(_LISTING_SECONDS):
+                tenants = await self._tenants(limit=_NAMED_IN_ERRORS + 1)
+                named = ", ".join(tenants[:_NAMED_IN_ERRORS]) or "(none)"
+                named += ", ..." if len(tenants) > _NAMED_IN_ERRORS else ""
             raise NotFound(f"tenant {self.tenant!r} does not exist at MongoDB {self.uri}; "
-                           f"tenants there: {', '.join(tenants) or '(none)'}")
+                           f"tenants there: {named}")
         with self._errors("open"):
             self._native_text = await self._has_text_index(db["run_start"])
             if not self._native_text:
@@ -238,17 +253,41 @@ class MongoMetadataStore(MetadataStore):
                                              >= await db["run_start"].count_documents({}))
 
     async def tenants(self) -> list[str]:
+        return await self._tenants()
+
+    async def _tenants(self, limit: int | None = None) -> list[str]:
+        """Databases holding a ``run_start`` collection, in name order (the first
+        ``limit``): one listing of the databases, then their collections looked at
+        :data:`_LISTING_CONCURRENCY` at a time (a server may hold many databases)."""
         if self._client is None:
             self._client = self._make_client()
         client = self._client
         with self._errors("list tenants"):
-            names = await client.list_database_names()
-            out = []
-            for name in sorted(names):
-                if name in ("admin", "local", "config"):
-                    continue
-                if "run_start" in await client[name].list_collection_names():
-                    out.append(name)
+            names = [n for n in sorted(await client.list_database_names())
+                     if n not in ("admin", "local", "config")]
+            out: list[str] = []
+            for i in range(0, len(names), _LISTING_CONCURRENCY):
+                part = names[i:i + _LISTING_CONCURRENCY]
+                found: dict[str, bool] = {}
+                failed: list[PyMongoError] = []
+
+                async def look(name: str, found: dict[str, bool] = found,
+                               failed: list[PyMongoError] = failed) -> None:
+                    try:
+                        collections = await client[name].list_collection_names()
+                    except PyMongoError as exc:  # raised below, as itself (not a group)
+                        failed.append(exc)
+                    else:
+                        found[name] = "run_start" in collections
+
+                async with anyio.create_task_group() as tg:
+                    for name in part:
+                        tg.start_soon(look, name)
+                if failed:
+                    raise failed[0]
+                out += [n for n in part if found[n]]
+                if limit is not None and len(out) >= limit:
+                    return out[:limit]
         return out
 
     def _make_client(self) -> AsyncMongoClient[Doc]:
@@ -580,6 +619,13 @@ class MongoMetadataStore(MetadataStore):
     async def count(self, query: Query | None) -> int:
         with self._errors("count runs"):
             return await self._col("run_start").count_documents(await self._filter(query))
+
+    async def stopped_runs(self, query: Query) -> list[str]:
+        check_stop_query(query)
+        with self._errors("search stop documents"):
+            docs = await self._col("run_stop").find(
+                to_mongo(query), {"_id": 0, "run_start": 1}).to_list(None)
+        return [str(d["run_start"]) for d in docs]
 
     async def uids_with_prefix(self, prefix: str, query: Query | None = None,
                                limit: int = 10) -> list[str]:

@@ -25,10 +25,9 @@ the event loop never blocks on disk.
 from __future__ import annotations
 
 import json
-import math
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,7 +35,7 @@ from typing import Any, TypeVar
 import anyio.to_thread
 
 from bluestream.errors import ConfigError, NotFound, StorageError, StorageUnavailable
-from bluestream.queries import Query
+from bluestream.queries import Query, check_stop_query
 from bluestream.storage.base import (
     DOC_KINDS,
     IngestLogEntry,
@@ -55,7 +54,7 @@ from bluestream.storage.rules import (
     classify_puts,
     search_text,
 )
-from bluestream.storage.sqlite_query import register_functions, to_sql, uid_prefix
+from bluestream.storage.sqlite_query import finite, register_functions, to_sql, uid_prefix
 
 __all__ = ["BUSY_TIMEOUT_S", "SqliteMetadataStore", "sqlite_path"]
 
@@ -186,17 +185,6 @@ def _kind(kind: str) -> str:
     return DOC_KINDS[kind][0]
 
 
-def _finite(value: Any) -> Any:
-    """Non-finite floats as None, so the JSON is strict (what SQLite's JSON1 accepts)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
 def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
@@ -218,7 +206,7 @@ def _row(kind: str, doc: Doc) -> tuple[Any, ...]:
         return row
     scan_id = doc.get("scan_id")
     scan_id = scan_id if isinstance(scan_id, int) and not isinstance(scan_id, bool) else None
-    strict = json.dumps(_finite(doc), allow_nan=False)
+    strict = json.dumps(finite(doc), allow_nan=False)
     return (*row, scan_id, search_text(doc), strict)
 
 
@@ -696,6 +684,21 @@ class SqliteMetadataStore(MetadataStore):
             return int(conn.execute(sql, (self.tenant, *params, *hide_args)).fetchone()[0])
 
         return await self._run("count runs", count)
+
+    async def stopped_runs(self, query: Query) -> list[str]:
+        check_stop_query(query)
+        where, params = to_sql(query)
+        # The stop rows under the column names the translator reads; a stop holding NaN
+        # (not JSON to SQLite < 3.42) is read with NaN as null, as start documents are.
+        sql = ("SELECT run_start FROM (SELECT run_start, time, uid, uid AS doc_key, "
+               "NULL AS scan_id, '' AS search_text, CASE WHEN json_valid(doc) THEN doc "
+               "ELSE bs_strict_json(doc) END AS query_doc FROM run_stop WHERE tenant = ?) "
+               f"WHERE {where}")
+
+        def select(conn: sqlite3.Connection) -> list[str]:
+            return [str(r[0]) for r in conn.execute(sql, (self.tenant, *params))]
+
+        return await self._run("search stop documents", select)
 
     async def uids_with_prefix(self, prefix: str, query: Query | None = None,
                                limit: int = 10) -> list[str]:

@@ -21,6 +21,7 @@ Connections must have :func:`register_functions` applied (for ``bs_regexp``).
 from __future__ import annotations
 
 import json
+import math
 import re
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
@@ -53,7 +54,8 @@ from bluestream.storage.query_rules import (
     time_bounds,
 )
 
-__all__ = ["PORTABLE_RAW_OPERATORS", "json_path", "register_functions", "to_sql", "uid_prefix"]
+__all__ = ["PORTABLE_RAW_OPERATORS", "finite", "json_path", "register_functions", "to_sql",
+           "uid_prefix"]
 
 Frag = tuple[str, list[Any]]
 #: Builds a predicate over one JSON value given its (type, value) SQL expressions.
@@ -69,8 +71,28 @@ _FALSE: Frag = ("0", [])
 
 
 def register_functions(conn: sqlite3.Connection) -> None:
-    """Register ``bs_regexp(pattern, flags, value)``, which the Regex clauses call."""
+    """Register ``bs_regexp(pattern, flags, value)``, which the Regex clauses call, and
+    ``bs_strict_json(text)``: JSON text with NaN/Infinity made strict (see :func:`finite`)."""
     conn.create_function("bs_regexp", 3, _regexp, deterministic=True)
+    conn.create_function("bs_strict_json", 1, _strict_json, deterministic=True)
+
+
+def finite(value: Any) -> Any:
+    """Non-finite floats as None, so the JSON is strict (what SQLite's JSON1 accepts)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+def _strict_json(text: object) -> str | None:
+    try:
+        return json.dumps(finite(json.loads(str(text))), allow_nan=False)
+    except ValueError:
+        return None
 
 
 @lru_cache(maxsize=256)

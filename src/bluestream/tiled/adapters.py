@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -32,9 +33,10 @@ from tiled.utils import UnsupportedQueryType
 
 from bluestream.catalog.core import AsyncCatalog, make_context
 from bluestream.catalog.run import AsyncBlueskyRun
-from bluestream.errors import NotFound, StorageError, StorageUnavailable
+from bluestream.errors import ConfigError, NotFound, StorageError, StorageUnavailable
 from bluestream.settings import load_settings
 from bluestream.storage.backends import list_tenants
+from bluestream.storage.rules import check_tenant
 from bluestream.tiled.queries import translate
 
 __all__ = ["ArrayNode", "CatalogNode", "RunNode", "StreamNode", "TableNode", "TenantsNode"]
@@ -199,7 +201,8 @@ def _block_slices(chunks: Sequence[Sequence[int]], block: Sequence[int]) -> tupl
 
 
 class TableNode:
-    """The ``internal`` table: ``seq_num``, ``time`` and the scalar data keys. Columns
+    """The ``internal`` table: ``seq_num``, ``time``, the scalar data keys and the
+    timestamps of every key (``ts_<key>``, as TiledWriter writes them). Columns
     are read when asked for (the structure needs their types only): a request for one
     frame of a run does not read its scalar columns."""
 
@@ -297,6 +300,12 @@ class StreamNode(_Container):
             elif name not in columns:
                 columns[name] = var.data  # lazy where the catalog's to_dask() is
                 table_md[name] = _jsonable(data_keys.get(name, {}))
+        # TiledWriter's timestamps columns, ts_<key> (the client's read(["timestamps"]));
+        # lazy, so a request that does not read them costs only their layout.
+        ts = await stream.timestamps(lazy=True)
+        if np.array_equal(ts["seq_num"].values, columns["seq_num"]):
+            for key in ts.data_vars:
+                columns[f"ts_{key}"] = ts[key].data
         children = {**arrays, "internal": TableNode(columns, table_md)}
         return cls(_jsonable(metadata), children)
 
@@ -380,6 +389,10 @@ class CatalogNode(_Paged):
     async def exact_len(self) -> int:
         return int(await self._call(self._catalog.count()))
 
+    async def check_open(self) -> None:
+        """Open the tenant's store (read-only): NoEntry (404) if the tenant is unknown."""
+        await self._call(self._catalog._ctx.ensure_open())
+
     async def _call(self, awaitable: Any) -> Any:
         try:
             with _http_errors():
@@ -430,8 +443,15 @@ class CatalogNode(_Paged):
         return self
 
 
+#: How long a listing of the tenants is reused (a new tenant shows within this).
+TENANTS_TTL_S = 2.0
+
+
 class TenantsNode(_Container):
-    """Every tenant of a metadata store (or those named), listed afresh per request."""
+    """Every tenant of a metadata store (or those named). The list is read again when
+    older than :data:`TENANTS_TTL_S`; a request for one tenant does not list them at
+    all (a MongoDB server with many databases costs a round trip per database to list),
+    it opens that tenant's catalog, once, and a tenant that does not exist is a 404."""
 
     def __init__(self, *, metadata: str | None, zarr_root: str | None,
                  tenants: Sequence[str] | None, config: str | None) -> None:
@@ -442,6 +462,7 @@ class TenantsNode(_Container):
         self._named = list(tenants) if tenants else None
         self._catalogs: dict[str, CatalogNode] = {}
         self._known: list[str] = []
+        self._listed_at = -float("inf")
 
     def _keys(self) -> list[str]:
         return self._known
@@ -449,24 +470,36 @@ class TenantsNode(_Container):
     async def _refresh(self) -> list[str]:
         if self._named is not None:
             self._known = list(self._named)
-        else:
+        elif time.monotonic() - self._listed_at >= TENANTS_TTL_S:
             uri = self._uri
             if uri is None:
                 uri = load_settings(self._config).storage.metadata
             with _http_errors():
                 self._known = sorted(await list_tenants(uri))
+            self._listed_at = time.monotonic()
         return self._known
 
     async def _child(self, key: str) -> CatalogNode:
         node = self._catalogs.get(key)
         if node is None:
-            node = self._catalogs[key] = CatalogNode.for_tenant(
-                key, metadata=self._uri, zarr_root=self._zarr_root, config=self._config)
+            try:
+                check_tenant(key)
+            except ConfigError:  # not a tenant name at all
+                raise NoEntry([key]) from None
+            node = CatalogNode.for_tenant(key, metadata=self._uri, zarr_root=self._zarr_root,
+                                          config=self._config)
+            await node.check_open()  # an unknown tenant: 404, and not kept
+            node = self._catalogs.setdefault(key, node)  # the first of concurrent opens
         return node
 
     async def lookup_adapter(self, segments: Sequence[str]) -> Any:
-        await self._refresh()
-        return await super().lookup_adapter(segments)
+        if not segments:
+            return self
+        head, *rest = segments
+        if self._named is not None and head not in self._named:
+            raise NoEntry(list(segments))
+        child = await self._child(head)
+        return await child.lookup_adapter(rest) if rest else child
 
     async def exact_len(self) -> int:
         return len(await self._refresh())

@@ -1,9 +1,10 @@
 """Tiled's query objects (and bluesky-tiled-plugins' legacy ones) as bluestream queries.
 
 Keys arrive as the client sends them: ``start.<key>`` (the plugin prefixes bare keys
-with ``start.``) or ``stop.<key>``. bluestream searches start documents, so ``start.`` is
-taken off; a query on the stop document is refused (400) with a message saying so, as is
-any query type that has no translation: Tiled would otherwise answer every run.
+with ``start.``) or ``stop.<key>``. ``start.`` is taken off (bluestream's queries are on
+start documents); a ``stop.`` query becomes :class:`~bluestream.queries.OnStop` (runs
+whose stop matches; open runs never do). A query type without a translation is refused
+(400) with a message saying so: Tiled would otherwise answer every run.
 """
 
 from __future__ import annotations
@@ -23,15 +24,18 @@ _OPERATORS = {"lt": "lt", "le": "le", "gt": "gt", "ge": "ge"}
 
 
 def _key(key: str) -> str:
-    if key.startswith("start."):
-        return key.removeprefix("start.")
-    if key.startswith("stop."):
-        raise UnsupportedQueryType(
-            f"queries on the stop document ({key!r}) are not supported by bluestream; "
-            "search on start.* keys")
+    """The key within its document (``start.`` / ``stop.`` taken off)."""
     if key in ("start", "stop", ""):
         raise UnsupportedQueryType(f"query key {key!r} names a whole document")
+    for prefix in ("start.", "stop."):
+        if key.startswith(prefix):
+            return key.removeprefix(prefix)
     return key  # a key without prefix is a start key (as bluesky-tiled-plugins reads it)
+
+
+def _on_stop(key: str, query: bq.Query) -> bq.Query:
+    """``query`` as asked of the stop document when the client's key says so."""
+    return bq.OnStop(query) if str(key).startswith("stop.") else query
 
 
 def _like(pattern: str) -> str:
@@ -45,6 +49,14 @@ def _like(pattern: str) -> str:
 def translate(query: Any) -> bq.Query | None:
     """The bluestream query for a Tiled query; None when it selects every run (a spec or
     structure-family filter every run passes)."""
+    found = _translate(query)
+    key = getattr(query, "key", None)
+    if found is None or key is None:
+        return found
+    return _on_stop(key, found)
+
+
+def _translate(query: Any) -> bq.Query | None:
     if isinstance(query, tq.Eq):
         return bq.Eq(_key(query.key), query.value)
     if isinstance(query, tq.NotEq):
@@ -74,7 +86,8 @@ def translate(query: Any) -> bq.Query | None:
         key = _key(query.key)
         pattern = str(query.pattern)
         head = pattern[:-1]
-        if key == "uid" and pattern.endswith("%") and not any(c in head for c in "%_"):
+        if (key == "uid" and not str(query.key).startswith("stop.")
+                and pattern.endswith("%") and not any(c in head for c in "%_")):
             return bq.PartialUID(head)
         return bq.Regex(key, _like(pattern))
     if isinstance(query, tq.KeysFilter):

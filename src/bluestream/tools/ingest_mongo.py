@@ -101,15 +101,15 @@ class _Source:
         self.assets = assets
 
     async def chunk(self, starts: list[Doc]) -> _Chunk:
-        uids = [str(s["uid"]) for s in starts]
         chunk = _Chunk(starts)
-        async for desc in self.mds.event_descriptor.find({"run_start": {"$in": uids}},
-                                                         _NO_ID):
-            chunk.descriptors.setdefault(str(desc["run_start"]), []).append(desc)
+        for part in _parts([str(s["uid"]) for s in starts]):
+            async for desc in self.mds.event_descriptor.find({"run_start": {"$in": part}},
+                                                             _NO_ID):
+                chunk.descriptors.setdefault(str(desc["run_start"]), []).append(desc)
+            async for stop in self.mds.run_stop.find({"run_start": {"$in": part}}, _NO_ID):
+                chunk.stops[str(stop["run_start"])] = stop
         for descs in chunk.descriptors.values():
             descs.sort(key=lambda d: (d.get("time", 0), d["uid"]))
-        async for stop in self.mds.run_stop.find({"run_start": {"$in": uids}}, _NO_ID):
-            chunk.stops[str(stop["run_start"])] = stop
         return chunk
 
     async def last_seq_nums(self, descriptors: list[str]) -> dict[str, int]:
