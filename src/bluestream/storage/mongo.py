@@ -593,28 +593,25 @@ class MongoMetadataStore(MetadataStore):
 
     async def search(self, query: Query | None, *, skip: int = 0,
                      limit: int | None = None) -> list[Doc]:
+        return await self._search({"_id": 0}, query, skip, limit)
+
+    async def search_uids(self, query: Query | None, *, skip: int = 0,
+                          limit: int | None = None) -> list[str]:
+        return [str(d["uid"]) for d in await self._search({"_id": 0, "uid": 1}, query,
+                                                          skip, limit)]
+
+    async def _search(self, projection: Doc, query: Query | None, skip: int,
+                      limit: int | None) -> list[Doc]:
+        """The runs matching ``query`` (``projection`` of each), newest first."""
         _check_window(skip, limit)
         if limit == 0:
             return []
         with self._errors("search runs"):
-            cursor = self._col("run_start").find(await self._filter(query), {"_id": 0})
+            cursor = self._col("run_start").find(await self._filter(query), projection)
             cursor = cursor.sort(_NEWEST_FIRST).skip(skip)
             if limit is not None:
                 cursor = cursor.limit(limit)
             return await cursor.to_list(None)
-
-    async def search_uids(self, query: Query | None, *, skip: int = 0,
-                          limit: int | None = None) -> list[str]:
-        _check_window(skip, limit)
-        if limit == 0:
-            return []
-        with self._errors("search runs"):
-            cursor = self._col("run_start").find(await self._filter(query),
-                                                 {"_id": 0, "uid": 1})
-            cursor = cursor.sort(_NEWEST_FIRST).skip(skip)
-            if limit is not None:
-                cursor = cursor.limit(limit)
-            return [str(d["uid"]) for d in await cursor.to_list(None)]
 
     async def count(self, query: Query | None) -> int:
         with self._errors("count runs"):

@@ -646,32 +646,26 @@ class SqliteMetadataStore(MetadataStore):
 
     async def search(self, query: Query | None, *, skip: int = 0,
                      limit: int | None = None) -> list[Doc]:
-        _check_window(skip, limit)
-        where, params = to_sql(await self.resolve(query))
-        window = (-1 if limit is None else limit, skip)
-
-        def search(conn: sqlite3.Connection) -> list[Doc]:
-            hide, hide_args = self._visible(conn)
-            sql = (f"SELECT doc FROM run_start WHERE tenant = ? AND ({where}){hide} "
-                   "ORDER BY time DESC, uid ASC LIMIT ? OFFSET ?")
-            args = (self.tenant, *params, *hide_args, *window)
-            return [_load(r[0]) for r in conn.execute(sql, args)]
-
-        return await self._run("search runs", search)
+        return [_load(v) for v in await self._search("doc", query, skip, limit)]
 
     async def search_uids(self, query: Query | None, *, skip: int = 0,
                           limit: int | None = None) -> list[str]:
+        # time and uid only: answered from the run_start_time index, no JSON decoded
+        return [str(v) for v in await self._search("uid", query, skip, limit)]
+
+    async def _search(self, column: str, query: Query | None, skip: int,
+                      limit: int | None) -> list[Any]:
+        """One column of the runs matching ``query``, newest first, in a window."""
         _check_window(skip, limit)
         where, params = to_sql(await self.resolve(query))
         window = (-1 if limit is None else limit, skip)
 
-        def search(conn: sqlite3.Connection) -> list[str]:
+        def search(conn: sqlite3.Connection) -> list[Any]:
             hide, hide_args = self._visible(conn)
-            # time and uid only: answered from the run_start_time index, no JSON decoded
-            sql = (f"SELECT uid FROM run_start WHERE tenant = ? AND ({where}){hide} "
+            sql = (f"SELECT {column} FROM run_start WHERE tenant = ? AND ({where}){hide} "
                    "ORDER BY time DESC, uid ASC LIMIT ? OFFSET ?")
             args = (self.tenant, *params, *hide_args, *window)
-            return [str(r[0]) for r in conn.execute(sql, args)]
+            return [r[0] for r in conn.execute(sql, args)]
 
         return await self._run("search runs", search)
 
