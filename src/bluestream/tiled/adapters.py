@@ -11,10 +11,11 @@ Tiled 0.2 server.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -33,6 +34,7 @@ from tiled.utils import UnsupportedQueryType
 
 from bluestream.catalog.core import AsyncCatalog, make_context
 from bluestream.catalog.run import AsyncBlueskyRun
+from bluestream.catalog.stream import is_stream_key
 from bluestream.errors import ConfigError, NotFound, StorageError, StorageUnavailable
 from bluestream.settings import load_settings
 from bluestream.storage.backends import list_tenants
@@ -173,17 +175,24 @@ class ArrayNode:
         return self._structure
 
     async def _compute(self, values: Any) -> np.ndarray:
+        if isinstance(values, _Deferred):
+            return await values.load()
         if hasattr(values, "compute"):
             with _http_errors():
                 return np.asarray(await anyio.to_thread.run_sync(values.compute))
         return np.asarray(values)
 
     async def read(self, slice: Any = None) -> np.ndarray:
+        if isinstance(self._values, _Deferred):
+            whole = await self._values.load()
+            return whole[tuple(slice)] if slice else whole
         values = self._values if not slice else self._values[tuple(slice)]
         return await self._compute(values)
 
     async def read_block(self, block: Sequence[int], slice: Any = None) -> np.ndarray:
         values = self._values
+        if isinstance(values, _Deferred):
+            values = await values.load()
         if hasattr(values, "blocks"):
             part = values.blocks[tuple(block)]
         else:
@@ -232,10 +241,11 @@ class TableNode:
         missing = [f for f in names if f not in self._columns]
         if missing:
             raise KeyError(missing[0])
+        values = {n: await v.load() if isinstance(v, _Deferred) else v
+                  for n in names for v in [self._columns[n]]}
 
         def load() -> Any:
-            return pd.DataFrame({n: _arrow_ready(np.asarray(self._columns[n]))
-                                 for n in names})
+            return pd.DataFrame({n: _arrow_ready(np.asarray(values[n])) for n in names})
         return await anyio.to_thread.run_sync(load)
 
     async def read_partition(self, partition: int, fields: Sequence[str] | None = None
@@ -251,6 +261,46 @@ class TableNode:
         if np.dtype(values.dtype).kind in "TO":
             values = _arrow_ready(np.asarray(values))
         return ArrayNode(values, ("time",), {})
+
+
+class _Deferred:
+    """A float64 column read only when asked for (``await load()``); shape and dtype are
+    known without reading it, which is all a table's structure needs."""
+
+    dtype = np.dtype(np.float64)
+    ndim = 1
+
+    def __init__(self, n: int, fetch: Callable[[], Awaitable[np.ndarray]]) -> None:
+        self.shape = (n,)
+        self._fetch = fetch
+
+    def __array__(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        raise TypeError("a deferred column is read with load()")
+
+    async def load(self) -> np.ndarray:
+        return np.asarray(await self._fetch(), dtype=np.float64)
+
+
+class _Timestamps:
+    """The timestamps of one stream, read once for all its ``ts_<key>`` columns. Where
+    the rows differ from the table's (a stream with keys of stream resources, whose rows
+    come from stream datums), the columns are NaN rather than misaligned."""
+
+    def __init__(self, stream: Any, seq_num: np.ndarray) -> None:
+        self._stream = stream
+        self._seq_num = seq_num
+        self._read: dict[str, np.ndarray] | None = None
+        self._lock = anyio.Lock()
+
+    async def column(self, key: str) -> np.ndarray:
+        async with self._lock:
+            if self._read is None:
+                with _http_errors():
+                    ts = await self._stream.timestamps()
+                same = np.array_equal(ts["seq_num"].values, self._seq_num)
+                self._read = {str(k): np.asarray(ts[k].values) for k in ts.data_vars} \
+                    if same else {}
+        return self._read.get(key, np.full(len(self._seq_num), np.nan))
 
 
 def _arrow_ready(values: np.ndarray) -> np.ndarray:
@@ -300,12 +350,13 @@ class StreamNode(_Container):
             elif name not in columns:
                 columns[name] = var.data  # lazy where the catalog's to_dask() is
                 table_md[name] = _jsonable(data_keys.get(name, {}))
-        # TiledWriter's timestamps columns, ts_<key> (the client's read(["timestamps"]));
-        # lazy, so a request that does not read them costs only their layout.
-        ts = await stream.timestamps(lazy=True)
-        if np.array_equal(ts["seq_num"].values, columns["seq_num"]):
-            for key in ts.data_vars:
-                columns[f"ts_{key}"] = ts[key].data
+        # TiledWriter's timestamps columns, ts_<key> (the client's read([TIMESTAMPS])):
+        # deferred, so that a request that does not read them opens none of their arrays.
+        timestamps = _Timestamps(stream, columns["seq_num"])
+        for key, dk in data_keys.items():
+            if not is_stream_key(dk):
+                columns[f"ts_{key}"] = _Deferred(len(columns["seq_num"]),
+                                                 functools.partial(timestamps.column, key))
         children = {**arrays, "internal": TableNode(columns, table_md)}
         return cls(_jsonable(metadata), children)
 
