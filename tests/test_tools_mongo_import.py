@@ -134,24 +134,35 @@ async def test_import_in_chunks_every_path(
     del runs[5][-1][1]["num_events"]  # an old stop without counts: streamed
     runs[7][-1][1]["num_events"] = {"primary": 1}  # says 1, holds 25: the group overflows
     open_run = runs[8][:-1]  # no stop yet: streamed, and read again next time
-    for docs in [*runs[:8], open_run]:
+    # External data (resources and datums), held with other runs (4 events); the
+    # streamed path with datums is test_import_reads_back_equal_and_resumes's open run.
+    external = re_runs()["external"]
+    n_external = sum(1 for n, _ in external if n == "event")
+    for docs in [*runs[:8], open_run, external]:
         write_with_suitcase(source_db, docs)
+    # Stored twice in a source without unique indexes (bluesky-kafka's at-least-once
+    # delivery): a start (the newest run's, so that both copies share the last chunk;
+    # across chunks a copy is imported again, idempotently) and a descriptor. Once.
+    source_db.run_start.insert_one(dict(external[0][1]))
+    source_db.event_descriptor.insert_one(dict(runs[3][1][1]))
 
     report = await ingest_mongo(f"{mongo_uri}/{source_db.name}", tenant=tenant,
                                 settings=settings)
     assert report.ok, report.rejections
-    assert (report.runs, report.imported, report.skipped) == (9, 9, 0)
-    assert report.events == sum(sizes)
+    assert (report.runs, report.imported, report.skipped) == (11, 10, 0)  # 11: a copy
+    assert report.events == sum(sizes) + n_external
     # written without create_indexes(): every lookup of a chunk would read a collection
     assert [w.split(": ")[0] for w in report.warnings] == [
         f"the source has no index on {name}" for name in (
             "event_descriptor.run_start", "run_stop.run_start", "event.descriptor",
             "datum.resource")]
     stored = await catalog_docs(settings, tenant)
-    for docs in [*runs[:8], open_run]:
+    for docs in [*runs[:8], open_run, external]:
         back = stored[docs[0][1]["uid"]]
         assert_valid_order(back)
         assert canonical(back) == canonical(docs)
+    span = await provenance_span(settings, tenant, open_run[0][1]["uid"])
+    assert span == (0, 2)  # start, descriptor, one page of its 6 events
 
     # suitcase-mongo's indexes (a compound one serves its first key)
     source_db.event_descriptor.create_index([("run_start", -1), ("time", -1)])
@@ -160,10 +171,19 @@ async def test_import_in_chunks_every_path(
     source_db.datum.create_index("resource")
     report = await ingest_mongo(f"{mongo_uri}/{source_db.name}", tenant=tenant,
                                 settings=settings)
-    assert (report.imported, report.skipped) == (1, 8)
+    assert (report.imported, report.skipped) == (1, 9)
     assert report.warnings == []
     stored = await catalog_docs(settings, tenant)
     assert canonical(stored[open_run[0][1]["uid"]]) == canonical(open_run)
+    # a resumed run's provenance spans the same offsets (counted from 0 for each run)
+    assert await provenance_span(settings, tenant, open_run[0][1]["uid"]) == span
+
+
+async def provenance_span(settings: Settings, tenant: str, run: str) -> tuple[int, int]:
+    async with open_catalog_async(tenant, metadata=settings.storage.metadata,
+                                  zarr_root=settings.storage.zarr_root) as cat:
+        (record,) = await cat._ctx.store.ingest_log(run)
+    return int(record["offset_min"]), int(record["offset_max"])
 
 
 # -- killed midway, resumed ------------------------------------------------------------------

@@ -11,6 +11,7 @@ Tiled 0.2 server.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -444,6 +445,9 @@ class CatalogNode(_Paged):
         """Open the tenant's store (read-only): NoEntry (404) if the tenant is unknown."""
         await self._call(self._catalog._ctx.ensure_open())
 
+    async def aclose(self) -> None:
+        await self._catalog.aclose()
+
     async def _call(self, awaitable: Any) -> Any:
         try:
             with _http_errors():
@@ -512,6 +516,7 @@ class TenantsNode(_Container):
         self._config = config
         self._named = list(tenants) if tenants else None
         self._catalogs: dict[str, CatalogNode] = {}
+        self._missing: dict[str, float] = {}  # tenant -> when it was found not to exist
         self._known: list[str] = []
         self._listed_at = -float("inf")
 
@@ -532,16 +537,40 @@ class TenantsNode(_Container):
 
     async def _child(self, key: str) -> CatalogNode:
         node = self._catalogs.get(key)
-        if node is None:
+        if node is not None:
+            return node
+        missed = self._missing.get(key)
+        if missed is not None and time.monotonic() - missed < TENANTS_TTL_S:
+            raise NoEntry([key])  # asked again within the TTL: no new open
+        try:
+            check_tenant(key)
+        except ConfigError:  # not a tenant name at all
+            raise NoEntry([key]) from None
+        node = CatalogNode.for_tenant(key, metadata=self._uri, zarr_root=self._zarr_root,
+                                      config=self._config)
+        try:
+            await node.check_open()
+        except Exception as exc:  # unknown (404), or the store is away (503)
+            with contextlib.suppress(Exception):
+                await node.aclose()  # its client, opened to find out
+            if isinstance(exc, NoEntry):
+                self._missing[key] = time.monotonic()
+            raise
+        kept = self._catalogs.setdefault(key, node)  # the first of concurrent opens
+        if kept is not node:
+            await node.aclose()
+        self._missing.pop(key, None)
+        return kept
+
+    async def items_range(self, offset: int = 0, limit: int | None = None
+                          ) -> list[tuple[str, Any]]:
+        out = []
+        for key in await self.keys_range(offset, limit):
             try:
-                check_tenant(key)
-            except ConfigError:  # not a tenant name at all
-                raise NoEntry([key]) from None
-            node = CatalogNode.for_tenant(key, metadata=self._uri, zarr_root=self._zarr_root,
-                                          config=self._config)
-            await node.check_open()  # an unknown tenant: 404, and not kept
-            node = self._catalogs.setdefault(key, node)  # the first of concurrent opens
-        return node
+                out.append((key, await self._child(key)))
+            except NoEntry:  # removed since the listing
+                continue
+        return out
 
     async def lookup_adapter(self, segments: Sequence[str]) -> Any:
         if not segments:

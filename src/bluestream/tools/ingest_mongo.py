@@ -8,8 +8,10 @@ bluestream writes), stop — so the result is what the daemon would have stored 
 run come through Kafka.
 
 Runs are read CHUNK_RUNS at a time, with a few ``$in`` queries per chunk rather than
-several per run, and the events of the chunk's runs in one query (at most
-EVENTS_IN_MEMORY at once; a longer run is streamed page by page).
+several per run. Runs whose stops count few events are held in memory together, their
+events and datums read in one query each (about EVENTS_IN_MEMORY events per unit of
+work; the reader runs one unit ahead of the writer); a longer run, an open one, or one
+whose stop gives no counts is streamed page by page, its datums too.
 
 Resumable: a run whose stop is stored and whose descriptors all reached the source's
 highest seq_num is skipped. The Ingestor writes a run's stop after everything before
@@ -105,7 +107,9 @@ class _Source:
         for part in _parts([str(s["uid"]) for s in starts]):
             async for desc in self.mds.event_descriptor.find({"run_start": {"$in": part}},
                                                              _NO_ID):
-                chunk.descriptors.setdefault(str(desc["run_start"]), []).append(desc)
+                descs = chunk.descriptors.setdefault(str(desc["run_start"]), [])
+                if all(d["uid"] != desc["uid"] for d in descs):  # a stored duplicate: once
+                    descs.append(desc)
             async for stop in self.mds.run_stop.find({"run_start": {"$in": part}}, _NO_ID):
                 chunk.stops[str(stop["run_start"])] = stop
         for descs in chunk.descriptors.values():
@@ -123,17 +127,26 @@ class _Source:
                 out[str(row["_id"])] = int(row["seq_num"] or 0)
         return out
 
-    async def assets_of(self, chunk: _Chunk, runs: list[str]) -> None:
-        """Resources of ``runs`` and their datums, into ``chunk``."""
+    async def assets_of(self, runs: list[str]) -> _Assets:
+        """Resources of ``runs`` and their datums (runs held in memory together)."""
+        assets = _Assets()
         resources: list[Doc] = []
         for part in _parts(runs):
             resources += await self.assets.resource.find(
                 {"run_start": {"$in": part}}, _NO_ID).to_list(None)
         for res in resources:
-            chunk.resources.setdefault(str(res["run_start"]), []).append(res)
+            assets.resources.setdefault(str(res["run_start"]), []).append(res)
         for part in _parts([str(r["uid"]) for r in resources]):
             async for datum in self.assets.datum.find({"resource": {"$in": part}}, _NO_ID):
-                chunk.datums.setdefault(str(datum["resource"]), []).append(datum)
+                assets.datums.setdefault(str(datum["resource"]), []).append(datum)
+        return assets
+
+    async def stream_assets(self, run: str) -> AsyncIterator[Item]:
+        """The resources of one long run and their datums, streamed."""
+        async for res in self.assets.resource.find({"run_start": run}, _NO_ID):
+            yield "resource", res, f"resource {res['uid']}"
+            async for datum in self.assets.datum.find({"resource": res["uid"]}, _NO_ID):
+                yield "datum", datum, f"datum {datum['datum_id']}"
 
     async def events(self, descriptors: list[str]) -> dict[str, list[Doc]] | None:
         """Every event of ``descriptors``, per descriptor in time order; None (and no
@@ -141,11 +154,15 @@ class _Source:
         out: dict[str, list[Doc]] = {d: [] for d in descriptors}
         held = 0
         for part in _parts(descriptors):
-            async for ev in self.mds.event.find({"descriptor": {"$in": part}}, _NO_ID):
-                out[str(ev["descriptor"])].append(ev)
-                held += 1
-                if held > 2 * EVENTS_IN_MEMORY:
-                    return None
+            cursor = self.mds.event.find({"descriptor": {"$in": part}}, _NO_ID)
+            try:
+                async for ev in cursor:
+                    out[str(ev["descriptor"])].append(ev)
+                    held += 1
+                    if held > 2 * EVENTS_IN_MEMORY:
+                        return None
+            finally:
+                await cursor.close()
         for events in out.values():
             events.sort(key=_event_order)
         return out
@@ -164,8 +181,6 @@ class _Chunk:
     starts: list[Doc]
     descriptors: dict[str, list[Doc]] = field(default_factory=dict)
     stops: dict[str, Doc] = field(default_factory=dict)
-    resources: dict[str, list[Doc]] = field(default_factory=dict)
-    datums: dict[str, list[Doc]] = field(default_factory=dict)
 
     def n_events(self, run: str) -> int | None:
         """The run's events as its stop counts them; None without a stop or counts (an
@@ -178,14 +193,24 @@ class _Chunk:
         return sum(counts.values())
 
     def head(self, start: Doc) -> Iterator[Item]:
-        """A run's documents before its events: start, descriptors, resources, datums."""
+        """A run's start and descriptors."""
         uid = str(start["uid"])
         yield "start", start, f"run_start {uid}"
         for desc in self.descriptors.get(uid, ()):
             yield "descriptor", desc, f"event_descriptor {desc['uid']}"
-        for res in self.resources.get(uid, ()):
+
+
+@dataclass
+class _Assets:
+    """Resources per run and datums per resource, of runs held in memory together."""
+
+    resources: dict[str, list[Doc]] = field(default_factory=dict)
+    datums: dict[str, list[Doc]] = field(default_factory=dict)
+
+    async def of(self, run: str) -> AsyncIterator[Item]:
+        for res in self.resources.pop(run, ()):
             yield "resource", res, f"resource {res['uid']}"
-            for datum in self.datums.get(str(res["uid"]), ()):
+            for datum in self.datums.pop(str(res["uid"]), ()):
                 yield "datum", datum, f"datum {datum['datum_id']}"
 
 
@@ -197,13 +222,14 @@ class _Work:
     chunk: _Chunk
     starts: list[Doc]
     events: dict[str, list[Doc]] | None
+    assets: _Assets | None = None  # None: streamed from the source while written
     ends_chunk: int = 0  # the chunk's run count, on its last unit
     imported: int = 0  # of which not already complete
 
     def held(self, descriptor: str) -> AsyncIterator[Doc]:
         """The events held for ``descriptor``, handed over once."""
         assert self.events is not None
-        return _each(self.events.pop(descriptor))
+        return _each(self.events.pop(descriptor, []))
 
 
 #: The lookups every chunk makes, by (database, collection, field): an index whose
@@ -242,8 +268,7 @@ def _page(events: list[Doc]) -> Item:
     first, last = events[0], events[-1]
     if len(events) == 1:  # as it was published: cheaper than a page of one
         return "event", first, f"event {first['uid']}"
-    where = (f"event {first['uid']}" if len(events) == 1 else
-             f"events {first['uid']}..{last['uid']} (seq_num {first['seq_num']}.."
+    where = (f"events {first['uid']}..{last['uid']} (seq_num {first['seq_num']}.."
              f"{last['seq_num']})")
     page: Any = event_model.pack_event_page(*events)  # type: ignore[arg-type]
     return "event_page", dict(page), where
@@ -325,10 +350,13 @@ class _Import:
                 await self.read_chunk(chunk, out)
 
     async def read_chunk(self, starts: list[Doc], out: MemoryObjectSendStream[_Work]) -> None:
+        firsts: dict[str, Doc] = {}
+        for s in starts:  # a start stored twice (no unique index in the source): once
+            firsts.setdefault(str(s["uid"]), s)
+        starts = list(firsts.values())
         chunk = await self.source.chunk(starts)
         done = await _complete(self.source, chunk, self.store)
         todo = [s for s in starts if str(s["uid"]) not in done]
-        await self.source.assets_of(chunk, [str(s["uid"]) for s in todo])
         group: list[Doc] = []
         held = 0
         for start in todo:
@@ -355,15 +383,15 @@ class _Import:
             for start in starts:
                 await out.send(_Work(chunk, [start], None))
         else:
-            await out.send(_Work(chunk, starts, events))
+            assets = await self.source.assets_of([str(s["uid"]) for s in starts])
+            await out.send(_Work(chunk, starts, events, assets))
 
     async def write(self, work: MemoryObjectReceiveStream[_Work]) -> None:
         """The writing side: every unit into the Ingestor, in order."""
         async with work:
             async for unit in work:
-                events = self.source.stream_events if unit.events is None else unit.held
                 for start in unit.starts:
-                    await self.run(unit.chunk, start, events)
+                    await self.run(unit, start)
                 if unit.ends_chunk:
                     await self.end_chunk(unit)
 
@@ -377,16 +405,22 @@ class _Import:
                                  skipped=self.report.skipped,
                                  rejected=len(self.sink.rejections))
 
-    async def run(self, chunk: _Chunk, start: Doc,
-                  events: Callable[[str], AsyncIterator[Doc]]) -> None:
-        """One run's documents, parents before children; ``events(descriptor)``."""
+    async def run(self, unit: _Work, start: Doc) -> None:
+        """One run's documents, parents before children: what ``unit`` holds, or
+        streamed from the source. Its offsets count from 0, as they did when each run
+        was imported alone, so that a resumed run's provenance spans the same range."""
         uid = str(start["uid"])
-        for item in chunk.head(start):
+        self.offset = 0
+        for item in unit.chunk.head(start):
             await self.add(item)
-        for desc in chunk.descriptors.get(uid, ()):
+        assets = self.source.stream_assets(uid) if unit.assets is None else unit.assets.of(uid)
+        async for item in assets:
+            await self.add(item)
+        events = self.source.stream_events if unit.events is None else unit.held
+        for desc in unit.chunk.descriptors.get(uid, ()):
             async for item in _paged(events(str(desc["uid"]))):
                 await self.add(item)
-        if (stop := chunk.stops.get(uid)) is not None:
+        if (stop := unit.chunk.stops.get(uid)) is not None:
             await self.add(("stop", stop, f"run_stop {stop.get('uid')}"))
 
 
