@@ -197,10 +197,15 @@ def test_arrays_not_under_the_root_given_refuse_the_removal(
     uid = docs[0][1]["uid"]
     elsewhere = tmp_path / "not-the-root"
     elsewhere.mkdir()
+    short = _run(3, 2)  # all its rows in the stream's tail: nothing of it in Zarr
+    store_docs(short)
     with bluestream.open_catalog(tenant, metadata=metadata_uri, zarr_root=elsewhere) as wrong:
         report = wrong.remove(uid)
+        assert wrong.remove(short[0][1]["uid"]).ok  # nothing to orphan: removed
     assert not report.ok and "wrong --zarr-root" in str(report.refused[0])
+    assert [r.uid for r in report.refused] == [uid]
     assert uid in cat and _run_dir(zarr_root, tenant, uid).is_dir()
+    assert short[0][1]["uid"] not in cat
     out = _cli("prune", "--tenant", tenant, "--metadata", metadata_uri, "--zarr-root",
                str(zarr_root), "--before", "not a date")
     assert out.exit_code == 2 and "--before" in out.output

@@ -81,12 +81,14 @@ async def _arrays_missing(ctx: CatalogContext, starts: Sequence[Doc]) -> list[Re
     under this root: most likely a wrong Zarr root, and removing their metadata would
     orphan the real arrays for good."""
     out = []
-    for start in starts:
-        uid = str(start["uid"])
-        records = await ctx.call("read event_stream", ctx.store.streams, uid)
-        in_zarr = any(r.get("tail") is None or int(r.get("tail_start") or 0) > 0
-                      for r in records)
-        if in_zarr and not await run_arrays_exist(ctx.zarr_root, ctx.tenant, uid):
+    uids = [str(s["uid"]) for s in starts]
+    # One query for every run's stream records (without their tail rows): a record
+    # without a tail, or whose tail starts past row 0, has rows in Zarr.
+    in_zarr = {str(r["run_start"]) for r in await ctx.call(
+        "read event_stream", ctx.store.links, "event_stream", uids)
+        if r.get("tail_start") is None or int(r["tail_start"]) > 0}
+    for uid in uids:
+        if uid in in_zarr and not await run_arrays_exist(ctx.zarr_root, ctx.tenant, uid):
             out.append(Refusal(uid, f"its arrays are not under the Zarr root {ctx.zarr_root} "
                                     "(a wrong --zarr-root?); nothing was removed"))
     return out
@@ -105,8 +107,9 @@ async def _newest_time(ctx: CatalogContext, start: Doc) -> float:
 
 async def _refusals(ctx: CatalogContext, starts: Sequence[Doc], *, force: bool,
                     settle: float, idle: float) -> list[Refusal]:
-    open_runs = [s for s in starts
-                 if await ctx.call("read stop", ctx.store.get, "stop", str(s["uid"])) is None]
+    stopped = {str(r["run_start"]) for r in await ctx.call(
+        "read stops", ctx.store.links, "stop", [str(s["uid"]) for s in starts])}
+    open_runs = [s for s in starts if str(s["uid"]) not in stopped]
     if not force:
         return [Refusal(str(s["uid"]), "the run is open (no stop document): a consumer may "
                                        "still be writing it; give --force to remove a run "
