@@ -150,9 +150,10 @@ class TestMongoMetadataStore(MetadataStoreTests):
 
     async def test_unknown_tenant_names_a_bounded_list(self, mongo_uri: str,
                                                        tenant: str) -> None:
-        """The error for an unknown tenant names at most 20 tenants and spends at most
-        about a second finding them: a server may hold thousands of databases, and a
-        Tiled request for a wrong name must be a quick 404, not a timeout."""
+        """The error for an unknown tenant names at most 20 tenants and stops looking
+        after about a second (between steps: a cancelled driver operation would leave
+        its socket open): a server may hold thousands of databases, and a Tiled request
+        for a wrong name must be a quick 404, not a timeout."""
         names = [f"{tenant}_{i:02d}" for i in range(22)]
         with pymongo.MongoClient(mongo_uri, serverSelectionTimeoutMS=5000) as client:
             try:
@@ -165,8 +166,8 @@ class TestMongoMetadataStore(MetadataStoreTests):
                 assert time.monotonic() - started < 5
                 await store.close()
                 listed = str(err.value).split("tenants there: ", 1)[1]
-                assert listed.endswith(", ...") or listed.startswith("(not listed"), listed
                 assert listed.count(",") <= 20, listed
+                assert listed.endswith(", ...") or time.monotonic() - started > 1, listed
             finally:
                 for name in names:
                     client.drop_database(name)

@@ -23,6 +23,7 @@ aggregation, no collations. Every pymongo error is translated at this edge into
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -239,11 +240,10 @@ class MongoMetadataStore(MetadataStore):
         if not exists:
             # The names are a courtesy: bounded in count and in time (listing the
             # databases of a server that holds thousands takes seconds).
-            named = "(not listed: the server did not list its databases in time)"
-            with anyio.move_on_after(_LISTING_SECONDS):
-                tenants = await self._tenants(limit=_NAMED_IN_ERRORS + 1)
-                named = ", ".join(tenants[:_NAMED_IN_ERRORS]) or "(none)"
-                named += ", ..." if len(tenants) > _NAMED_IN_ERRORS else ""
+            tenants = await self._tenants(limit=_NAMED_IN_ERRORS + 1,
+                                          seconds=_LISTING_SECONDS)
+            named = ", ".join(tenants[:_NAMED_IN_ERRORS]) or "(none found)"
+            named += ", ..." if len(tenants) > _NAMED_IN_ERRORS else ""
             raise NotFound(f"tenant {self.tenant!r} does not exist at MongoDB {self.uri}; "
                            f"tenants there: {named}")
         with self._errors("open"):
@@ -255,10 +255,14 @@ class MongoMetadataStore(MetadataStore):
     async def tenants(self) -> list[str]:
         return await self._tenants()
 
-    async def _tenants(self, limit: int | None = None) -> list[str]:
+    async def _tenants(self, limit: int | None = None,
+                       seconds: float | None = None) -> list[str]:
         """Databases holding a ``run_start`` collection, in name order (the first
-        ``limit``): one listing of the databases, then their collections looked at
+        ``limit``; those found within ``seconds``, checked between steps: an operation
+        of the driver is never cancelled, which would leave its socket open): one
+        listing of the databases, then their collections looked at
         :data:`_LISTING_CONCURRENCY` at a time (a server may hold many databases)."""
+        deadline = None if seconds is None else time.monotonic() + seconds
         if self._client is None:
             self._client = self._make_client()
         client = self._client
@@ -288,6 +292,8 @@ class MongoMetadataStore(MetadataStore):
                 out += [n for n in part if found[n]]
                 if limit is not None and len(out) >= limit:
                     return out[:limit]
+                if deadline is not None and time.monotonic() > deadline:
+                    return out
         return out
 
     def _make_client(self) -> AsyncMongoClient[Doc]:
