@@ -103,3 +103,30 @@ def test_wrong_node_kinds_are_errors(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="is a group, expected an array"):
         array_meta.open_or_create(store, "tenant",
                                   [Column("ab", np.dtype(np.float64), (), 0.0)])
+
+
+def test_created_long_is_created_then_grown(tmp_path: Path) -> None:
+    """Arrays created with a length (a new run's first batch) are written once, with the
+    same ``zarr.json`` bytes as created empty and then grown to that length."""
+    once, twice = SyncingLocalStore(tmp_path / "once"), SyncingLocalStore(tmp_path / "twice")
+    rows = 2 * COLUMNS[0].chunk_events + 1
+    assert array_meta.ensure_group(once, GROUP, ATTRS) is True
+    assert array_meta.ensure_group(once, GROUP, ATTRS) is False
+    made = array_meta.open_or_create(once, GROUP, COLUMNS, [rows] * len(COLUMNS),
+                                     created=True)
+    written, _ = once.take()
+    metadata = {k for k in written if k.endswith("zarr.json")}
+    # One write per node: the arrays, their group and the groups above and between.
+    assert len(metadata) == len(written)
+    array_meta.ensure_group(twice, GROUP, ATTRS)
+    grown, _ = array_meta.grow_all(twice, array_meta.open_or_create(twice, GROUP, COLUMNS),
+                                   rows)
+    assert [a.shape for a in made] == [a.shape for a in grown]
+    assert all(a.shape[0] == 4 * a.chunks[0] for a in made)
+    assert metadata_files(tmp_path / "once") == metadata_files(tmp_path / "twice")
+    # Nothing left behind by the writes (temporary files are renamed into place).
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".partial")]
+    # Reopened (not created): existing arrays are read, not overwritten.
+    again = array_meta.open_or_create(once, GROUP, COLUMNS, [1] * len(COLUMNS))
+    assert [a.shape for a in again] == [a.shape for a in made]
+    assert once.take() == (set(), set())

@@ -16,7 +16,7 @@ import pytest
 
 from bluestream.consumers.decode import decode_message, encode_message
 from bluestream.errors import DocumentError
-from bluestream.schemas.typed import STRUCTS, decode_typed
+from bluestream.schemas.typed import STRUCTS, decode_typed, float_column
 from bluestream.schemas.validate import validate
 
 MAX = 32 * 1024 * 1024
@@ -225,7 +225,11 @@ def _leaves(obj: Any) -> list[Any]:
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Equal, with NaN equal to NaN."""
+    """Equal, with NaN equal to NaN; a page column read as a float64 array is the same
+    as the list of numbers it was packed from."""
+    if isinstance(a, np.ndarray):
+        assert a.dtype == np.float64 and a.ndim == 1, a.dtype
+        a = a.tolist()
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, list) and isinstance(b, list):
@@ -234,3 +238,41 @@ def _same(a: Any, b: Any) -> bool:
         return True
     return (type(a) is type(b) and a == b) or (
         {type(a), type(b)} == {int, float} and a == b)
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 1000, 70_000])
+def test_page_columns_of_doubles_are_read_whole(n: int) -> None:
+    """A column of msgpack doubles (fixarray, array16 and array32 headers) arrives as the
+    float64 array of the same values, NaN and infinities included; the document is
+    still the one event-model accepts."""
+    values = [i * 0.25 - 3.0 for i in range(n)]
+    values[0] = float("nan")
+    values[-1] = float("inf") if n > 1 else values[-1]
+    page = _page(uid=[f"e-{i}" for i in range(n)], seq_num=list(range(1, n + 1)),
+                 time=[float(i) for i in range(n)], data={"a": values},
+                 timestamps={"a": [1.0] * n})
+    fast = decode_typed(msgpack.packb(("event_page", page), use_bin_type=True))
+    assert fast is not None
+    got = fast[1]["data"]["a"]
+    assert isinstance(got, np.ndarray) and got.dtype == np.float64 and got.flags.writeable
+    np.testing.assert_array_equal(got, np.array(values))
+    assert isinstance(fast[1]["time"], np.ndarray)
+
+
+def test_float_column_takes_only_doubles() -> None:
+    """Anything but an array of msgpack doubles is left to the list decoder (and its
+    checks): ints, floats packed as float32, mixed entries, other types, empty arrays,
+    truncated or overlong bytes."""
+    doubles = msgpack.packb([1.0, 2.5, -0.0])
+    assert float_column(doubles) is not None
+    for value in ([1.0, 2], [1, 2], [1.0, "x"], [1.0, True], [1.0, None], [], [[1.0]],
+                  {"a": 1.0}, 1.0, "x"):
+        assert float_column(msgpack.packb(value)) is None, value
+    assert float_column(msgpack.packb([1.0, 2.0], use_single_float=True)) is None
+    assert float_column(doubles[:-1]) is None
+    assert float_column(doubles + b"\x00") is None
+    assert float_column(b"") is None
+    # A page whose column mixes ints and floats still decodes (as a list) and validates.
+    mixed = _page(data={"a": [1, 2.5], "s": ["x", "y"]})
+    fast = decode_typed(msgpack.packb(("event_page", mixed), use_bin_type=True))
+    assert fast is not None and fast[1]["data"]["a"] == [1, 2.5]

@@ -17,6 +17,7 @@ without those calls keep the asynchronous path: :func:`supported` tells which.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -53,9 +54,13 @@ def grown_length(needed: int, chunk: int) -> int:
     return (1 << max(0, chunks - 1).bit_length()) * chunk
 
 
+@functools.lru_cache(maxsize=1024)
 def _new_metadata(col: Column) -> ArrayV3Metadata:
     """What ``create_array(shape=(0, *shape), chunks=(chunk, *shape), dtype, fill_value,
-    dimension_names)`` writes (zarr's default codecs for the dtype)."""
+    dimension_names)`` writes (zarr's default codecs for the dtype). Kept per column
+    (the metadata is immutable): every run of a descriptor shape makes the same columns,
+    and building them (dtype and codec resolution) was half the cost of a new run's
+    arrays."""
     zdtype = parse_dtype(col.dtype, zarr_format=3)
     array_array, array_bytes, bytes_bytes = _parse_chunk_encoding_v3(
         compressors="auto", filters="auto", serializer="auto", dtype=zdtype)
@@ -103,15 +108,15 @@ def _write(store: Any, path: str, meta: ArrayV3Metadata | GroupMetadata) -> None
         store.set_sync(f"{path}/{name}".lstrip("/"), buf)
 
 
-def ensure_group(store: Store, path: str, attributes: dict[str, Any]) -> None:
+def ensure_group(store: Store, path: str, attributes: dict[str, Any]) -> bool:
     """What ``open_group(path, mode="a", attributes=...)`` does: an existing group is
     kept as it is; a missing one is created with ``attributes``, and every missing group
     above it (the root's included) with none. An array in the way is an error.
-    Blocking: call it in a worker thread."""
+    True if the group was created here. Blocking: call it in a worker thread."""
     doc = _node(store, path)
     if doc is not None:
         _expect(doc, path, "group")
-        return
+        return False
     parts = path.split("/")
     for i in range(len(parts)):
         parent = "/".join(parts[:i])
@@ -121,29 +126,41 @@ def ensure_group(store: Store, path: str, attributes: dict[str, Any]) -> None:
         else:
             _expect(above, parent, "group")
     _write(store, path, GroupMetadata(attributes=attributes, zarr_format=3))
+    return True
 
 
 def _handle(store: Store, path: str, meta: ArrayV3Metadata) -> AsyncArray[Any]:
     return AsyncArray(metadata=meta, store_path=StorePath(store, path))
 
 
-def open_or_create(store: Store, group_path: str, columns: Sequence[Column]
+def open_or_create(store: Store, group_path: str, columns: Sequence[Column],
+                   lengths: Sequence[int] | None = None, *, created: bool = False
                    ) -> list[AsyncArray[Any]]:
     """The arrays of ``columns`` under the (existing) group ``group_path``: each opened
-    if its ``zarr.json`` exists, else created empty. Blocking: call it in a worker
-    thread, with the descriptor's lock held."""
+    if its ``zarr.json`` exists, else created, empty or (``lengths``, one per column)
+    already as long as :func:`grow_all` would make it for that many rows: a new run's
+    arrays are written once, not created and then resized. ``created``: the group was
+    just made (:func:`ensure_group` returned True), so nothing below it is looked for.
+    Blocking: call it in a worker thread, with the descriptor's lock held."""
     out = []
-    for col in columns:
+    middles: set[str] = set()  # groups between the descriptor's and its arrays, seen
+    for i, col in enumerate(columns):
         path = f"{group_path}/{col.name}"
-        meta = _read(store, path)
+        meta = None if created else _read(store, path)
         if meta is None:
             meta = _new_metadata(col)
+            if lengths is not None and lengths[i] > 0:
+                meta = meta.update_shape((grown_length(lengths[i], col.chunk_events),
+                                          *col.shape))
             # Groups between the descriptor's and the array (``data/``), as zarr's
             # ``ensure_parents`` makes them.
             inner = col.name.split("/")[:-1]
-            for i in range(1, len(inner) + 1):
-                middle = "/".join([group_path, *inner[:i]])
-                doc = _node(store, middle)
+            for j in range(1, len(inner) + 1):
+                middle = "/".join([group_path, *inner[:j]])
+                if middle in middles:
+                    continue
+                middles.add(middle)
+                doc = None if created else _node(store, middle)
                 if doc is None:
                     _write(store, middle, GroupMetadata(zarr_format=3))
                 else:

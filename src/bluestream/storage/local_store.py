@@ -17,14 +17,16 @@ chunk at once would otherwise lose one of the pages.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
+import itertools
 import os
 from collections.abc import AsyncIterator, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import anyio
 from zarr.core.buffer import Buffer
@@ -57,6 +59,7 @@ class SyncingLocalStore(LocalStore):
 
     def __init__(self, root: Path | str, *, read_only: bool = False) -> None:
         super().__init__(root, read_only=read_only)
+        self._root_text = str(self.root)
         self._files: set[str] = set()  # keys written
         self._dirs: set[str] = set()  # keys of directories whose entries were removed
         #: Directories whose entry in their parent is known to be on disk.
@@ -105,8 +108,16 @@ class SyncingLocalStore(LocalStore):
         await super()._set(key, value, exclusive=exclusive)
 
     def set_sync(self, key: str, value: Buffer) -> None:
+        """What zarr's ``LocalStore.set_sync`` does (a temporary file renamed over the
+        key: a reader or a crash never sees half a chunk), in fewer system and Python
+        calls: no ``mkdir`` unless the directory is missing, no uuid per file. Every
+        chunk and ``zarr.json`` of the daemon goes through here."""
+        self._ensure_open_sync()
+        self._check_writable()
+        if not isinstance(value, Buffer):
+            raise TypeError(f"set_sync: value must be a Buffer, got {type(value)}")
         self._noting(key)
-        super().set_sync(key, value)
+        atomic_write(os.path.join(self._root_text, key), value.as_buffer_like())
 
     async def delete(self, key: str) -> None:
         self._dirs.add(_parent_key(key))
@@ -122,6 +133,35 @@ class SyncingLocalStore(LocalStore):
         self.durable.difference_update(
             [d for d in self.durable if d == gone or d.startswith(gone + "/")])
         await super().delete_dir(prefix)
+
+
+#: Temporary files of :func:`atomic_write`: unique per process and write.
+_TMP_IDS = itertools.count()
+_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+
+
+def atomic_write(path: str, data: Any) -> None:
+    """Write ``data`` (bytes-like) to ``path`` through a temporary file beside it,
+    renamed over ``path`` once written (no fsync here: :func:`sync_written` does that per
+    batch). Missing directories are created."""
+    tmp = f"{path}.{os.getpid()}-{next(_TMP_IDS)}.partial"
+    try:
+        fd = os.open(tmp, _WRITE_FLAGS, 0o666)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(tmp, _WRITE_FLAGS, 0o666)
+    try:
+        try:
+            view = memoryview(data).cast("B")
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 async def sync_written(store: SyncingLocalStore, root: Path) -> None:

@@ -176,10 +176,12 @@ class ZarrEventStore:
                  for c in columns + summaries]
         try:
             async with self._stripe_lock(lock_stripe(path)) if lock else nullcontext():
-                arrays = await self._arrays_of(path, descriptor, run_start, columns)
+                arrays = await self._arrays_of(path, descriptor, run_start, columns,
+                                               needs[:len(columns)])
                 self._check_dtypes(arrays, columns)
                 # Only once the page's columns fit: a refused page creates nothing.
-                extra = await self._arrays_of(path, descriptor, run_start, summaries)
+                extra = await self._arrays_of(path, descriptor, run_start, summaries,
+                                              needs[len(columns):])
                 self._check_dtypes(extra, summaries)
                 arrays = await self._grow(path, arrays + extra, needs)
                 await _write_columns(arrays, columns + summaries, positions, values)
@@ -195,9 +197,10 @@ class ZarrEventStore:
         return stream_update(tenant, run_start, descriptor, specs, page)
 
     async def _arrays_of(self, path: str, descriptor: Mapping[str, Any], run_start: str,
-                         columns: list[Column]) -> list[AsyncArray[Any]]:
+                         columns: list[Column], needs: list[int]) -> list[AsyncArray[Any]]:
         """The descriptor's arrays, from the handle cache when all are there (no store
-        access at all), else through its group (created if missing)."""
+        access at all), else through its group (created if missing; arrays created
+        here are made ``needs`` rows long at once, as :meth:`_grow` would)."""
         cached = [self._arrays.get((path, col.name)) for col in columns]
         if all(arr is not None for arr in cached):
             for col in columns:
@@ -209,8 +212,9 @@ class ZarrEventStore:
             "schema_version": SCHEMA_VERSION}
         if array_meta.supported(self._store):
             def open_sync() -> list[AsyncArray[Any]]:
-                array_meta.ensure_group(self._store, path, attrs)
-                return array_meta.open_or_create(self._store, path, columns)
+                created = array_meta.ensure_group(self._store, path, attrs)
+                return array_meta.open_or_create(self._store, path, columns, needs,
+                                                 created=created)
             arrays = await anyio.to_thread.run_sync(open_sync)
             for col, arr in zip(columns, arrays, strict=True):
                 self._remember(path, col, arr)
