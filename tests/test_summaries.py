@@ -213,6 +213,37 @@ def test_a_partial_write_reads_back_the_rest_of_its_windows() -> None:
     assert got.tobytes() == want.tobytes()
 
 
+@pytest.mark.parametrize("nan", [False, True])
+@pytest.mark.parametrize(("start", "n"), [(0, 5 * W), (W - 3, 3 * W + 7), (7, 20), (0, 2)])
+def test_writes_equal_numpy_per_window(start: int, n: int, nan: bool) -> None:
+    """A contiguous write (the usual one: written as a slice of the windows, whole
+    windows summarised without masks) and the same write with a gap (scattered) give
+    numpy's figures per window."""
+    rng = np.random.default_rng(start + n)
+    values = rng.normal(size=n) * 1e3
+    if nan:
+        values[rng.random(n) < 0.2] = np.nan
+    positions = np.arange(start, start + n)
+
+    def nothing(name: str, a: int, b: int) -> np.ndarray:
+        return np.zeros(b - a) if name == "seq_num" else np.full(b - a, np.nan)
+
+    keep = np.ones(n, bool)
+    keep[n // 2] = False
+    for pos, vals in ((positions, values), (positions[keep], values[keep])):
+        plan = WindowPlan.of(pos)
+        got = window_summaries(plan, {"x": vals}, nothing)["x"]
+        for j, w in enumerate(plan.windows.tolist()):
+            mine = vals[(pos // W) == w]
+            numbers = mine[~np.isnan(mine)]
+            assert got[j, 0] == mine.size and got[j, 4] == mine.size - numbers.size
+            if numbers.size:
+                assert (got[j, 1], got[j, 2]) == (numbers.min(), numbers.max())
+                assert got[j, 3] == pytest.approx(numbers.mean(), rel=1e-12)
+            else:
+                assert np.isnan(got[j, 1:4]).all()
+
+
 def test_merging_windows_equals_numpy_over_their_rows() -> None:
     rng = np.random.default_rng(3)
     values = rng.normal(size=10 * W + 33)

@@ -148,7 +148,13 @@ def atomic_write(path: str, data: Any) -> None:
     try:
         fd = os.open(tmp, _WRITE_FLAGS, 0o666)
     except FileNotFoundError:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        parent = os.path.dirname(path)
+        try:
+            os.mkdir(parent)  # usually only the chunk directory itself is new
+        except FileNotFoundError:
+            os.makedirs(parent, exist_ok=True)
+        except FileExistsError:
+            pass  # made meanwhile by another writer
         fd = os.open(tmp, _WRITE_FLAGS, 0o666)
     try:
         try:

@@ -46,6 +46,15 @@ def window_stats(values: Array, written: Array) -> Array:
     counted (``count`` and ``nan_count``) and left out of min/max/mean; with no number
     in a window those are NaN."""
     v = np.asarray(values, dtype=np.float64)
+    if written.all():  # whole windows (nearly every one a long run writes)
+        lo, hi = v.min(axis=1), v.max(axis=1)
+        if not (np.isnan(lo).any() or np.isnan(hi).any()):  # and no NaN among them
+            out = np.empty((v.shape[0], len(SUMMARY_FIELDS)), dtype=np.float64)
+            out[:, _COUNT] = v.shape[1]
+            out[:, _MIN], out[:, _MAX] = lo, hi
+            out[:, _MEAN] = v.sum(axis=1) / v.shape[1]
+            out[:, _NANS] = 0.0
+            return out
     nan = np.isnan(v) & written
     valid = written & ~nan
     n_valid = valid.sum(axis=1)
@@ -154,16 +163,31 @@ def window_summaries(plan: WindowPlan, columns: Mapping[str, Array], read: Reade
     stored_seq = [read(SEQ_NUM, a, b) > 0 for a, b in plan.ranges()]
     for (j0, j1), seq in zip(plan.partial, stored_seq, strict=True):
         written[j0:j1] = seq.reshape(j1 - j0, SUMMARY_WINDOW)
-    written[plan.rows, plan.cols] = True
+    # Positions of one contiguous stretch over consecutive windows (how pages and
+    # batches arrive) are a slice of the flattened windows, not a scatter.
+    n = int(plan.rows.size)
+    span = None
+    if k and int(plan.windows[-1] - plan.windows[0]) == k - 1 and n and \
+            int(plan.cols[0]) + n == int(plan.cols[-1]) + 1 + (k - 1) * SUMMARY_WINDOW:
+        span = slice(int(plan.cols[0]), int(plan.cols[0]) + n)
+    if span is not None:
+        written.reshape(-1)[span] = True
+    else:
+        written[plan.rows, plan.cols] = True
+    unwritten = None if written.all() else ~written
     out: dict[str, Array] = {}
     for name, values in columns.items():
         matrix = np.zeros((k, SUMMARY_WINDOW), dtype=np.float64)
         for (j0, j1), (a, b) in zip(plan.partial, plan.ranges(), strict=True):
             matrix[j0:j1] = np.asarray(read(name, a, b), dtype=np.float64).reshape(
                 j1 - j0, SUMMARY_WINDOW)
-        matrix[plan.rows, plan.cols] = values
+        if span is not None:
+            matrix.reshape(-1)[span] = values
+        else:
+            matrix[plan.rows, plan.cols] = values
         # Rows never written hold the column's fill (NaN for floats): count nothing.
-        matrix[~written] = 0.0
+        if unwritten is not None:
+            matrix[unwritten] = 0.0
         out[name] = window_stats(matrix, written)
     return out
 
