@@ -182,8 +182,8 @@ async def test_import_in_chunks_every_path(
 async def provenance_span(settings: Settings, tenant: str, run: str) -> tuple[int, int]:
     async with open_catalog_async(tenant, metadata=settings.storage.metadata,
                                   zarr_root=settings.storage.zarr_root) as cat:
-        (record,) = await cat._ctx.store.ingest_log(run)
-    return int(record["offset_min"]), int(record["offset_max"])
+        (source,) = (await (await cat.lookup(run)).provenance())["sources"]
+    return int(source["offset_min"]), int(source["offset_max"])
 
 
 # -- killed midway, resumed ------------------------------------------------------------------

@@ -443,7 +443,7 @@ class CatalogNode(_Paged):
 
     async def check_open(self) -> None:
         """Open the tenant's store (read-only): NoEntry (404) if the tenant is unknown."""
-        await self._call(self._catalog._ctx.ensure_open())
+        await self._call(self._catalog.open())
 
     async def aclose(self) -> None:
         await self._catalog.aclose()
