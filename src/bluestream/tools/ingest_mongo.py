@@ -65,6 +65,9 @@ class MongoImportReport:
     runs: int = 0  # runs in the source
     imported: int = 0
     skipped: int = 0  # already complete in bluestream
+    #: Start documents stored more than once in the source (no unique index there):
+    #: each run is imported once, its copies are counted here.
+    duplicates: int = 0
     documents: int = 0
     events: int = 0
     seconds: float = 0.0
@@ -77,7 +80,9 @@ class MongoImportReport:
 
     def summary(self) -> str:
         return (f"{self.runs} run(s) in the source: {self.imported} imported, "
-                f"{self.skipped} already complete (skipped); {self.documents} documents "
+                f"{self.skipped} already complete (skipped)"
+                f"{f', {self.duplicates} stored twice (once)' if self.duplicates else ''}; "
+                f"{self.documents} documents "
                 f"({self.events} events), {len(self.rejections)} rejected, "
                 f"in {self.seconds:.1f} s")
 
@@ -225,6 +230,7 @@ class _Work:
     assets: _Assets | None = None  # None: streamed from the source while written
     ends_chunk: int = 0  # the chunk's run count, on its last unit
     imported: int = 0  # of which not already complete
+    copies: int = 0  # start documents of the chunk that repeat a run already read
 
     def held(self, descriptor: str) -> AsyncIterator[Doc]:
         """The events held for ``descriptor``, handed over once."""
@@ -325,6 +331,9 @@ class _Import:
         self.report, self.topic, self.tenant = report, topic, tenant
         self.progress, self.sink = progress, sink
         self.offset = 0
+        #: Run uids read so far: a start stored twice is one run, whichever chunks the
+        #: copies fall into (one uid per run in memory).
+        self.seen: set[str] = set()
 
     async def add(self, item: Item) -> None:
         name, doc, where = item
@@ -350,11 +359,15 @@ class _Import:
                 await self.read_chunk(chunk, out)
 
     async def read_chunk(self, starts: list[Doc], out: MemoryObjectSendStream[_Work]) -> None:
+        read = len(starts)
         firsts: dict[str, Doc] = {}
         for s in starts:  # a start stored twice (no unique index in the source): once
-            firsts.setdefault(str(s["uid"]), s)
+            uid = str(s["uid"])
+            if uid not in self.seen:
+                self.seen.add(uid)
+                firsts[uid] = s
         starts = list(firsts.values())
-        chunk = await self.source.chunk(starts)
+        chunk = await self.source.chunk(starts) if starts else _Chunk([])
         done = await _complete(self.source, chunk, self.store)
         todo = [s for s in starts if str(s["uid"]) not in done]
         group: list[Doc] = []
@@ -371,7 +384,8 @@ class _Import:
             held += n
         if group:
             await self.send_group(chunk, group, out)
-        await out.send(_Work(chunk, [], None, ends_chunk=len(starts), imported=len(todo)))
+        await out.send(_Work(chunk, [], None, ends_chunk=len(starts), imported=len(todo),
+                             copies=read - len(starts)))
 
     async def send_group(self, chunk: _Chunk, starts: list[Doc],
                          out: MemoryObjectSendStream[_Work]) -> None:
@@ -400,8 +414,9 @@ class _Import:
         await self.batcher.flush()
         self.report.imported += unit.imported
         self.report.skipped += unit.ends_chunk - unit.imported
+        self.report.duplicates += unit.copies
         if self.progress is not None:
-            self.progress.update(unit.ends_chunk, docs=self.report.documents,
+            self.progress.update(unit.ends_chunk + unit.copies, docs=self.report.documents,
                                  skipped=self.report.skipped,
                                  rejected=len(self.sink.rejections))
 
