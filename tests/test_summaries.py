@@ -213,6 +213,30 @@ def test_a_partial_write_reads_back_the_rest_of_its_windows() -> None:
     assert got.tobytes() == want.tobytes()
 
 
+def test_whole_windows_give_the_same_bytes_alone_and_beside_partial_ones() -> None:
+    """A whole window without NaN is summarised by the short path when alone and by the
+    general one beside a window with NaN or unwritten rows: the bytes are the same
+    (replays and other batchings must store identical summaries), infinities and
+    signed zeros included, and +inf with -inf gives a NaN mean without a warning."""
+    rng = np.random.default_rng(5)
+    whole = rng.normal(size=(4, W)) * 1e300
+    whole[0, :3] = [np.inf, -0.0, 0.0]
+    whole[1, :2] = [np.inf, -np.inf]
+    whole[2, :] = -0.0
+    whole[3, 7] = 5e-324  # subnormal
+    partial = rng.normal(size=(1, W))
+    partial[0, 5] = np.nan
+    ones = np.ones((5, W), bool)
+    holes = ones.copy()
+    holes[4, 9] = False
+    with np.errstate(all="raise"):
+        alone = window_stats(whole, ones[:4])
+    for other, written in ((partial, ones), (rng.normal(size=(1, W)), holes)):
+        beside = window_stats(np.concatenate([whole, other]), written)
+        assert beside[:4].tobytes() == alone.tobytes()
+    assert np.isnan(alone[1, 3]) and alone[2, 1] == 0.0
+
+
 @pytest.mark.parametrize("nan", [False, True])
 @pytest.mark.parametrize(("start", "n"), [(0, 5 * W), (W - 3, 3 * W + 7), (7, 20), (0, 2)])
 def test_writes_equal_numpy_per_window(start: int, n: int, nan: bool) -> None:

@@ -140,20 +140,22 @@ async def test_import_in_chunks_every_path(
     n_external = sum(1 for n, _ in external if n == "event")
     for docs in [*runs[:8], open_run, external]:
         write_with_suitcase(source_db, docs)
-    # Stored twice in a source without unique indexes (bluesky-kafka's at-least-once
-    # delivery): a start whose copies share a chunk (the newest run's), a start whose
-    # copies fall into two chunks (the third oldest: the last of the first chunk of
-    # three, its copy next), and a descriptor. Each once.
-    source_db.run_start.insert_one(dict(external[0][1]))
+    # Stored more than once in a source without unique indexes (bluesky-kafka's
+    # at-least-once delivery): the newest run's start four more times (its copies share
+    # a chunk with it, and then fill the last chunk of three alone), a start whose
+    # copies fall into two chunks (the third oldest: the last of the first chunk, its
+    # copy next), and a descriptor. Each run once.
+    for _ in range(4):
+        source_db.run_start.insert_one(dict(external[0][1]))
     source_db.run_start.insert_one(dict(runs[2][0][1]))
     source_db.event_descriptor.insert_one(dict(runs[3][1][1]))
 
     report = await ingest_mongo(f"{mongo_uri}/{source_db.name}", tenant=tenant,
                                 settings=settings)
     assert report.ok, report.rejections
-    # 12 start documents: 10 runs and 2 copies
-    assert (report.runs, report.imported, report.skipped, report.duplicates) == (12, 10, 0, 2)
-    assert "2 stored twice (once)" in report.summary()
+    # 15 start documents: 10 runs and 5 copies
+    assert (report.runs, report.imported, report.skipped, report.duplicates) == (15, 10, 0, 5)
+    assert "5 duplicate start document(s) (each run imported once)" in report.summary()
     assert report.events == sum(sizes) + n_external
     # written without create_indexes(): every lookup of a chunk would read a collection
     assert [w.split(": ")[0] for w in report.warnings] == [
@@ -175,7 +177,7 @@ async def test_import_in_chunks_every_path(
     source_db.datum.create_index("resource")
     report = await ingest_mongo(f"{mongo_uri}/{source_db.name}", tenant=tenant,
                                 settings=settings)
-    assert (report.imported, report.skipped, report.duplicates) == (1, 9, 2)
+    assert (report.imported, report.skipped, report.duplicates) == (1, 9, 5)
     assert report.warnings == []
     stored = await catalog_docs(settings, tenant)
     assert canonical(stored[open_run[0][1]["uid"]]) == canonical(open_run)

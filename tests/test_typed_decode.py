@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+from pathlib import Path
 from typing import Any
 
 import event_model
@@ -18,6 +19,8 @@ from bluestream.consumers.decode import decode_message, encode_message
 from bluestream.errors import DocumentError
 from bluestream.schemas.typed import STRUCTS, decode_typed, float_column
 from bluestream.schemas.validate import validate
+from helpers import zarr_files
+from test_catalog_support import create_store, ingest
 
 MAX = 32 * 1024 * 1024
 
@@ -276,3 +279,42 @@ def test_float_column_takes_only_doubles() -> None:
     mixed = _page(data={"a": [1, 2.5], "s": ["x", "y"]})
     fast = decode_typed(msgpack.packb(("event_page", mixed), use_bin_type=True))
     assert fast is not None and fast[1]["data"]["a"] == [1, 2.5]
+
+
+@pytest.mark.anyio
+async def test_pages_store_the_same_bytes_by_either_path(tmp_path: Path) -> None:
+    """Pages of float columns stored through the typed path (columns of doubles
+    converted whole) and the same pages with numpy columns (msgpack-numpy: the general
+    path) leave identical Zarr files."""
+    bundle = event_model.compose_run(time=1_700_000_000.0)
+    keys = {k: {"dtype": "number", "shape": [], "source": k} for k in ("a", "b", "c")}
+    desc = bundle.compose_descriptor(name="primary", data_keys=keys, time=1_700_000_000.0)
+    rng = np.random.default_rng(3)
+    plain: list[tuple[str, dict[str, Any]]] = [("start", bundle.start_doc),
+                                               ("descriptor", desc.descriptor_doc)]
+    numpy_ = list(plain)
+    for first in range(1, 301, 50):
+        seq = list(range(first, first + 50))
+        cols = {k: rng.normal(size=50) for k in keys}
+        cols["a"][::7] = np.nan
+        times = [1_700_000_000.0 + i for i in seq]
+        page = {"descriptor": desc.descriptor_doc["uid"], "seq_num": seq,
+                "uid": [f"{desc.descriptor_doc['uid']}-{i}" for i in seq], "time": times,
+                "filled": {}}
+        plain.append(("event_page", {**page, "data": {k: v.tolist() for k, v in cols.items()},
+                                     "timestamps": {k: times for k in keys}}))
+        numpy_.append(("event_page", {**page, "data": cols,
+                                      "timestamps": {k: np.array(times) for k in keys}}))
+    stop = bundle.compose_stop(time=1_700_001_000.0)
+    plain.append(("stop", stop))
+    numpy_.append(("stop", stop))
+    assert decode_typed(encode_message(*plain[2])) is not None  # the typed path
+    assert decode_typed(encode_message(*numpy_[2])) is None  # the general path
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    for tenant, docs in (("ta", plain), ("tb", numpy_)):
+        await create_store(uri, tenant)
+        await ingest(uri, tmp_path / tenant, tenant, docs)
+    a, b = ({k.split("/", 1)[1]: v for k, v in zarr_files(tmp_path / t, t).items()}
+            for t in ("ta", "tb"))
+    assert a == b and any("/data/a/c/" in k for k in a)

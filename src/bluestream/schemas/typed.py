@@ -18,10 +18,10 @@ validator, and checks the structs' fields against the schemas.
 What the fast path gives is the same document as the general one, except that an
 integer ``time`` or timestamp arrives as a float (both are stored as float64), and that
 an event page's columns of msgpack doubles arrive as float64 arrays: a page is already
-columnar, so such a column (every entry a 9-byte float64) is read with one
-``numpy.frombuffer`` instead of building a Python float per entry and an array from
-them (:func:`float_column`). Columns of anything else are decoded as lists and checked
-as before.
+columnar, so such a column (every entry a 9-byte float64) is converted by numpy in one
+step (a strided view of the bytes, copied to native order) instead of building a Python
+float per entry and an array from them (:func:`float_column`). Columns of anything else
+are decoded as lists and checked as before.
 """
 
 from __future__ import annotations

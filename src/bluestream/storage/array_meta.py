@@ -149,6 +149,8 @@ def open_or_create(store: Store, group_path: str, columns: Sequence[Column],
         meta = None if created else _read(store, path)
         if meta is None:
             meta = _new_metadata(col)
+            # The cached metadata's attributes dict is shared: each array gets its own.
+            meta = meta.update_attributes(dict(meta.attributes))
             if lengths is not None and lengths[i] > 0:
                 meta = meta.update_shape((grown_length(lengths[i], col.chunk_events),
                                           *col.shape))

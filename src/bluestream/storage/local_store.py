@@ -22,6 +22,7 @@ import fcntl
 import hashlib
 import itertools
 import os
+import secrets
 from collections.abc import AsyncIterator, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -135,8 +136,11 @@ class SyncingLocalStore(LocalStore):
         await super().delete_dir(prefix)
 
 
-#: Temporary files of :func:`atomic_write`: unique per process and write.
+#: Temporary files of :func:`atomic_write`: unique per process and write (the pid and a
+#: random token: a pid repeats across containers and restarts, and a killed process can
+#: leave its temporary file behind).
 _TMP_IDS = itertools.count()
+_TMP_TOKEN = secrets.token_hex(4)
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -144,7 +148,7 @@ def atomic_write(path: str, data: Any) -> None:
     """Write ``data`` (bytes-like) to ``path`` through a temporary file beside it,
     renamed over ``path`` once written (no fsync here: :func:`sync_written` does that per
     batch). Missing directories are created."""
-    tmp = f"{path}.{os.getpid()}-{next(_TMP_IDS)}.partial"
+    tmp = f"{path}.{os.getpid()}-{_TMP_TOKEN}-{next(_TMP_IDS)}.partial"
     try:
         fd = os.open(tmp, _WRITE_FLAGS, 0o666)
     except FileNotFoundError:

@@ -52,7 +52,8 @@ def window_stats(values: Array, written: Array) -> Array:
             out = np.empty((v.shape[0], len(SUMMARY_FIELDS)), dtype=np.float64)
             out[:, _COUNT] = v.shape[1]
             out[:, _MIN], out[:, _MAX] = lo, hi
-            out[:, _MEAN] = v.sum(axis=1) / v.shape[1]
+            with np.errstate(invalid="ignore", over="ignore"):  # +inf and -inf: NaN
+                out[:, _MEAN] = v.sum(axis=1) / v.shape[1]
             out[:, _NANS] = 0.0
             return out
     nan = np.isnan(v) & written

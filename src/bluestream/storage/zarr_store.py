@@ -199,8 +199,9 @@ class ZarrEventStore:
     async def _arrays_of(self, path: str, descriptor: Mapping[str, Any], run_start: str,
                          columns: list[Column], needs: list[int]) -> list[AsyncArray[Any]]:
         """The descriptor's arrays, from the handle cache when all are there (no store
-        access at all), else through its group (created if missing; arrays created
-        here are made ``needs`` rows long at once, as :meth:`_grow` would)."""
+        access at all), else through its group (created if missing; on stores with
+        synchronous calls, arrays created here are made ``needs`` rows long at once, as
+        :meth:`_grow` would; elsewhere :meth:`_grow` does it next)."""
         cached = [self._arrays.get((path, col.name)) for col in columns]
         if all(arr is not None for arr in cached):
             for col in columns:

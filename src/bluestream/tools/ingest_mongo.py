@@ -79,9 +79,10 @@ class MongoImportReport:
         return not self.rejections
 
     def summary(self) -> str:
+        copies = (f", {self.duplicates} duplicate start document(s) (each run imported "
+                  "once)") if self.duplicates else ""
         return (f"{self.runs} run(s) in the source: {self.imported} imported, "
-                f"{self.skipped} already complete (skipped)"
-                f"{f', {self.duplicates} stored twice (once)' if self.duplicates else ''}; "
+                f"{self.skipped} already complete (skipped){copies}; "
                 f"{self.documents} documents "
                 f"({self.events} events), {len(self.rejections)} rejected, "
                 f"in {self.seconds:.1f} s")
@@ -406,7 +407,7 @@ class _Import:
             async for unit in work:
                 for start in unit.starts:
                     await self.run(unit, start)
-                if unit.ends_chunk:
+                if unit.ends_chunk or unit.copies:
                     await self.end_chunk(unit)
 
     async def end_chunk(self, unit: _Work) -> None:
