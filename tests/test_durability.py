@@ -30,7 +30,7 @@ from bluestream.layout import descriptor_path, field_specs
 from bluestream.limits import Limits
 from bluestream.schemas.normalise import page_from_events
 from bluestream.settings import load_settings
-from bluestream.storage.local_store import SyncingLocalStore
+from bluestream.storage.local_store import SyncingLocalStore, atomic_write
 from bluestream.storage.zarr_store import ZarrEventStore
 from helpers import envelopes, make_ingestor, scalar_run
 
@@ -368,3 +368,33 @@ class TestSyncingLocalStoreConformance(StoreTests[SyncingLocalStore, cpu.Buffer]
 
     def test_store_supports_listing(self, store: SyncingLocalStore) -> None:
         assert store.supports_listing
+
+
+def test_atomic_write_replaces_whole_or_leaves_the_old_file(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """A key is replaced whole (missing directories made), and a write that fails half
+    way leaves the previous bytes and no temporary file behind."""
+    target = tmp_path / "a" / "b" / "c" / "0"
+    atomic_write(str(target), b"old" * 1000)
+    assert target.read_bytes() == b"old" * 1000
+    atomic_write(str(target), memoryview(np.arange(10, dtype=np.float64)))
+    assert target.read_bytes() == np.arange(10, dtype=np.float64).tobytes()
+
+    calls = itertools.count()
+    real_write = os.write
+
+    def failing_write(fd: int, data: Any) -> int:
+        if next(calls) == 1:  # the second write of the loop: a full disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, bytes(memoryview(data)[:5]))  # short writes
+
+    monkeypatch.setattr(os, "write", failing_write)
+    with pytest.raises(OSError, match="No space"):
+        atomic_write(str(target), b"new" * 1000)
+    monkeypatch.undo()
+    assert target.read_bytes() == np.arange(10, dtype=np.float64).tobytes()
+    assert sorted(p.name for p in target.parent.iterdir()) == ["0"]
+    with pytest.raises(NotADirectoryError):  # a file where a directory should be
+        atomic_write(str(target / "x"), b"data")
+    assert sorted(p.name for p in target.parent.iterdir()) == ["0"]
