@@ -166,11 +166,16 @@ def test_sigkill_loop_stores_every_event_exactly_once(
         progress.append(stored_count(mongo_uri, tenant))
     # The kills must have hit the daemon mid-stream, or the test proves nothing.
     assert sum(1 for p in progress if 0 < p < total) >= 3, progress
+    logged = log.stat().st_size
     proc = start_daemon(env, log)
     try:
         _wait(lambda: all_stopped(mongo_uri, tenant) >= n_runs, proc, log, "every run")
         _wait(lambda: _committed_to_end(kafka_bootstrap, group, topic), proc, log,
               "offsets committed to the end")
+        # The last killed daemon may have stored and committed everything already: a
+        # SIGTERM before this one handles signals would kill it instead of stopping it.
+        _wait(lambda: b'"event": "ready"' in log.read_bytes()[logged:], proc, log,
+              "the last daemon ready")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
     finally:
