@@ -102,23 +102,19 @@ def float_column(raw: msgspec.Raw | bytes) -> np.ndarray | None:
     return np.ndarray((n,), _BIG_F64, data, start + 1, (9,)).astype(np.float64)
 
 
-def _floats(raw: msgspec.Raw) -> np.ndarray | list[float]:
+def _column(raw: msgspec.Raw, as_list: msgspec.msgpack.Decoder[Any]) -> Any:
+    """A page column: float64 array when it is all doubles, else ``as_list``'s list."""
     column = float_column(raw)
-    return _FLOAT_LIST.decode(raw) if column is None else column
-
-
-def _scalars(raw: msgspec.Raw) -> np.ndarray | list[Scalar]:
-    column = float_column(raw)
-    return _SCALAR_LIST.decode(raw) if column is None else column
+    return as_list.decode(raw) if column is None else column
 
 
 def _event_page(raw: msgspec.Raw) -> dict[str, Any] | None:
     page = _EVENT_PAGE.decode(raw)
     doc: dict[str, Any] = {
         "descriptor": page.descriptor, "seq_num": _INT_LIST.decode(page.seq_num),
-        "uid": page.uid, "time": _floats(page.time),
-        "data": {k: _scalars(v) for k, v in page.data.items()},
-        "timestamps": {k: _floats(v) for k, v in page.timestamps.items()}}
+        "uid": page.uid, "time": _column(page.time, _FLOAT_LIST),
+        "data": {k: _column(v, _SCALAR_LIST) for k, v in page.data.items()},
+        "timestamps": {k: _column(v, _FLOAT_LIST) for k, v in page.timestamps.items()}}
     if page.filled is not msgspec.UNSET:
         doc["filled"] = page.filled
     return doc

@@ -150,9 +150,9 @@ class _Source:
     async def stream_assets(self, run: str) -> AsyncIterator[Item]:
         """The resources of one long run and their datums, streamed."""
         async for res in self.assets.resource.find({"run_start": run}, _NO_ID):
-            yield "resource", res, f"resource {res['uid']}"
+            yield _resource(res)
             async for datum in self.assets.datum.find({"resource": res["uid"]}, _NO_ID):
-                yield "datum", datum, f"datum {datum['datum_id']}"
+                yield _datum(datum)
 
     async def events(self, descriptors: list[str]) -> dict[str, list[Doc]] | None:
         """Every event of ``descriptors``, per descriptor in time order; None (and no
@@ -206,6 +206,14 @@ class _Chunk:
             yield "descriptor", desc, f"event_descriptor {desc['uid']}"
 
 
+def _resource(res: Doc) -> Item:
+    return "resource", res, f"resource {res['uid']}"
+
+
+def _datum(datum: Doc) -> Item:
+    return "datum", datum, f"datum {datum['datum_id']}"
+
+
 @dataclass
 class _Assets:
     """Resources per run and datums per resource, of runs held in memory together."""
@@ -215,9 +223,9 @@ class _Assets:
 
     async def of(self, run: str) -> AsyncIterator[Item]:
         for res in self.resources.pop(run, ()):
-            yield "resource", res, f"resource {res['uid']}"
+            yield _resource(res)
             for datum in self.datums.pop(str(res["uid"]), ()):
-                yield "datum", datum, f"datum {datum['datum_id']}"
+                yield _datum(datum)
 
 
 @dataclass
@@ -361,14 +369,17 @@ class _Import:
 
     async def read_chunk(self, starts: list[Doc], out: MemoryObjectSendStream[_Work]) -> None:
         read = len(starts)
-        firsts: dict[str, Doc] = {}
+        fresh: list[Doc] = []
         for s in starts:  # a start stored twice (no unique index in the source): once
             uid = str(s["uid"])
             if uid not in self.seen:
                 self.seen.add(uid)
-                firsts[uid] = s
-        starts = list(firsts.values())
-        chunk = await self.source.chunk(starts) if starts else _Chunk([])
+                fresh.append(s)
+        starts = fresh
+        if not starts:  # only copies of runs already read: nothing to ask the source
+            await out.send(_Work(_Chunk([]), [], None, copies=read))
+            return
+        chunk = await self.source.chunk(starts)
         done = await _complete(self.source, chunk, self.store)
         todo = [s for s in starts if str(s["uid"]) not in done]
         group: list[Doc] = []
