@@ -8,6 +8,7 @@ database round trips.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -86,6 +87,28 @@ class AsyncEventStream:
 
     async def descriptors(self) -> list[Doc]:
         return (await self._layout())[0]
+
+    async def state_token(self) -> tuple[Any, ...] | None:
+        """A value that two calls give equal only if the metadata store holds the same
+        descriptors and ``event_stream`` records (lengths, tails, ...) for this stream:
+        what a reader built from the stream can be reused while it stays equal. None for
+        a stream with keys of stream resources (their rows come from stream datums, which
+        the records do not count). A hole below a record's length filled later does not
+        change it: callers that need that must not rely on the token alone."""
+        descs, recs = await self._layout()
+        if any(is_stream_key(dk) for d in descs for dk in d.get("data_keys", {}).values()):
+            return None
+        parts: list[Any] = [d["uid"] for d in descs]
+        for uid in sorted(recs):
+            fields = []
+            for name, value in sorted(recs[uid].items()):
+                if name == "_id":
+                    continue
+                if isinstance(value, bytes | bytearray | memoryview):
+                    value = hashlib.blake2b(bytes(value), digest_size=16).hexdigest()
+                fields.append((name, repr(value)))
+            parts.append((uid, tuple(fields)))
+        return tuple(parts)
 
     async def length(self) -> int:
         """Number of events stored so far (written rows, not the highest seq_num)."""

@@ -1,21 +1,24 @@
 """Tiled 0.2 adapters over bluestream's catalog (see :mod:`bluestream.tiled`).
 
-Every node is built per request from what the metadata store and the Zarr arrays hold
-now (no cache: an open run grows between two requests). Arrays are the lazy dask arrays
-of the Python catalog's ``to_dask()``, whose blocks are the Zarr chunks: a block request
-reads one chunk. What Tiled needs of an adapter (``structure_family``, ``metadata()``,
-``specs``, ``structure()``; for containers ``lookup_adapter`` raising ``NoEntry``,
-``exact_len``, ``keys_range``/``items_range``, ``search``, ``sort``) is the protocol of the
-Tiled 0.2 server.
+Nodes are built per request from what the metadata store and the Zarr arrays hold now,
+except the streams of closed runs, which :class:`StreamCache` reuses while the store's
+records for them stay the same (an open run is built on every request: it grows between
+two). Arrays are the lazy dask arrays of the Python catalog's ``to_dask()``, whose blocks
+are the Zarr chunks: a block request reads one chunk. The ``internal`` table reads the
+columns asked for through the stream's own (eager, concurrent) read. What Tiled needs of
+an adapter (``structure_family``, ``metadata()``, ``specs``, ``structure()``; for
+containers ``lookup_adapter`` raising ``NoEntry``, ``exact_len``,
+``keys_range``/``items_range``, ``search``, ``sort``) is the protocol of the Tiled 0.2
+server.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -212,20 +215,24 @@ def _block_slices(chunks: Sequence[Sequence[int]], block: Sequence[int]) -> tupl
 
 class TableNode:
     """The ``internal`` table: ``seq_num``, ``time``, the scalar data keys and the
-    timestamps of every key (``ts_<key>``, as TiledWriter writes them). Columns
-    are read when asked for (the structure needs their types only): a request for one
-    frame of a run does not read its scalar columns."""
+    timestamps of every key (``ts_<key>``, as TiledWriter writes them). The structure
+    needs the columns' types only; a read fetches the columns asked for in one read of
+    the stream (every Zarr array concurrently, as the local ``read()`` does): a request
+    for one frame of a run reads none of them."""
 
     structure_family = StructureFamily.table
     specs: list[Spec] = []
 
-    def __init__(self, columns: dict[str, Any], metadata: dict[str, Any]) -> None:
+    def __init__(self, stream: Any, dtypes: dict[str, np.dtype[Any]], length: int,
+                 timestamp_keys: dict[str, str], metadata: dict[str, Any]) -> None:
         import pyarrow as pa
 
-        self._columns = columns  # numpy or lazy (dask) 1-d arrays
-        schema = pa.schema([(name, pa.string() if np.dtype(v.dtype).kind in "TOU"
-                             else pa.from_numpy_dtype(np.dtype(v.dtype)))
-                            for name, v in columns.items()])
+        self._stream = stream
+        self._dtypes = dtypes  # column -> dtype (seq_num, time, data keys, ts_<key>)
+        self._length = length
+        self._timestamp_keys = timestamp_keys  # ts_<key> -> key
+        schema = pa.schema([(name, pa.string() if dt.kind in "TOU"
+                             else pa.from_numpy_dtype(dt)) for name, dt in dtypes.items()])
         self._structure = TableStructure.from_schema(schema, npartitions=1)
         self._metadata = metadata
 
@@ -235,19 +242,40 @@ class TableNode:
     def structure(self) -> TableStructure:
         return self._structure
 
+    def _check(self, fields: Sequence[str] | None) -> list[str]:
+        names = list(fields) if fields else list(self._dtypes)
+        missing = [f for f in names if f not in self._dtypes]
+        if missing:
+            raise KeyError(missing[0])
+        return names
+
+    async def _columns(self, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """The columns ``names``, their rows those of one read of the stream (the
+        timestamps NaN where a second read saw other rows: an open run that grew)."""
+        ts_keys = [self._timestamp_keys[n] for n in names if n in self._timestamp_keys]
+        data = [n for n in names if n not in self._timestamp_keys
+                and n not in ("seq_num", "time")]
+        with _http_errors():
+            ds = await self._stream.read(fields=data)
+            ts = await self._stream.timestamps(fields=ts_keys) if ts_keys else None
+        seq = np.asarray(ds["seq_num"].values, dtype=np.int64)
+        out: dict[str, np.ndarray] = {"seq_num": seq,
+                                      "time": np.asarray(ds["time"].values, np.float64)}
+        out.update({n: np.asarray(ds[n].values) for n in data})
+        same = ts is not None and np.array_equal(ts["seq_num"].values, seq)
+        for name in names:
+            if name in self._timestamp_keys:
+                key = self._timestamp_keys[name]
+                out[name] = np.asarray(ts[key].values, dtype=np.float64) \
+                    if same and ts is not None and key in ts else np.full(len(seq), np.nan)
+        return {n: _arrow_ready(out[n]) for n in names}
+
     async def read(self, fields: Sequence[str] | None = None) -> Any:
         import pandas as pd
 
-        names = list(fields) if fields else list(self._columns)
-        missing = [f for f in names if f not in self._columns]
-        if missing:
-            raise KeyError(missing[0])
-        values = {n: await v.load() if isinstance(v, _Deferred) else v
-                  for n in names for v in [self._columns[n]]}
-
-        def load() -> Any:
-            return pd.DataFrame({n: _arrow_ready(np.asarray(values[n])) for n in names})
-        return await anyio.to_thread.run_sync(load)
+        names = self._check(fields)
+        columns = await self._columns(names)
+        return await anyio.to_thread.run_sync(lambda: pd.DataFrame(columns))
 
     async def read_partition(self, partition: int, fields: Sequence[str] | None = None
                              ) -> Any:
@@ -256,56 +284,35 @@ class TableNode:
         return await self.read(fields)
 
     def __getitem__(self, key: str) -> ArrayNode:
-        if key not in self._columns:
+        if key not in self._dtypes:
             raise KeyError(key)
-        values = self._columns[key]
-        if np.dtype(values.dtype).kind in "TO":
-            values = _arrow_ready(np.asarray(values))
-        return ArrayNode(values, ("time",), {})
+
+        async def fetch() -> np.ndarray:
+            return (await self._columns([key]))[key]
+        return ArrayNode(_Deferred(self._length, self._dtypes[key], fetch), ("time",), {})
 
 
 class _Deferred:
-    """A float64 column read only when asked for (``await load()``); shape and dtype are
-    known without reading it, which is all a table's structure needs."""
+    """A column read only when asked for (``await load()``); shape and dtype are known
+    without reading it, which is all a structure needs."""
 
-    dtype = np.dtype(np.float64)
     ndim = 1
 
-    def __init__(self, n: int, fetch: Callable[[], Awaitable[np.ndarray]]) -> None:
+    def __init__(self, n: int, dtype: np.dtype[Any],
+                 fetch: Callable[[], Awaitable[np.ndarray]]) -> None:
         self.shape = (n,)
+        self.dtype = np.dtype(object) if dtype.kind in "TOU" else dtype
         self._fetch = fetch
 
     def __array__(self, *args: Any, **kwargs: Any) -> np.ndarray:
         raise TypeError("a deferred column is read with load()")
 
     async def load(self) -> np.ndarray:
-        return np.asarray(await self._fetch(), dtype=np.float64)
-
-
-class _Timestamps:
-    """The timestamps of one stream, read once for all its ``ts_<key>`` columns. Where
-    the rows differ from the table's (a stream with keys of stream resources, whose rows
-    come from stream datums), the columns are NaN rather than misaligned."""
-
-    def __init__(self, stream: Any, seq_num: np.ndarray) -> None:
-        self._stream = stream
-        self._seq_num = seq_num
-        self._read: dict[str, np.ndarray] | None = None
-        self._lock = anyio.Lock()
-
-    async def column(self, key: str) -> np.ndarray:
-        async with self._lock:
-            if self._read is None:
-                with _http_errors():
-                    ts = await self._stream.timestamps()
-                same = np.array_equal(ts["seq_num"].values, self._seq_num)
-                self._read = {str(k): np.asarray(ts[k].values) for k in ts.data_vars} \
-                    if same else {}
-        return self._read.get(key, np.full(len(self._seq_num), np.nan))
+        return np.asarray(await self._fetch())
 
 
 def _arrow_ready(values: np.ndarray) -> np.ndarray:
-    if values.dtype.kind in "TO":
+    if values.dtype.kind in "TOU":
         return values.astype(str).astype(object)
     return values
 
@@ -338,9 +345,8 @@ class StreamNode(_Container):
                 {"uid": d["uid"], "time": d.get("time"),
                  "configuration": d.get("configuration", {})} for d in descriptors[1:]]
         arrays: dict[str, Any] = {}
-        columns: dict[str, Any] = {
-            "seq_num": np.asarray(ds["seq_num"].values, dtype=np.int64),
-            "time": np.asarray(ds["time"].values, dtype=np.float64)}
+        dtypes: dict[str, np.dtype[Any]] = {"seq_num": np.dtype(np.int64),
+                                            "time": np.dtype(np.float64)}
         table_md: dict[str, Any] = {}
         for key in ds.data_vars:
             var = ds[key]
@@ -348,17 +354,16 @@ class StreamNode(_Container):
             if var.ndim > 1:
                 arrays[name] = ArrayNode(var.data, tuple(str(d) for d in var.dims),
                                          _jsonable(data_keys.get(name, {})))
-            elif name not in columns:
-                columns[name] = var.data  # lazy where the catalog's to_dask() is
+            elif name not in dtypes:
+                dtypes[name] = np.dtype(var.dtype)
                 table_md[name] = _jsonable(data_keys.get(name, {}))
-        # TiledWriter's timestamps columns, ts_<key> (the client's read([TIMESTAMPS])):
-        # deferred, so that a request that does not read them opens none of their arrays.
-        timestamps = _Timestamps(stream, columns["seq_num"])
-        for key, dk in data_keys.items():
-            if not is_stream_key(dk):
-                columns[f"ts_{key}"] = _Deferred(len(columns["seq_num"]),
-                                                 functools.partial(timestamps.column, key))
-        children = {**arrays, "internal": TableNode(columns, table_md)}
+        # TiledWriter's timestamps columns, ts_<key> (the client's read([TIMESTAMPS])).
+        timestamp_keys = {f"ts_{key}": key for key, dk in data_keys.items()
+                          if not is_stream_key(dk)}
+        dtypes.update({name: np.dtype(np.float64) for name in timestamp_keys})
+        table = TableNode(stream, dtypes, int(ds.sizes.get("time", 0)), timestamp_keys,
+                          table_md)
+        children = {**arrays, "internal": table}
         return cls(_jsonable(metadata), children)
 
     def _keys(self) -> list[str]:
@@ -368,22 +373,61 @@ class StreamNode(_Container):
         return self._children[key]
 
 
+#: How long the streams of a closed run are reused (see :class:`StreamCache`).
+STREAM_CACHE_TTL_S = 30.0
+#: How many streams a tenant keeps built.
+STREAM_CACHE_SIZE = 32
+
+
+class StreamCache:
+    """Streams of closed runs, built once and reused while the metadata store holds the
+    same descriptors and ``event_stream`` records for them (compared on every use: a
+    late write shows at once), for at most :data:`STREAM_CACHE_TTL_S` (what the records
+    cannot tell, e.g. a hole filled after the stop, shows within that). A run still open
+    is built on every request (it grows between two). Building a stream reads its
+    ``seq_num``, ``time`` and ``uid`` columns and opens its arrays: without the cache,
+    every request of a client's ``read()`` (metadata, search, then the data) paid it."""
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[tuple[str, str],
+                                   tuple[tuple[Any, ...], float, StreamNode]] = OrderedDict()
+
+    async def get(self, run: AsyncBlueskyRun, name: str) -> StreamNode:
+        if run.stop is None:
+            return await StreamNode.load(run, name)
+        token = await run[name].state_token()
+        if token is None:
+            return await StreamNode.load(run, name)
+        key, now = (run.uid, name), time.monotonic()
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] == token and now - hit[1] < STREAM_CACHE_TTL_S:
+            self._entries.move_to_end(key)
+            return hit[2]
+        node = await StreamNode.load(run, name)  # built after the token: never older
+        self._entries[key] = (token, now, node)
+        self._entries.move_to_end(key)
+        while len(self._entries) > STREAM_CACHE_SIZE:
+            self._entries.popitem(last=False)
+        return node
+
+
 class RunNode(_Container):
     specs = RUN_SPECS
 
-    def __init__(self, run: AsyncBlueskyRun) -> None:
+    def __init__(self, run: AsyncBlueskyRun, streams: StreamCache | None = None) -> None:
         md: dict[str, Any] = {"start": _jsonable(run.start)}
         if run.stop is not None:
             md["stop"] = _jsonable(run.stop)
         super().__init__(md)
         self.run = run
+        self._streams = streams if streams is not None else StreamCache()
 
     def _keys(self) -> list[str]:
         return list(self.run.streams)
 
     async def _child(self, key: str) -> StreamNode:
         with _http_errors():
-            return await StreamNode.load(self.run, key)
+            return await self._streams.get(self.run, key)
 
     def __dask_tokenize__(self) -> tuple[Any, ...]:
         # Tiled's ETag of /container/full (documents()): an open run changes, so the
@@ -399,10 +443,12 @@ class CatalogNode(_Paged):
     specs = CATALOG_SPECS
 
     def __init__(self, catalog: AsyncCatalog, *, newest_first: bool = False,
-                 metadata: dict[str, Any] | None = None) -> None:
+                 metadata: dict[str, Any] | None = None,
+                 streams: StreamCache | None = None) -> None:
         self._catalog = catalog
         self._newest_first = newest_first
         self._metadata = metadata or {}
+        self._streams = streams if streams is not None else StreamCache()
 
     @classmethod
     def for_tenant(cls, tenant: str, *, metadata: str | None = None,
@@ -421,7 +467,8 @@ class CatalogNode(_Paged):
         return [("", 1)]
 
     def _variation(self, catalog: AsyncCatalog, newest_first: bool) -> CatalogNode:
-        return CatalogNode(catalog, newest_first=newest_first, metadata=self._metadata)
+        return CatalogNode(catalog, newest_first=newest_first, metadata=self._metadata,
+                           streams=self._streams)
 
     def search(self, query: Any) -> CatalogNode:
         translated = translate(query)
@@ -477,7 +524,7 @@ class CatalogNode(_Paged):
         for start in await self._starts(offset, limit):
             with _http_errors():
                 run = await self._catalog.load_run(start)
-            out.append((run.uid, RunNode(run)))
+            out.append((run.uid, RunNode(run, self._streams)))
         return out
 
     async def lookup_adapter(self, segments: Sequence[str]) -> Any:
@@ -491,7 +538,7 @@ class CatalogNode(_Paged):
         if start.get("uid") != head:  # a uid prefix is a search, not a path
             raise NoEntry(list(segments))
         with _http_errors():
-            run = RunNode(await self._catalog.load_run(start))
+            run = RunNode(await self._catalog.load_run(start), self._streams)
         return await run.lookup_adapter(rest) if rest else run
 
     def read(self, fields: Sequence[str] | None = None) -> Any:

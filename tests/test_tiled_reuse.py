@@ -1,0 +1,172 @@
+"""What ``bluestream tiled`` reuses between requests, and what it spends CPU on.
+
+- The streams of a closed run are built once and reused while the metadata store holds
+  the same descriptors and ``event_stream`` records; a write to the run after its stop
+  (a late event) is seen by the next request, and a run still open is built anew for
+  every request.
+- The ``internal`` table reads the columns asked for through the stream's own read and
+  equals the local catalog's values, timestamps included.
+- The probing blosc2 encoder compresses a body only when samples of it shrink below the
+  threshold; otherwise it emits a valid, uncompressed blosc2 frame whose size makes
+  Tiled send the original body. Small bodies are compressed as Tiled does.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from bluestream.catalog.core import AsyncCatalog, make_context
+from helpers import envelopes, make_ingestor, scalar_run
+
+pytest.importorskip("tiled.server")
+blosc2 = pytest.importorskip("blosc2")
+
+from bluestream.tiled.adapters import RunNode, StreamCache, TableNode  # noqa: E402
+from bluestream.tiled.server import ProbingBlosc2, use_probing_compression  # noqa: E402
+
+Docs = list[tuple[str, dict[str, Any]]]
+
+
+async def _ingest(metadata: str, zarr_root: Path, docs: Docs, offset: int) -> None:
+    ing, sink, registry = make_ingestor(metadata, zarr_root)
+    try:
+        await ing.process(envelopes(docs, "reuse", start_offset=offset))
+    finally:
+        await registry.aclose()
+    assert not sink.letters, sink.reasons
+
+
+async def _run_node(metadata: str, zarr_root: Path, uid: str, cache: StreamCache
+                    ) -> tuple[AsyncCatalog, RunNode]:
+    cat = AsyncCatalog(make_context("reuse", metadata=metadata, zarr_root=str(zarr_root)))
+    return cat, RunNode(await cat.lookup(uid), cache)
+
+
+@pytest.mark.anyio
+async def test_closed_runs_are_reused_until_their_records_change(tmp_path: Path) -> None:
+    metadata, zarr_root = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "zarr"
+    docs = scalar_run(10, fields=2)
+    uid = str(docs[0][1]["uid"])
+    events = [d for d in docs if d[0] == "event"]
+    head = [d for d in docs if d[0] in ("start", "descriptor")]
+    stop = [d for d in docs if d[0] == "stop"]
+    await _ingest(metadata, zarr_root, head + events[:4] + stop, 0)
+    cache = StreamCache()
+    cat, run = await _run_node(metadata, zarr_root, uid, cache)
+    try:
+        first = await run.lookup_adapter(["primary"])
+        assert await run.lookup_adapter(["primary"]) is first  # reused
+        table = await first.lookup_adapter(["internal"])
+        assert len((await table.read(["f0"]))["f0"]) == 4
+        # Six events arrive after the stop: the records change, the next request sees
+        # them (a new node), and that one is reused in turn.
+        await _ingest(metadata, zarr_root, events[4:], len(head) + 5)
+        second = await run.lookup_adapter(["primary"])
+        assert second is not first
+        table = await second.lookup_adapter(["internal"])
+        df = await table.read(["seq_num", "f0", "ts_f1"])
+        evs = [e for _, e in events]
+        np.testing.assert_array_equal(df["seq_num"], [e["seq_num"] for e in evs])
+        np.testing.assert_array_equal(df["f0"], [e["data"]["f0"] for e in evs])
+        np.testing.assert_array_equal(df["ts_f1"], [e["timestamps"]["f1"] for e in evs])
+        assert await run.lookup_adapter(["primary"]) is second
+    finally:
+        await cat.aclose()
+
+
+@pytest.mark.anyio
+async def test_open_runs_are_built_for_every_request(tmp_path: Path) -> None:
+    metadata, zarr_root = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "zarr"
+    docs = scalar_run(6, fields=1)
+    uid = str(docs[0][1]["uid"])
+    open_part = [d for d in docs if d[0] != "stop"][:5]  # start, descriptor, 3 events
+    await _ingest(metadata, zarr_root, open_part, 0)
+    cache = StreamCache()
+    cat, run = await _run_node(metadata, zarr_root, uid, cache)
+    try:
+        a = await run.lookup_adapter(["primary"])
+        b = await run.lookup_adapter(["primary"])
+        assert a is not b
+        table = await b.lookup_adapter(["internal"])
+        assert isinstance(table, TableNode)
+        assert len(await table.read()) == 3
+    finally:
+        await cat.aclose()
+
+
+@pytest.mark.anyio
+async def test_the_cache_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bluestream.tiled import adapters
+
+    monkeypatch.setattr(adapters, "STREAM_CACHE_SIZE", 2)
+    metadata, zarr_root = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "zarr"
+    runs = [scalar_run(2, fields=1, scan_id=i) for i in range(3)]
+    offset = 0
+    for docs in runs:
+        await _ingest(metadata, zarr_root, docs, offset)
+        offset += len(docs)
+    cache = StreamCache()
+    cat = AsyncCatalog(make_context("reuse", metadata=metadata, zarr_root=str(zarr_root)))
+    try:
+        nodes = []
+        for docs in runs:
+            run = RunNode(await cat.lookup(str(docs[0][1]["uid"])), cache)
+            nodes.append((run, await run.lookup_adapter(["primary"])))
+        assert await nodes[2][0].lookup_adapter(["primary"]) is nodes[2][1]
+        assert await nodes[0][0].lookup_adapter(["primary"]) is not nodes[0][1]  # evicted
+    finally:
+        await cat.aclose()
+
+
+def _encode(body: bytes, below: float = 0.5) -> bytes:
+    encoder = type("Probe", (ProbingBlosc2,), {"below": below})
+    buf = io.BytesIO()
+    f = encoder(buf)
+    f.write(body)
+    f.close()
+    return buf.getvalue()
+
+
+def test_noisy_bodies_go_out_uncompressed() -> None:
+    rng = np.random.default_rng(1)
+    body = rng.integers(0, 4096, size=(16, 256, 256), dtype=np.uint16).tobytes()  # 2 MiB
+    out = _encode(body)
+    assert blosc2.decompress(out) == body
+    assert len(out) >= 0.9 * len(body)  # Tiled then sends the original body
+    # With Tiled's own rule (compress when it saves 10 %) the same body is compressed.
+    packed = _encode(body, below=0.95)
+    assert blosc2.decompress(packed) == body
+    assert len(packed) < 0.9 * len(body)
+
+
+def test_compressible_and_small_bodies_are_compressed() -> None:
+    smooth = np.tile(np.arange(256, dtype=np.uint16), 16 * 256).tobytes()  # 2 MiB
+    out = _encode(smooth)
+    assert blosc2.decompress(out) == smooth
+    assert len(out) < 0.1 * len(smooth)
+    small = np.random.default_rng(2).integers(0, 4096, 1000, dtype=np.uint16).tobytes()
+    assert blosc2.decompress(_encode(small)) == small  # below 1 MiB: not probed
+
+
+def test_the_encoder_is_installed_under_tiled_s_name() -> None:
+    from tiled.media_type_registration import default_compression_registry as registry
+
+    before = {m: registry.dispatch(m, "blosc2") for m in
+              ("application/octet-stream", "application/vnd.apache.arrow.file")}
+    try:
+        assert use_probing_compression(0.9) is False  # Tiled's own rule: left alone
+        assert use_probing_compression(0.4) is True
+        for media_type in before:
+            encoder = registry.dispatch(media_type, "blosc2")
+            assert issubclass(encoder, ProbingBlosc2) and encoder.below == 0.4
+            assert next(iter(registry.encodings(media_type))) == "blosc2"  # still first
+        with pytest.raises(ValueError, match="between 0 and 1"):
+            use_probing_compression(1.5)
+    finally:
+        for media_type, encoder in before.items():
+            registry.register(media_type, "blosc2", encoder)
