@@ -4,6 +4,9 @@
   the same descriptors and ``event_stream`` records; a write to the run after its stop
   (a late event) is seen by the next request, and a run still open is built anew for
   every request.
+- Image arrays read a block or a slice of rows straight from Zarr when the stream's rows
+  are the array's rows (one descriptor, no hole), and through dask otherwise; both give
+  the stored frames for every kind of selection.
 - The ``internal`` table reads the columns asked for through the stream's own read and
   equals the local catalog's values, timestamps included.
 - The probing blosc2 encoder compresses a body only when samples of it shrink below the
@@ -21,12 +24,12 @@ import numpy as np
 import pytest
 
 from bluestream.catalog.core import AsyncCatalog, make_context
-from helpers import envelopes, make_ingestor, scalar_run
+from helpers import envelopes, image_run, make_ingestor, scalar_run
 
 pytest.importorskip("tiled.server")
 blosc2 = pytest.importorskip("blosc2")
 
-from bluestream.tiled.adapters import RunNode, StreamCache, TableNode  # noqa: E402
+from bluestream.tiled.adapters import ArrayNode, RunNode, StreamCache, TableNode  # noqa: E402
 from bluestream.tiled.server import ProbingBlosc2, use_probing_compression  # noqa: E402
 
 Docs = list[tuple[str, dict[str, Any]]]
@@ -119,6 +122,41 @@ async def test_the_cache_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPa
             nodes.append((run, await run.lookup_adapter(["primary"])))
         assert await nodes[2][0].lookup_adapter(["primary"]) is nodes[2][1]
         assert await nodes[0][0].lookup_adapter(["primary"]) is not nodes[0][1]  # evicted
+    finally:
+        await cat.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("hole", [False, True])
+async def test_frames_read_directly_or_through_dask(tmp_path: Path, hole: bool) -> None:
+    metadata, zarr_root = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "zarr"
+    docs = image_run(40, (6, 5))
+    if hole:  # seq_num 7 never arrives: position 6 stays unwritten
+        docs = [d for d in docs if not (d[0] == "event" and d[1]["seq_num"] == 7)]
+    await _ingest(metadata, zarr_root, docs, 0)
+    frames = np.stack([np.asarray(d["data"]["img"]) for n, d in docs if n == "event"])
+    cat, run = await _run_node(metadata, zarr_root, str(docs[0][1]["uid"]), StreamCache())
+    try:
+        img = await (await run.lookup_adapter(["primary"])).lookup_adapter(["img"])
+        assert isinstance(img, ArrayNode)
+        assert (img._rows is None) is hole  # the direct reader only without holes
+        n = len(frames)
+        for sel in [(), (5,), (-1,), (np.int64(3),), (slice(2, 9),), (slice(None, None, 3),),
+                    (slice(30, 99),), (slice(4, 4),), (7, slice(1, 4)),
+                    (slice(1, 20), slice(None), 2), (Ellipsis, 0)]:
+            got = await img.read(sel)
+            np.testing.assert_array_equal(got, frames[sel] if sel else frames, str(sel))
+        chunks = img.structure().chunks
+        start = 0
+        for i, size in enumerate(chunks[0]):
+            got = await img.read_block((i, 0, 0))
+            np.testing.assert_array_equal(got, frames[start:start + size])
+            start += size
+        assert start == n
+        np.testing.assert_array_equal(await img.read_block((0, 0, 0), (slice(1, 3),)),
+                                      frames[1:3])
+        with pytest.raises(IndexError):
+            await img.read((n,))
     finally:
         await cat.aclose()
 

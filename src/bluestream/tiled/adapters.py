@@ -162,15 +162,20 @@ class _Container(_Paged):
 
 
 class ArrayNode:
-    """One data key with a per-event shape: blocks are the Zarr chunks."""
+    """One data key with a per-event shape: blocks are the Zarr chunks. Where the
+    stream gives a direct reader of the key's rows (:meth:`AsyncEventStream.row_reader`),
+    a read of a block or a slice of rows reads those rows from Zarr into one array (its
+    chunks concurrently); otherwise it computes the dask array."""
 
     structure_family = StructureFamily.array
     specs: list[Spec] = []
 
-    def __init__(self, values: Any, dims: tuple[str, ...], metadata: dict[str, Any]) -> None:
+    def __init__(self, values: Any, dims: tuple[str, ...], metadata: dict[str, Any],
+                 rows: Callable[[int, int], Awaitable[np.ndarray]] | None = None) -> None:
         self._values = values  # a dask array over the Zarr chunks, or numpy
         self._structure = ArrayStructure.from_array(values, dims=dims)
         self._metadata = metadata
+        self._rows = rows
 
     def metadata(self) -> dict[str, Any]:
         return self._metadata
@@ -186,10 +191,36 @@ class ArrayNode:
                 return np.asarray(await anyio.to_thread.run_sync(values.compute))
         return np.asarray(values)
 
+    async def _direct(self, sel: tuple[Any, ...]) -> np.ndarray | None:
+        """``sel`` read through the row reader; None when it has none or ``sel`` does not
+        start with an index or a slice of step 1 along the rows."""
+        if self._rows is None:
+            return None
+        n = int(self._structure.shape[0])
+        first, rest = (sel[0] if sel else slice(None)), tuple(sel[1:])
+        if isinstance(first, int | np.integer) and not isinstance(first, bool):
+            i = int(first) + (n if first < 0 else 0)
+            if not 0 <= i < n:
+                return None  # the dask array raises the usual IndexError
+            with _http_errors():
+                one = (await self._rows(i, i + 1))[0]
+            return np.asarray(one[rest] if rest else one)
+        if isinstance(first, slice):
+            a, b, step = first.indices(n)
+            if step != 1:
+                return None
+            with _http_errors():
+                out = await self._rows(a, max(a, b))
+            return out[(slice(None), *rest)] if rest else out
+        return None
+
     async def read(self, slice: Any = None) -> np.ndarray:
         if isinstance(self._values, _Deferred):
             whole = await self._values.load()
             return whole[tuple(slice)] if slice else whole
+        direct = await self._direct(tuple(slice) if slice else ())
+        if direct is not None:
+            return direct
         values = self._values if not slice else self._values[tuple(slice)]
         return await self._compute(values)
 
@@ -197,11 +228,13 @@ class ArrayNode:
         values = self._values
         if isinstance(values, _Deferred):
             values = await values.load()
-        if hasattr(values, "blocks"):
-            part = values.blocks[tuple(block)]
-        else:
-            part = values[_block_slices(self._structure.chunks, block)]
-        out = await self._compute(part)
+        out = await self._direct(_block_slices(self._structure.chunks, block))
+        if out is None:
+            if hasattr(values, "blocks"):
+                part = values.blocks[tuple(block)]
+            else:
+                part = values[_block_slices(self._structure.chunks, block)]
+            out = await self._compute(part)
         return out[tuple(slice)] if slice else out
 
 
@@ -352,8 +385,11 @@ class StreamNode(_Container):
             var = ds[key]
             name = str(key)
             if var.ndim > 1:
+                reader = await stream.row_reader(name)
+                rows = reader[1] if reader is not None and reader[0] == var.shape[0] \
+                    else None
                 arrays[name] = ArrayNode(var.data, tuple(str(d) for d in var.dims),
-                                         _jsonable(data_keys.get(name, {})))
+                                         _jsonable(data_keys.get(name, {})), rows)
             elif name not in dtypes:
                 dtypes[name] = np.dtype(var.dtype)
                 table_md[name] = _jsonable(data_keys.get(name, {}))
