@@ -223,6 +223,32 @@ def test_to_dask_equals_read(runs: dict[str, Docs], cat: Catalog, label: str) ->
     xr.testing.assert_identical(lazy.compute(), stream.read())
 
 
+@pytest.mark.parametrize("label", LABELS)
+def test_without_uids(runs: dict[str, Docs], cat: Catalog, label: str) -> None:
+    """``uids=False``: read(), to_dask() and timestamps() as they are, less the ``uid``
+    coordinate."""
+    stream = cat[uid_of(runs[label])]["primary"]
+    whole = stream.read()
+    assert "uid" in whole.coords
+    xr.testing.assert_identical(stream.read(uids=False), whole.drop_vars("uid"))
+    xr.testing.assert_identical(stream.to_dask(uids=False).compute(), whole.drop_vars("uid"))
+    xr.testing.assert_identical(stream.timestamps(uids=False),
+                                stream.timestamps().drop_vars("uid"))
+
+
+def test_without_uids_several_descriptors_and_holes(cat: Catalog, store_docs: Any) -> None:
+    docs = multi_descriptor_run(now() - 500)
+    store_docs(docs)
+    stream = cat[uid_of(docs)]["primary"]
+    xr.testing.assert_identical(stream.read(uids=False), stream.read().drop_vars("uid"))
+    holes = run_with_uid(new_uid(), scan_id=34, t0=now() - 100, n=5)
+    store_docs([d for d in holes[:-1] if d[0] != "event" or d[1]["seq_num"] in (1, 2, 5)])
+    stream = cat[uid_of(holes)]["primary"]
+    ds = stream.read(uids=False)
+    assert ds["seq_num"].values.tolist() == [1, 2, 5]
+    xr.testing.assert_identical(ds, stream.read().drop_vars("uid"))
+
+
 def test_fields(runs: dict[str, Docs], cat: Catalog) -> None:
     docs = runs["scan"]
     stream = cat[uid_of(docs)]["primary"]

@@ -225,6 +225,7 @@ def test_stream_resource_hdf5(cat: Catalog, store_docs: Any, tmp_path: Path) -> 
     ds = run["primary"].read()
     assert ds["seq_num"].values.tolist() == [1, 2, 3, 4, 5, 6]
     np.testing.assert_array_equal(ds["cam"].values, hdf5_frames(6))
+    xr.testing.assert_identical(run["primary"].read(uids=False), ds.drop_vars("uid"))
     refs = run["primary"].read(fill=False)["cam"].values.tolist()
     sd_uids = [d["uid"] for n, d in docs if n == "stream_datum"]
     assert refs == [sd_uids[0]] * 4 + [sd_uids[1]] * 2

@@ -134,16 +134,18 @@ def _take(arr: Any, order: Array | None) -> Any:
 
 
 def build_dataset(parts: Sequence[Part], data_keys: Mapping[str, Mapping[str, Any]],
-                  *, attrs: Mapping[str, Any] | None = None) -> xarray.Dataset:
-    """One Dataset over ``parts``; ``data_keys`` gives the variables' order and attrs."""
+                  *, attrs: Mapping[str, Any] | None = None, uids: bool = True
+                  ) -> xarray.Dataset:
+    """One Dataset over ``parts``; ``data_keys`` gives the variables' order and attrs.
+    ``uids=False``: no ``uid`` coordinate (the parts' uids are not looked at)."""
     import xarray
 
     order = _order(parts)
     time = _take(np.concatenate([p.time for p in parts]) if parts else np.zeros(0), order)
     seq = _take(np.concatenate([p.seq_num for p in parts]) if parts
                 else np.zeros(0, dtype=np.int64), order)
-    uid = _take(np.concatenate([to_str(p.uid) for p in parts]) if parts
-                else np.zeros(0, dtype="<U1"), order)
+    uid = _take(np.concatenate([to_str(p.uid) for p in parts]) if parts and uids
+                else np.zeros(0, dtype="<U1"), order if uids else None)
     counter = itertools.count()
     variables: dict[str, Any] = {}
     for key, dk in data_keys.items():
@@ -165,8 +167,10 @@ def build_dataset(parts: Sequence[Part], data_keys: Mapping[str, Mapping[str, An
     coords = {"time": ("time", np.asarray(time, dtype=np.float64)),
               "seq_num": ("time", np.asarray(seq, dtype=np.int64)),
               "uid": ("time", uid)}
+    if not uids:
+        del coords["uid"]
     for name in ("seq_num", "uid"):
-        if name in variables:  # a data key of that name wins over the coordinate
+        if name in variables and name in coords:  # a data key of that name wins
             del coords[name]
     return xarray.Dataset(variables, coords=coords, attrs=dict(attrs or {}))
 

@@ -276,18 +276,19 @@ class EventStream:
     def __repr__(self) -> str:
         return repr(self._inner)
 
-    def read(self, fields: Sequence[str] | None = None, *, fill: bool = True
-             ) -> xarray.Dataset:
-        return self._loop.call(lambda: self._inner.read(fields, fill=fill))
+    def read(self, fields: Sequence[str] | None = None, *, fill: bool = True,
+             uids: bool = True) -> xarray.Dataset:
+        """See :meth:`AsyncEventStream.read`."""
+        return self._loop.call(lambda: self._inner.read(fields, fill=fill, uids=uids))
 
-    def to_dask(self, fields: Sequence[str] | None = None, *, fill: bool = True
-                ) -> xarray.Dataset:
-        return self._loop.call(lambda: self._inner.to_dask(fields, fill=fill))
+    def to_dask(self, fields: Sequence[str] | None = None, *, fill: bool = True,
+                uids: bool = True) -> xarray.Dataset:
+        return self._loop.call(lambda: self._inner.to_dask(fields, fill=fill, uids=uids))
 
-    def timestamps(self, fields: Sequence[str] | None = None, *, lazy: bool = False
-                   ) -> xarray.Dataset:
+    def timestamps(self, fields: Sequence[str] | None = None, *, lazy: bool = False,
+                   uids: bool = True) -> xarray.Dataset:
         """The events' timestamps per data key (see :meth:`AsyncEventStream.timestamps`)."""
-        return self._loop.call(lambda: self._inner.timestamps(fields, lazy=lazy))
+        return self._loop.call(lambda: self._inner.timestamps(fields, lazy=lazy, uids=uids))
 
     def summary(self, field: str, points: int | None = None) -> xarray.Dataset:
         """Statistical summaries of one numeric field, without reading it (see

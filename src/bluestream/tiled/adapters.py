@@ -289,8 +289,9 @@ class TableNode:
         data = [n for n in names if n not in self._timestamp_keys
                 and n not in ("seq_num", "time")]
         with _http_errors():
-            ds = await self._stream.read(fields=data)
-            ts = await self._stream.timestamps(fields=ts_keys) if ts_keys else None
+            ds = await self._stream.read(fields=data, uids=False)
+            ts = await self._stream.timestamps(fields=ts_keys, uids=False) \
+                if ts_keys else None
         seq = np.asarray(ds["seq_num"].values, dtype=np.int64)
         out: dict[str, np.ndarray] = {"seq_num": seq,
                                       "time": np.asarray(ds["time"].values, np.float64)}
@@ -361,7 +362,7 @@ class StreamNode(_Container):
     async def load(cls, run: AsyncBlueskyRun, name: str) -> StreamNode:
         stream = run[name]
         descriptors = await stream.descriptors()
-        ds = await stream.to_dask()
+        ds = await stream.to_dask(uids=False)
         first = dict(descriptors[0]) if descriptors else {}
         data_keys = {k: dict(v) for d in descriptors for k, v in d.get("data_keys", {}).items()}
         for key, dk in data_keys.items():
