@@ -94,3 +94,63 @@ def test_a_failed_write_raises(tmp_path: Path) -> None:
             chunk_writer.write_all([[chunk_writer.RowWrite(arr, 0, np.ones(8))]])
 
     asyncio.run(run())
+
+
+def test_runs_of_rows_in_one_chunk_on_two_threads(tmp_path: Path) -> None:
+    """A batch with a hole: two runs of rows land in one chunk, and the batch is big
+    enough to go through the two chunk threads. Every row of both runs is stored (the
+    jobs of one chunk run in order on one thread; on two, each read the chunk before the
+    other wrote it and the last write dropped the other's rows)."""
+    async def run() -> None:
+        group = await za.open_group(store=LocalStore(tmp_path / "g"), mode="a",
+                                    zarr_format=3)
+        arr = await group.create_array("img", shape=(64, 512, 512), chunks=(8, 512, 512),
+                                       dtype="u2", fill_value=0)
+        rng = np.random.default_rng(3)
+        frames = rng.integers(1, 4096, size=(64, 512, 512), dtype=np.uint16)
+        for round_ in range(4):  # rows 0-2, 4-10, 12-13, 15-40: holes inside chunks 0, 1
+            runs = [(0, 3), (4, 7), (12, 2), (15, 26)]
+            offset = 41 * round_ % 7  # other places of the holes in later rounds
+            writes = [chunk_writer.RowWrite(arr, a + offset, frames[a + offset:a + offset + n])
+                      for a, n in runs]
+            assert sum(w.values.nbytes for w in writes) >= chunk_writer._PARALLEL_BYTES
+            chunk_writer.write_all([writes])
+            got = np.asarray(await arr.getitem(slice(None)))
+            for a, n in runs:
+                np.testing.assert_array_equal(got[a + offset:a + offset + n],
+                                              frames[a + offset:a + offset + n],
+                                              err_msg=f"round {round_}, rows {a + offset}+{n}")
+            await arr.setitem(slice(None), np.zeros((64, 512, 512), dtype=np.uint16))
+
+    asyncio.run(run())
+
+
+def test_an_image_run_with_a_hole_is_stored_whole(tmp_path: Path) -> None:
+    """End to end: 40 frames of 512x512 with seq_num 7 missing, no tail (every row to
+    Zarr): the ingest's one batch writes two runs of rows into the first chunk, through
+    the two chunk threads; the catalog reads back every frame that arrived."""
+    import anyio
+
+    from bluestream.catalog.core import AsyncCatalog, make_context
+    from helpers import envelopes, image_run, make_ingestor
+
+    async def run() -> None:
+        metadata, zarr_root = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "zarr"
+        docs = [d for d in image_run(40, (512, 512))
+                if not (d[0] == "event" and d[1]["seq_num"] == 7)]
+        ing, sink, registry = make_ingestor(metadata, zarr_root, tail_rows=0)
+        try:
+            await ing.process(envelopes(docs, "holes"))
+        finally:
+            await registry.aclose()
+        assert not sink.letters, sink.reasons
+        frames = np.stack([np.asarray(d["data"]["img"]) for n, d in docs if n == "event"])
+        cat = AsyncCatalog(make_context("holes", metadata=metadata, zarr_root=str(zarr_root)))
+        try:
+            ds = await (await cat.lookup(str(docs[0][1]["uid"])))["primary"].read()
+        finally:
+            await cat.aclose()
+        assert ds["seq_num"].values.tolist() == [i for i in range(1, 41) if i != 7]
+        np.testing.assert_array_equal(ds["img"].values, frames)
+
+    anyio.run(run)

@@ -224,17 +224,28 @@ def _run(job: _ChunkJob) -> None:
     store.set_sync(key, chain.encode(np.ascontiguousarray(chunk)))
 
 
+def _run_in_order(jobs: Sequence[_ChunkJob]) -> None:
+    for job in jobs:
+        _run(job)
+
+
 def write_all(groups: Sequence[Iterable[RowWrite]]) -> None:
     """Write each group of row writes, one group after the other (a later group is
     written only once every chunk of the earlier ones is stored, and its values are
     taken only then: they may be filled by an earlier group's ``observe``). Blocking:
     call it in a worker thread. Within a group, chunks go through two threads when they
-    are big."""
+    are big; the jobs of one chunk (two runs of rows with a hole between them, in one
+    chunk) stay on one thread, in order: each reads back what the one before wrote (on
+    two threads both would read the chunk before either wrote it, and the last write
+    would drop the other's rows)."""
     for group in groups:
         jobs = [job for write in group for job in _jobs(write)]
         if len(jobs) > 1 and sum(j.nbytes for j in jobs) >= _PARALLEL_BYTES:
-            for _ in _POOL.map(_run, jobs):
+            by_chunk: dict[tuple[int, str, int], list[_ChunkJob]] = {}
+            for job in jobs:
+                key = (id(job.array.store_path.store), job.array.store_path.path, job.index)
+                by_chunk.setdefault(key, []).append(job)
+            for _ in _POOL.map(_run_in_order, by_chunk.values()):
                 pass
         else:
-            for job in jobs:
-                _run(job)
+            _run_in_order(jobs)
