@@ -197,6 +197,59 @@ def test_ad_hdf5(cat: Catalog, store_docs: Any, ad_hdf5_docs: Docs) -> None:
     assert canonical(cat[uid_of(ad_hdf5_docs)].documents()) == canonical(ad_hdf5_docs)
 
 
+def test_rows_of_a_stream_with_stream_datums(cat: Catalog, store_docs: Any, tmp_path: Path,
+                                             metadata_uri: str, zarr_root: Path,
+                                             tenant: str) -> None:
+    """A stream whose rows come from stream datums (two keys of stream resources, no
+    events): read(fields) has read()'s rows whichever keys are asked for (none: the rows
+    alone), and so do the columns of the Tiled table (seq_num and time alone, as the
+    client reads them beside the arrays)."""
+    t0 = now() - 60
+    path = tmp_path / "two.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("/entry/data/data", data=hdf5_frames(6))
+        f.create_dataset("/entry/data/sum", data=np.arange(6, dtype=np.float64))
+    bundle = event_model.compose_run(time=t0, metadata={"scan_id": 7, "plan_name": "fly"})
+    desc = bundle.compose_descriptor(
+        name="primary", time=t0,
+        data_keys={"cam": {"dtype": "array", "shape": [8, 8], "source": "PV:cam",
+                           "external": "STREAM:", "dtype_numpy": "<u2"},
+                   "total": {"dtype": "number", "shape": [], "source": "PV:sum",
+                             "external": "STREAM:", "dtype_numpy": "<f8"}})
+    docs: Docs = [("start", bundle.start_doc), ("descriptor", desc.descriptor_doc)]
+    for key, dataset in (("cam", "/entry/data/data"), ("total", "/entry/data/sum")):
+        sres = bundle.compose_stream_resource(
+            mimetype="application/x-hdf5", uri=f"file://localhost{path}", data_key=key,
+            parameters={"dataset": dataset})
+        docs.append(("stream_resource", sres.stream_resource_doc))
+        docs.append(("stream_datum", sres.compose_stream_datum(
+            indices={"start": 0, "stop": 6}, seq_nums={"start": 1, "stop": 7},
+            descriptor=desc.descriptor_doc)))
+    docs.append(("stop", bundle.compose_stop(time=t0 + 10)))
+    store_docs(docs)
+    stream = cat[uid_of(docs)]["primary"]
+    whole = stream.read()
+    assert whole["seq_num"].values.tolist() == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_array_equal(whole["total"].values, np.arange(6.0))
+    xr.testing.assert_identical(stream.read(fields=["total"]), whole[["total"]])
+    assert stream.read(fields=[])["seq_num"].values.tolist() == [1, 2, 3, 4, 5, 6]
+    pytest.importorskip("tiled.server")
+    import anyio
+
+    from bluestream.tiled.adapters import StreamNode
+
+    async def table() -> Any:
+        async with bluestream.open_catalog_async(tenant, metadata=metadata_uri,
+                                                 zarr_root=zarr_root) as acat:
+            node = await StreamNode.load(await acat.lookup(uid_of(docs)), "primary")
+            internal = await node.lookup_adapter(["internal"])
+            return await internal.read(["seq_num", "time"]), await internal.read(["total"])
+
+    rows, total = anyio.run(table)
+    assert rows["seq_num"].tolist() == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_array_equal(total["total"], np.arange(6.0))
+
+
 def test_stream_resource_hdf5(cat: Catalog, store_docs: Any, tmp_path: Path) -> None:
     """ophyd-async style: no events, frames referenced by stream_datum index ranges."""
     t0 = now() - 60

@@ -35,8 +35,10 @@ from bluestream.tiled.server import ProbingBlosc2, use_probing_compression  # no
 Docs = list[tuple[str, dict[str, Any]]]
 
 
-async def _ingest(metadata: str, zarr_root: Path, docs: Docs, offset: int) -> None:
-    ing, sink, registry = make_ingestor(metadata, zarr_root)
+async def _ingest(metadata: str, zarr_root: Path, docs: Docs, offset: int, *,
+                  tail_rows: int | None = None) -> None:
+    ing, sink, registry = make_ingestor(
+        metadata, zarr_root, **({} if tail_rows is None else {"tail_rows": tail_rows}))
     try:
         await ing.process(envelopes(docs, "reuse", start_offset=offset))
     finally:
@@ -128,12 +130,18 @@ async def test_the_cache_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("hole", [False, True])
-async def test_frames_read_directly_or_through_dask(tmp_path: Path, hole: bool) -> None:
+@pytest.mark.parametrize(("shape", "tail_rows"), [((6, 5), None), ((256, 256), 0)],
+                         ids=["small-in-tail", "chunks-in-zarr"])
+async def test_frames_read_directly_or_through_dask(tmp_path: Path, hole: bool,
+                                                    shape: tuple[int, int],
+                                                    tail_rows: int | None) -> None:
+    """Small frames stay in the stream's tail (one block); 256x256 frames without a tail
+    go to Zarr chunks of several frames (several blocks, slices across their edges)."""
     metadata, zarr_root = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "zarr"
-    docs = image_run(40, (6, 5))
+    docs = image_run(40, shape)
     if hole:  # seq_num 7 never arrives: position 6 stays unwritten
         docs = [d for d in docs if not (d[0] == "event" and d[1]["seq_num"] == 7)]
-    await _ingest(metadata, zarr_root, docs, 0)
+    await _ingest(metadata, zarr_root, docs, 0, tail_rows=tail_rows)
     frames = np.stack([np.asarray(d["data"]["img"]) for n, d in docs if n == "event"])
     cat, run = await _run_node(metadata, zarr_root, str(docs[0][1]["uid"]), StreamCache())
     try:
@@ -142,11 +150,14 @@ async def test_frames_read_directly_or_through_dask(tmp_path: Path, hole: bool) 
         assert (img._rows is None) is hole  # the direct reader only without holes
         n = len(frames)
         for sel in [(), (5,), (-1,), (np.int64(3),), (slice(2, 9),), (slice(None, None, 3),),
-                    (slice(30, 99),), (slice(4, 4),), (7, slice(1, 4)),
-                    (slice(1, 20), slice(None), 2), (Ellipsis, 0)]:
+                    (slice(30, 99),), (slice(4, 4),), (7, slice(1, 4)), (slice(7, 17),),
+                    (slice(1, 20), slice(None), 2), (Ellipsis, 0), (slice(None, None, -1),),
+                    (-40 if not hole else -39,)]:
             got = await img.read(sel)
             np.testing.assert_array_equal(got, frames[sel] if sel else frames, str(sel))
         chunks = img.structure().chunks
+        if not hole:  # (with a hole, dask's selection of the rows is one block)
+            assert (len(chunks[0]) > 1) is (tail_rows == 0)
         start = 0
         for i, size in enumerate(chunks[0]):
             got = await img.read_block((i, 0, 0))
@@ -189,6 +200,63 @@ def test_compressible_and_small_bodies_are_compressed() -> None:
     assert len(out) < 0.1 * len(smooth)
     small = np.random.default_rng(2).integers(0, 4096, 1000, dtype=np.uint16).tobytes()
     assert blosc2.decompress(_encode(small)) == small  # below 1 MiB: not probed
+
+
+def test_compressed_at_least_as_tiled_compresses() -> None:
+    """When it compresses, the output is no larger than what Tiled's own encoder makes
+    of the same body as Tiled's server hands it over (a memoryview of 1-byte items) nor
+    of bytes (blosc2's default item size): a column of int64 row numbers, noisy 12-bit
+    frames."""
+    from tiled.media_type_registration import BloscBuffer
+
+    rows = np.arange(1 << 18, dtype=np.int64).tobytes()  # 2 MiB
+    frames = np.random.default_rng(4).integers(0, 4096, (8, 256, 256), np.uint16).tobytes()
+    for body in (rows, frames):
+        for given in (memoryview(body).cast("B"), body):
+            buf = io.BytesIO()
+            BloscBuffer(buf).write(given)
+            theirs = len(buf.getvalue())
+            encoder = type("Probe", (ProbingBlosc2,), {"below": 0.95})
+            mine = io.BytesIO()
+            encoder(mine).write(given)
+            ours = mine.getvalue()
+            assert blosc2.decompress(ours) == body
+            assert len(ours) <= 1.01 * theirs, (len(ours), theirs)
+    assert len(_encode(rows)) < 0.2 * len(rows)  # compressible: compressed at 0.5 too
+    odd = (bytes(range(251)) * 20_000)[:-1]  # 5,019,999 bytes: only 1 divides it
+    assert blosc2.decompress(_encode(odd)) == odd
+
+
+def test_below_zero_never_compresses() -> None:
+    smooth = np.zeros(1 << 20, dtype=np.uint8).tobytes()
+    for body in (smooth, smooth[:1000]):
+        out = _encode(body, below=0.0)
+        assert blosc2.decompress(out) == body
+        assert len(out) >= len(body)
+
+
+def test_timestamps_line_up_by_prefix() -> None:
+    """The ts_ columns of a table read: the timestamps' rows are the data's when the
+    first ones agree (a run that grew between the two reads has more), compared by time
+    and, where both have it as a coordinate, seq_num."""
+    import xarray as xr
+
+    from bluestream.tiled.adapters import _rows_alike
+
+    def ds(times: list[float], seqs: list[int] | None) -> Any:
+        coords: dict[str, Any] = {"time": ("time", np.asarray(times))}
+        if seqs is not None:
+            coords["seq_num"] = ("time", np.asarray(seqs))
+        return xr.Dataset({"x": ("time", np.zeros(len(times)))}, coords=coords)
+
+    data = ds([1.0, 2.0], [1, 2])
+    assert _rows_alike(data, ds([1.0, 2.0], [1, 2])) == 2
+    assert _rows_alike(data, ds([1.0, 2.0, 3.0], [1, 2, 3])) == 2  # grew in between
+    assert _rows_alike(data, ds([1.0], [1])) == 0
+    assert _rows_alike(data, ds([1.0, 2.5], [1, 2])) == 0
+    assert _rows_alike(data, ds([1.0, 2.0], [1, 3])) == 0
+    assert _rows_alike(ds([1.0, 2.0], None), ds([1.0, 2.0], [1, 2])) == 2  # no seq_num
+    assert _rows_alike(ds([], []), ds([], [])) == 0
 
 
 def test_the_encoder_is_installed_under_tiled_s_name() -> None:

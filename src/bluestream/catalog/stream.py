@@ -102,9 +102,9 @@ class AsyncEventStream:
         desc = descs[0]
         record = recs.get(desc["uid"])
         data_key = desc.get("data_keys", {}).get(key)
-        if record is None or data_key is None or is_stream_key(data_key) \
+        if record is None or data_key is None or stream_keys(desc) \
                 or not _plain_numeric(reader_specs(desc)[key]):
-            return None
+            return None  # (with keys of stream resources, rows come from stream datums)
         arrays = await self._ctx.arrays.open_arrays(record, [SEQ_NUM, data_path(key)])
         if data_path(key) not in arrays:
             return None
@@ -241,8 +241,11 @@ class AsyncEventStream:
                 if key in rows.data:
                     part.columns[key] = await self._column(key, data_keys[key], specs[key],
                                                            rows, fill=fill, lazy=lazy)
-        if skeys:
-            part = await self._stream_columns(part, desc, skeys, fill=fill)
+        # The rows of a stream with keys of stream resources are those of all its stream
+        # datums, whichever keys are asked for: read(fields) gives read()'s rows.
+        row_keys = [k for k, dk in data_keys.items() if is_stream_key(dk)]
+        if row_keys:
+            part = await self._stream_columns(part, desc, skeys, fill=fill, rows_of=row_keys)
         if len(part) == 0:  # no events yet: empty variables, typed as they will be
             for key in keys:
                 if key not in part.columns:
@@ -315,13 +318,14 @@ class AsyncEventStream:
         return da.concatenate(blocks, axis=0)  # type: ignore[no-untyped-call]
 
     async def _stream_columns(self, part: Part, desc: Doc, skeys: Sequence[str], *,
-                              fill: bool) -> Part:
+                              fill: bool, rows_of: Sequence[str]) -> Part:
         """Add keys backed by stream_resource/stream_datum (their rows may have no
-        event at all: then time is NaN and uid empty)."""
+        event at all: then time is NaN and uid empty); the rows are those of the keys
+        ``rows_of`` (every such key of the descriptor) and of the events."""
         resolver = self._ctx.resolver
         by_key, resources = await resolver.stream_slices(self.run_uid, desc["uid"])
         seqs = [part.seq_num]
-        for key in skeys:
+        for key in rows_of:
             for s in by_key.get(key, []):
                 seqs.append(np.arange(s.seq_start, s.seq_stop, dtype=np.int64))
         all_seq = np.unique(np.concatenate(seqs))

@@ -184,8 +184,6 @@ class ArrayNode:
         return self._structure
 
     async def _compute(self, values: Any) -> np.ndarray:
-        if isinstance(values, _Deferred):
-            return await values.load()
         if hasattr(values, "compute"):
             with _http_errors():
                 return np.asarray(await anyio.to_thread.run_sync(values.compute))
@@ -203,14 +201,14 @@ class ArrayNode:
             if not 0 <= i < n:
                 return None  # the dask array raises the usual IndexError
             with _http_errors():
-                one = (await self._rows(i, i + 1))[0]
+                one = _whole(await self._rows(i, i + 1), 1)[0]
             return np.asarray(one[rest] if rest else one)
         if isinstance(first, slice):
             a, b, step = first.indices(n)
             if step != 1:
                 return None
             with _http_errors():
-                out = await self._rows(a, max(a, b))
+                out = _whole(await self._rows(a, max(a, b)), max(0, b - a))
             return out[(slice(None), *rest)] if rest else out
         return None
 
@@ -236,6 +234,15 @@ class ArrayNode:
                 part = values[_block_slices(self._structure.chunks, block)]
             out = await self._compute(part)
         return out[tuple(slice)] if slice else out
+
+
+def _whole(rows: np.ndarray, n: int) -> np.ndarray:
+    """``rows`` if it holds the ``n`` rows asked for; a StorageError (500 with the
+    reason) if fewer came back (the run's arrays removed or cut while being read)."""
+    if len(rows) != n:
+        raise StorageError(f"{n} rows asked for, {len(rows)} stored: the arrays changed "
+                           "while being read")
+    return rows
 
 
 def _block_slices(chunks: Sequence[Sequence[int]], block: Sequence[int]) -> tuple[slice, ...]:
@@ -296,12 +303,12 @@ class TableNode:
         out: dict[str, np.ndarray] = {"seq_num": seq,
                                       "time": np.asarray(ds["time"].values, np.float64)}
         out.update({n: np.asarray(ds[n].values) for n in data})
-        same = ts is not None and np.array_equal(ts["seq_num"].values, seq)
+        rows = _rows_alike(ds, ts) if ts is not None else 0
         for name in names:
             if name in self._timestamp_keys:
                 key = self._timestamp_keys[name]
-                out[name] = np.asarray(ts[key].values, dtype=np.float64) \
-                    if same and ts is not None and key in ts else np.full(len(seq), np.nan)
+                out[name] = np.asarray(ts[key].values[:rows], dtype=np.float64) \
+                    if rows and ts is not None and key in ts else np.full(len(seq), np.nan)
         return {n: _arrow_ready(out[n]) for n in names}
 
     async def read(self, fields: Sequence[str] | None = None) -> Any:
@@ -324,6 +331,22 @@ class TableNode:
         async def fetch() -> np.ndarray:
             return (await self._columns([key]))[key]
         return ArrayNode(_Deferred(self._length, self._dtypes[key], fetch), ("time",), {})
+
+
+def _rows_alike(ds: Any, ts: Any) -> int:
+    """How many rows of the timestamps ``ts`` are ``ds``'s rows: all of ``ds``'s when
+    the first ones of ``ts`` have its times and seq_nums (a run that grew between the two
+    reads has more), else 0. Compared by ``time`` (always a coordinate) and ``seq_num``
+    where both hold it as a coordinate (a data key of that name replaces it)."""
+    n = ds.sizes.get("time", 0)
+    if ts.sizes.get("time", 0) < n:
+        return 0
+    if not np.array_equal(ts["time"].values[:n], ds["time"].values, equal_nan=True):
+        return 0
+    if "seq_num" in ds.coords and "seq_num" in ts.coords and \
+            not np.array_equal(ts.coords["seq_num"].values[:n], ds.coords["seq_num"].values):
+        return 0
+    return int(n)
 
 
 class _Deferred:
@@ -422,8 +445,8 @@ class StreamCache:
     late write shows at once), for at most :data:`STREAM_CACHE_TTL_S` (what the records
     cannot tell, e.g. a hole filled after the stop, shows within that). A run still open
     is built on every request (it grows between two). Building a stream reads its
-    ``seq_num``, ``time`` and ``uid`` columns and opens its arrays: without the cache,
-    every request of a client's ``read()`` (metadata, search, then the data) paid it."""
+    ``seq_num`` and ``time`` columns and opens its arrays: without the cache, every
+    request of a client's ``read()`` (metadata, search, then the data) paid it."""
 
     def __init__(self) -> None:
         self._entries: OrderedDict[tuple[str, str],

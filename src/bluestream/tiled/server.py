@@ -24,12 +24,13 @@ class ProbingBlosc2:
     sends a compressed body only below 90 % of the original).
 
     Why: Tiled's own encoder compresses every body in full. Measured here on noisy
-    512x512 uint16 frames, blosc2 costs ~2-3 ms per MB on the server and as much on the
-    client for a body 14 % smaller; compression saves time only when the bytes saved
-    take longer on the wire than that, i.e. for ratio r on a link slower than about
-    (1 - r) / 5 ms per MB: 30 MB/s at r = 0.86, 100 MB/s (1 Gb/s) at r = 0.5. Same
-    interface as Tiled's ``BloscBuffer`` (``write`` per body or chunk, one frame each;
-    ``close``)."""
+    12-bit 512x512 uint16 frames, blosc2 costs ~2-3 ms per MB on the server and as much
+    on the client for a body 14 % smaller (25 % with the item size used here);
+    compression saves time only when the bytes
+    saved take longer on the wire than that, i.e. for ratio r on a link slower than
+    about (1 - r) / 5 ms per MB: 50 MB/s at r = 0.75, 100 MB/s (1 Gb/s) at r = 0.5.
+    ``below`` 0 never compresses (small bodies neither). Same interface as Tiled's
+    ``BloscBuffer`` (``write`` per body or chunk, one frame each; ``close``)."""
 
     SAMPLE = 256 * 1024
     below = COMPRESS_BELOW
@@ -40,12 +41,22 @@ class ProbingBlosc2:
     def write(self, body: Any) -> None:
         import blosc2
 
-        typesize = int(getattr(body, "itemsize", 1) or 1)
         view = memoryview(body).cast("B")
         n, k = len(view), self.SAMPLE
+        # The item size is the shuffle filter's unit. Tiled's serializers hand over
+        # bytes as a memoryview of items of 1 byte, which Tiled's encoder compresses as
+        # such (noisy 12-bit frames: 14 % smaller); with 8 (blosc2's default, and a
+        # multiple of every numeric item) 25 %, a column of int64 row numbers 99.8 %
+        # instead of 87 %. The largest of 8, 4, 2, 1 that divides the body (blosc2
+        # refuses a length it does not divide); a larger item size given is kept.
+        itemsize = int(getattr(body, "itemsize", 1) or 1)
+        typesize = itemsize if itemsize > 1 else next(t for t in (8, 4, 2, 1) if n % t == 0)
         clevel = 1
-        if n > 4 * k:
-            samples = (view[:k], view[n // 2:n // 2 + k], view[n - k:])
+        if self.below <= 0:
+            clevel = 0
+        elif n > 4 * k:
+            k -= k % typesize
+            samples = (view[:k], view[(n // 2) - (n // 2) % typesize:][:k], view[n - k:])
             packed = sum(len(blosc2.compress(bytes(s), typesize=typesize)) for s in samples)
             if packed > self.below * 3 * k:
                 clevel = 0

@@ -24,6 +24,7 @@ from bluestream.daemon.logs import configure_logging
 from bluestream.errors import BluestreamError, ConfigError
 from bluestream.gc_tuning import tune_gc
 from bluestream.settings import load_settings
+from bluestream.tiled.server import COMPRESS_BELOW
 
 if TYPE_CHECKING:
     from bluestream.settings import Settings
@@ -236,7 +237,7 @@ def tiled(tenant: Annotated[list[str] | None, typer.Option(
               "--compress-below", help="Compress an array or table response (blosc2, "
               "when the client accepts it) only if a sample of it shrinks below this "
               "share of its size. 0.5 pays on a 1 Gb/s link; 0.9 is Tiled's own rule "
-              "(compress whenever it saves 10 %); 0 never compresses.")] = 0.5,
+              "(compress whenever it saves 10 %); 0 never compresses.")] = COMPRESS_BELOW,
           metadata: MetadataOpt = None, zarr_root: ZarrOpt = None,
           config: ConfigOpt = None) -> None:
     """Serve the stored runs through a stock Tiled server (needs the "tiled" extra).
