@@ -172,6 +172,31 @@ async def test_frames_read_directly_or_through_dask(tmp_path: Path, hole: bool,
         await cat.aclose()
 
 
+@pytest.mark.anyio
+async def test_table_columns_alone(tmp_path: Path) -> None:
+    """``internal/<column>``: a numeric column is an array node that reads the column; a
+    text column is not one (KeyError: Tiled's 404), it is read through the table."""
+    from test_catalog_support import mixed_run
+
+    metadata, zarr_root = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "zarr"
+    docs = mixed_run(1.7e9)
+    await _ingest(metadata, zarr_root, docs, 0)
+    cat, run = await _run_node(metadata, zarr_root, str(docs[0][1]["uid"]), StreamCache())
+    try:
+        table = await (await run.lookup_adapter(["primary"])).lookup_adapter(["internal"])
+        assert isinstance(table, TableNode)
+        with pytest.raises(KeyError):
+            table["mode"]
+        with pytest.raises(KeyError):
+            table["no-such-column"]
+        events = [d for n, d in docs if n == "event"]
+        np.testing.assert_array_equal(await table["time"].read(), [e["time"] for e in events])
+        df = await table.read(["mode"])
+        assert df["mode"].tolist() == [e["data"]["mode"] for e in events]
+    finally:
+        await cat.aclose()
+
+
 def _encode(body: bytes, below: float = 0.5) -> bytes:
     encoder = type("Probe", (ProbingBlosc2,), {"below": below})
     buf = io.BytesIO()

@@ -325,7 +325,10 @@ class TableNode:
         return await self.read(fields)
 
     def __getitem__(self, key: str) -> ArrayNode:
-        if key not in self._dtypes:
+        # A column alone (``.../internal/<column>``) is an array node; text columns have
+        # no array structure of known width before they are read: those are served
+        # through the table only (a 404 here, not a failure).
+        if key not in self._dtypes or self._dtypes[key].kind in "TOU":
             raise KeyError(key)
 
         async def fetch() -> np.ndarray:
