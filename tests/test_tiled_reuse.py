@@ -20,6 +20,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+import anyio
 import numpy as np
 import pytest
 
@@ -80,6 +81,39 @@ async def test_closed_runs_are_reused_until_their_records_change(tmp_path: Path)
         np.testing.assert_array_equal(df["f0"], [e["data"]["f0"] for e in evs])
         np.testing.assert_array_equal(df["ts_f1"], [e["timestamps"]["f1"] for e in evs])
         assert await run.lookup_adapter(["primary"]) is second
+    finally:
+        await cat.aclose()
+
+
+@pytest.mark.anyio
+async def test_concurrent_requests_share_one_build(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from bluestream.tiled import adapters
+
+    metadata, zarr_root = f"sqlite:///{tmp_path / 'm.db'}", tmp_path / "zarr"
+    docs = scalar_run(50, fields=2)
+    await _ingest(metadata, zarr_root, docs, 0)
+    builds = []
+    load = adapters.StreamNode.load.__func__  # type: ignore[attr-defined]
+
+    async def counted(cls: Any, run: Any, name: str) -> Any:
+        builds.append(name)
+        await anyio.sleep(0.05)  # long enough for the others to arrive
+        return await load(cls, run, name)
+
+    monkeypatch.setattr(adapters.StreamNode, "load", classmethod(counted))
+    cat, run = await _run_node(metadata, zarr_root, str(docs[0][1]["uid"]), StreamCache())
+    try:
+        got: list[Any] = []
+
+        async def one() -> None:
+            got.append(await run.lookup_adapter(["primary"]))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(4):
+                tg.start_soon(one)
+        assert builds == ["primary"]
+        assert all(node is got[0] for node in got)
     finally:
         await cat.aclose()
 

@@ -454,6 +454,17 @@ class StreamCache:
     def __init__(self) -> None:
         self._entries: OrderedDict[tuple[str, str],
                                    tuple[tuple[Any, ...], float, StreamNode]] = OrderedDict()
+        #: Builds under way, so that concurrent requests (a client fetches blocks on
+        #: several threads) wait for one build instead of each making its own.
+        self._building: dict[tuple[str, str], tuple[tuple[Any, ...], anyio.Event]] = {}
+
+    def _fresh(self, key: tuple[str, str], token: tuple[Any, ...]) -> StreamNode | None:
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] == token and \
+                time.monotonic() - hit[1] < STREAM_CACHE_TTL_S:
+            self._entries.move_to_end(key)
+            return hit[2]
+        return None
 
     async def get(self, run: AsyncBlueskyRun, name: str) -> StreamNode:
         if run.stop is None:
@@ -461,17 +472,29 @@ class StreamCache:
         token = await run[name].state_token()
         if token is None:
             return await StreamNode.load(run, name)
-        key, now = (run.uid, name), time.monotonic()
-        hit = self._entries.get(key)
-        if hit is not None and hit[0] == token and now - hit[1] < STREAM_CACHE_TTL_S:
+        key = (run.uid, name)
+        node = self._fresh(key, token)
+        if node is not None:
+            return node
+        pending = self._building.get(key)
+        if pending is not None and pending[0] == token:
+            await pending[1].wait()  # its build failed or is stale: build here
+            node = self._fresh(key, token)
+            if node is not None:
+                return node
+        done = anyio.Event()
+        self._building[key] = (token, done)
+        try:
+            node = await StreamNode.load(run, name)  # built after the token: never older
+            self._entries[key] = (token, time.monotonic(), node)
             self._entries.move_to_end(key)
-            return hit[2]
-        node = await StreamNode.load(run, name)  # built after the token: never older
-        self._entries[key] = (token, now, node)
-        self._entries.move_to_end(key)
-        while len(self._entries) > STREAM_CACHE_SIZE:
-            self._entries.popitem(last=False)
-        return node
+            while len(self._entries) > STREAM_CACHE_SIZE:
+                self._entries.popitem(last=False)
+            return node
+        finally:
+            if self._building.get(key, (None, None))[1] is done:
+                del self._building[key]
+            done.set()
 
 
 class RunNode(_Container):
