@@ -127,7 +127,8 @@ CHECKS: dict[str, set[str]] = {
     "object_store": {"no data loss: daemon, Zarr root on S3", "frames on S3 bit-exact",
                      *(f"no data loss: daemon, scalar events, Zarr root {w}"
                        for w in ("s3", "local")), "scalar runs stored on both roots"},
-    "tiled_read": {"remote read scalar values", "remote read image values"},
+    "tiled_read": {"remote read scalar values", "remote read image values",
+                   "floor read values"},
     "profile": {f"no data loss: daemon {label}"
                 for label in ("default", "gc_tuned", "batch_20000", "gc_tuned+batch_20000")},
     "lifecycle": {"read() returns the column", "summary(points=1000) equals numpy",
